@@ -1,0 +1,61 @@
+"""Config keys of the eqlv2 project, added to a detectron2 config by :func:`add_eqlv2_config`."""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+#: Classification losses a config can pick with ``MODEL.EQLV2.LOSS``.
+LOSS_NAMES = ("eqlv2", "softmax", "sigmoid", "eqlv1", "federated")
+
+
+def add_eqlv2_config(cfg: CN) -> None:
+    """Add the keys of EQL v2, its baselines and the project's data and logging options to ``cfg``."""
+    cfg.MODEL.EQLV2 = CN()
+    # Classification loss of the box head, one of LOSS_NAMES:
+    #   "eqlv2"     Equalization Loss v2 (Tan et al. 2021), sigmoid with gradient-guided reweighing
+    #   "softmax"   detectron2's default softmax cross-entropy
+    #   "sigmoid"   plain sigmoid binary cross-entropy over the C category columns
+    #   "eqlv1"     Equalization Loss (Tan et al. 2020): tail categories get no negative gradient
+    #               from foreground proposals
+    #   "federated" detectron2's federated sigmoid loss (Zhou et al. 2021)
+    cfg.MODEL.EQLV2.LOSS = "eqlv2"
+    # Slope of the mapping function f(x) = 1 / (1 + exp(-gamma * (x - mu))) (eq. 6). Must be > 0.
+    cfg.MODEL.EQLV2.GAMMA = 12.0
+    # Centre of the mapping function (eq. 6): the gradient ratio at which r = 0.5.
+    cfg.MODEL.EQLV2.MU = 0.8
+    # Strength of positive up-weighting, q = 1 + alpha * (1 - f(g)) (eq. 5). Must be >= 0.
+    cfg.MODEL.EQLV2.ALPHA = 4.0
+    # Ablation switches (Table 2, Table 9): the category-agnostic (objectness) task of section 3.3,
+    # negative down-weighting by r, positive up-weighting by q.
+    cfg.MODEL.EQLV2.USE_AGNOSTIC_TASK = True
+    cfg.MODEL.EQLV2.NEG_DOWN_WEIGHT = True
+    cfg.MODEL.EQLV2.POS_UP_WEIGHT = True
+    # Prior probability used to initialise every sigmoid classification bias to -log((1-p)/p)
+    # (section 4.2). Ignored by the softmax loss, which keeps detectron2's zero bias.
+    cfg.MODEL.EQLV2.PRIOR_PROB = 0.001
+    # EQL v1: categories whose training image frequency (images containing it / all images) is
+    # below LAMBDA are tail categories and get no negative gradients from foreground proposals.
+    cfg.MODEL.EQLV2.EQLV1_LAMBDA = 1.76e-3
+    # Federated loss: number of classes sampled per iteration and the power of the image-count
+    # weights used to sample them (detectron2's defaults for LVIS).
+    cfg.MODEL.EQLV2.FED_LOSS_NUM_CLASSES = 50
+    cfg.MODEL.EQLV2.FED_LOSS_FREQ_WEIGHT_POWER = 0.5
+    # Every LOG_PERIOD iterations the gradient-statistics hook writes summaries (mean positive /
+    # negative ratio per frequency group, mean q and r) to detectron2's EventStorage. 0 disables it.
+    cfg.MODEL.EQLV2.LOG_PERIOD = 20
+
+    cfg.DATASETS.EQLV2 = CN()
+    # A user's own LVIS-format dataset, registered as "<NAME>_train" / "<NAME>_val" before training:
+    # the name prefix, the train/val JSON files and their image folders. Empty NAME disables it.
+    cfg.DATASETS.EQLV2.CUSTOM_NAME = ""
+    cfg.DATASETS.EQLV2.CUSTOM_TRAIN_JSON = ""
+    cfg.DATASETS.EQLV2.CUSTOM_TRAIN_IMAGES = ""
+    cfg.DATASETS.EQLV2.CUSTOM_VAL_JSON = ""
+    cfg.DATASETS.EQLV2.CUSTOM_VAL_IMAGES = ""
+    # Root folder of the generated offline benchmark; empty means $EQLV2_SYNTHETIC_ROOT or
+    # $DETECTRON2_DATASETS/eqlv2_synthetic (default ./datasets/eqlv2_synthetic).
+    cfg.DATASETS.EQLV2.SYNTHETIC_ROOT = ""
+
+    cfg.TEST.EQLV2 = CN()
+    # LVIS evaluation engine: "fast" (faster-coco-eval, sharded) or "lvis" (the official API).
+    cfg.TEST.EQLV2.LVIS_ENGINE = "fast"

@@ -1,0 +1,89 @@
+"""The detectron2 trainer of the project: EQL v2 heads, the project's evaluators and hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from eqlv2.hooks import GradientStatisticsHook
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """``MODEL.WEIGHTS`` names a file or URL that cannot be read."""
+
+
+def frequency_groups_of(dataset_name: str) -> list[str] | None:
+    """The r/c/f group of each category of a registered dataset, or None when unknown."""
+    from eqlv2.data import category_statistics
+
+    try:
+        return list(category_statistics(dataset_name).frequency_groups)
+    except (KeyError, ValueError, FileNotFoundError, AttributeError) as error:
+        logger.warning("No frequency groups for %s (%s); statistics are not grouped", dataset_name, error)
+        return None
+
+
+class EQLv2Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with the project's evaluators and the gradient-statistics hook.
+
+    The EQL v2 statistics live in the model (see :class:`EQLv2FastRCNNOutputLayers`), so the
+    standard :class:`DetectionCheckpointer` saves them and ``resume_or_load(resume=True)``
+    restores them with the rest of the model.
+    """
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
+        from eqlv2.evaluation import build_evaluator
+
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self) -> list[hooks.HookBase]:
+        hook_list = super().build_hooks()
+        period = self.cfg.MODEL.EQLV2.LOG_PERIOD
+        if period > 0:
+            groups = frequency_groups_of(self.cfg.DATASETS.TRAIN[0]) if self.cfg.DATASETS.TRAIN else None
+            self.gradient_statistics = GradientStatisticsHook(period, groups)
+            # Before the PeriodicWriter (the last hook on the main process), so that the
+            # summaries of an iteration are written in that same iteration.
+            position = len(hook_list) - 1 if comm.is_main_process() else len(hook_list)
+            hook_list.insert(position, self.gradient_statistics)
+        return hook_list
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """As detectron2's, but a missing or unreadable ``MODEL.WEIGHTS`` raises an error naming it."""
+        weights = self.cfg.MODEL.WEIGHTS
+        if resume and self.checkpointer.has_checkpoint():
+            super().resume_or_load(resume=True)
+            return
+        if not weights:
+            logger.info("MODEL.WEIGHTS is empty: training from random initialisation")
+            self.start_iter = 0
+            return
+        try:
+            super().resume_or_load(resume=resume)
+        except Exception as error:  # fvcore raises AssertionError, iopath URL/OS errors
+            raise WeightsUnavailableError(
+                f"cannot read MODEL.WEIGHTS={weights!r} ({type(error).__name__}: {error}). "
+                "Give a readable local path or a URL this machine can reach, "
+                "or MODEL.WEIGHTS '' to start from random initialisation."
+            ) from error
+
+
+def load_model_weights(model, path: str) -> None:
+    """Loads a detectron2 checkpoint into ``model`` for evaluation, naming ``path`` on failure."""
+    try:
+        DetectionCheckpointer(model).load(path)
+    except Exception as error:
+        raise WeightsUnavailableError(f"cannot read weights {path!r}: {error}") from error

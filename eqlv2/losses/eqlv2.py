@@ -1,0 +1,201 @@
+"""Equalization Loss v2 (Tan et al., CVPR 2021): sigmoid loss with gradient-guided reweighing.
+
+Notation (section 3 of the paper): for category j < C, ``pos_grad[j]`` and ``neg_grad[j]`` hold the
+accumulated magnitudes of the (already reweighed) positive and negative gradients of its logit,
+``g_j = pos_grad_j / (neg_grad_j + 1e-10)`` (eq. 9), ``f(x) = 1 / (1 + exp(-gamma (x - mu)))``
+(eq. 6), and a batch is trained with positive weights ``q_j = 1 + alpha (1 - f(g_j))`` and
+negative weights ``r_j = f(g_j)`` (eq. 5). Column C is the category-agnostic (objectness) task,
+trained as the background column with weight 1 and never reweighed (section 3.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .base import ClassificationLoss, check_finite
+from .functional import one_hot_weighted_bce
+
+__all__ = ["EQLv2Loss", "GRADIENT_RATIO_EPS"]
+
+
+#: Added to the accumulated negative gradient in eq. 9, as in the authors' code.
+GRADIENT_RATIO_EPS = 1e-10
+
+_STATISTICS_DTYPE = torch.float64
+_STATISTICS_BUFFERS = ("pos_grad", "neg_grad")
+
+
+def _distributed_sum(values: Tensor) -> Tensor:
+    """Sum ``values`` over all workers in place when torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+class EQLv2Loss(ClassificationLoss):
+    """Equalization Loss v2 over detectron2's (N, C+1) box-head logits.
+
+    Training mode (the default) updates the gradient statistics after each forward; eval mode
+    computes the loss with the current weights and changes nothing. The statistics are float64
+    buffers (they stay float64 under ``.half()``/``.to(dtype)``) and are summed over workers
+    when torch.distributed is initialised, so every worker holds the same weights.
+
+    Args:
+        num_classes: number of foreground categories C.
+        gamma: slope of the mapping function f (eq. 6), > 0.
+        mu: centre of f, finite.
+        alpha: positive up-weighting strength (eq. 5), >= 0.
+        use_agnostic: train column C as the category-agnostic task and score with eq. 10;
+            if False column C gets no loss and scores are plain sigmoids.
+        neg_down_weight: use r = f(g) for negatives (else r = 1).
+        pos_up_weight: use q = 1 + alpha (1 - f(g)) for positives (else q = 1).
+
+    Buffers:
+        pos_grad, neg_grad: (C,) float64 accumulated gradient magnitudes.
+        num_updates: () int64, the number of statistics updates so far. While it is 0 every
+            weight is exactly 1.
+    """
+
+    pos_grad: Tensor
+    neg_grad: Tensor
+    num_updates: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        gamma: float = 12.0,
+        mu: float = 0.8,
+        alpha: float = 4.0,
+        use_agnostic: bool = True,
+        neg_down_weight: bool = True,
+        pos_up_weight: bool = True,
+    ) -> None:
+        super().__init__(num_classes)
+        self.gamma = check_finite("gamma", gamma)
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {gamma!r}")
+        self.mu = check_finite("mu", mu)
+        self.alpha = check_finite("alpha", alpha)
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        self.use_agnostic = bool(use_agnostic)
+        self.neg_down_weight = bool(neg_down_weight)
+        self.pos_up_weight = bool(pos_up_weight)
+        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=_STATISTICS_DTYPE))
+        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=_STATISTICS_DTYPE))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+
+    # ----------------------------------------------------------------------------- weights
+    def mapping(self, ratio: Tensor) -> Tensor:
+        """f(x) = 1 / (1 + exp(-gamma (x - mu))) (eq. 6), elementwise."""
+        return torch.sigmoid(self.gamma * (ratio - self.mu))
+
+    def gradient_ratio(self) -> Tensor:
+        """g: (C,) float64 accumulated positive / negative gradient ratio (eq. 9)."""
+        return self.pos_grad / (self.neg_grad + GRADIENT_RATIO_EPS)
+
+    @torch.no_grad()
+    def current_weights(self) -> tuple[Tensor, Tensor]:
+        """(q, r): the (C,) float64 positive and negative weights the next forward will use.
+
+        Both are exactly 1 before the first statistics update, and 1 when switched off.
+        """
+        ones = torch.ones_like(self.pos_grad)
+        if int(self.num_updates) == 0:
+            return ones, ones.clone()
+        f = self.mapping(self.gradient_ratio())
+        positive = 1.0 + self.alpha * (1.0 - f) if self.pos_up_weight else ones
+        negative = f if self.neg_down_weight else ones.clone()
+        return positive, negative
+
+    def _column_weights(self) -> tuple[Tensor, Tensor]:
+        """(C+1,) float64 positive and negative weights, column C being the agnostic task."""
+        positive, negative = self.current_weights()
+        agnostic = torch.full((1,), 1.0 if self.use_agnostic else 0.0, dtype=positive.dtype,
+                              device=positive.device)
+        return torch.cat([positive, agnostic]), torch.cat([negative, agnostic])
+
+    # ----------------------------------------------------------------------------- loss
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """EQL v2 loss of a batch.
+
+        Args:
+            logits: (N, C+1) floating tensor, column C being background / objectness.
+            labels: (N,) integer tensor in [0, C], C meaning background.
+
+        Returns:
+            Scalar loss, sum of weighted BCE over all N*(C+1) entries divided by N, in the
+            logits' dtype (float32 for float16/bfloat16 logits).
+        """
+        self.check_inputs(logits, labels)
+        positive_weights, negative_weights = self._column_weights()
+        loss, positive_probs, negative_prob_sums = one_hot_weighted_bce(
+            logits, labels, positive_weights, negative_weights,
+            with_negative_prob_sums=self.training,
+        )
+        if self.training:
+            self._accumulate(labels, positive_probs, negative_prob_sums,
+                             positive_weights, negative_weights)
+        return loss
+
+    @torch.no_grad()
+    def _accumulate(
+        self,
+        labels: Tensor,
+        positive_probs: Tensor,
+        negative_prob_sums: Tensor,
+        positive_weights: Tensor,
+        negative_weights: Tensor,
+    ) -> None:
+        """Add this batch's reweighed gradient magnitudes of the C category columns.
+
+        Per column j < C: ``sum_i q_j |p_ij - 1|`` over positives and ``sum_i r_j p_ij`` over
+        negatives (no 1/N), summed over workers, then added to ``pos_grad`` / ``neg_grad``.
+        """
+        num_classes = self.num_classes
+        device = positive_probs.device
+        positive_magnitudes = torch.zeros(num_classes + 1, dtype=_STATISTICS_DTYPE, device=device)
+        positive_magnitudes.index_add_(0, labels.long(), 1.0 - positive_probs.to(_STATISTICS_DTYPE))
+        weighted = torch.cat([
+            positive_magnitudes[:num_classes] * positive_weights[:num_classes].to(device),
+            negative_prob_sums[:num_classes] * negative_weights[:num_classes].to(device),
+        ])
+        _distributed_sum(weighted)
+        weighted = weighted.to(self.pos_grad.device)
+        self.pos_grad += weighted[:num_classes]
+        self.neg_grad += weighted[num_classes:]
+        self.num_updates += 1
+
+    # ----------------------------------------------------------------------------- inference
+    def scores(self, logits: Tensor) -> Tensor:
+        """Per-category probabilities (N, C): sigmoid(z_j) * (1 - sigmoid(z_C)) (eq. 10).
+
+        Without the agnostic task: sigmoid(z_j).
+        """
+        self.check_logits(logits)
+        probs = torch.sigmoid(logits[:, : self.num_classes])
+        if self.use_agnostic:
+            probs = probs * torch.sigmoid(-logits[:, self.num_classes :])
+        return probs
+
+    # ----------------------------------------------------------------------------- module
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> EQLv2Loss:
+        """Move buffers like any module but keep the gradient statistics in float64."""
+        before = {name: getattr(self, name) for name in _STATISTICS_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != _STATISTICS_DTYPE:
+                setattr(self, name, old.to(device=new.device))
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, gamma={self.gamma}, mu={self.mu}, "
+            f"alpha={self.alpha}, use_agnostic={self.use_agnostic}, "
+            f"neg_down_weight={self.neg_down_weight}, pos_up_weight={self.pos_up_weight}"
+        )

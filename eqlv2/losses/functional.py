@@ -1,0 +1,149 @@
+"""Fused sigmoid cross-entropy with per-column weights and one-hot targets, and small helpers.
+
+The losses of this package all compute, for ``logits`` z of shape (N, K) and integer ``labels``
+of shape (N,) (one positive entry per row, at column ``labels[i]``)::
+
+    loss = sum_ij w_ij * BCEWithLogits(z_ij, y_ij) / N,   y = one_hot(labels, K)
+    w_ij = positive_weights[j] if y_ij == 1 else negative_weights[j]
+
+:func:`one_hot_weighted_bce` does it without building y or w: the negative part is a column
+sum of softplus(z) with the N positive entries zeroed, dotted with the negative weights; the
+positive part is softplus(-z) on the N gathered positive entries. The backward pass is the
+analytic gradient ``w * (sigmoid(z) - y) / N`` built from the probabilities saved in forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "one_hot_weighted_bce",
+    "sigmoid_bias_init",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the losses compute in: float16/bfloat16 are promoted to float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _softplus_threshold(dtype: torch.dtype) -> float:
+    """Above this input, softplus(x) == x to the precision of ``dtype`` (and exp(x) may overflow)."""
+    return 50.0 if dtype == torch.float64 else 20.0
+
+
+class _OneHotWeightedBCE(torch.autograd.Function):
+    """Autograd function behind :func:`one_hot_weighted_bce` (see the module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        logits: Tensor,
+        labels: Tensor,
+        positive_weights: Tensor,
+        negative_weights: Tensor,
+        with_negative_prob_sums: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        num_rows = logits.shape[0]
+        normalizer = max(num_rows, 1)
+        threshold = _softplus_threshold(logits.dtype)
+        positive_index = labels.unsqueeze(1)  # (N, 1): the column of each row's positive entry
+
+        # Negative entries: softplus(z) = BCE(z, 0), summed per column with positives zeroed.
+        negative_losses = F.softplus(logits, threshold=threshold)
+        negative_losses.scatter_(1, positive_index, 0.0)
+        negative_loss_per_column = negative_losses.sum(dim=0)  # (K,)
+        del negative_losses
+
+        # Positive entries: softplus(-z) = BCE(z, 1), on the N gathered logits only.
+        positive_logits = logits.gather(1, positive_index).squeeze(1)  # (N,)
+        positive_losses = F.softplus(-positive_logits, threshold=threshold)
+        positive_row_weights = positive_weights[labels]  # (N,)
+
+        loss = (
+            torch.dot(negative_loss_per_column, negative_weights)
+            + torch.dot(positive_losses, positive_row_weights)
+        ) / normalizer
+
+        # Probabilities: kept for backward with the positive entries zeroed (they are rebuilt
+        # from positive_probs), which also makes the column sums below sums over negatives.
+        negative_probs = torch.sigmoid(logits)
+        positive_probs = negative_probs.gather(1, positive_index).squeeze(1)  # (N,)
+        negative_probs.scatter_(1, positive_index, 0.0)
+        if with_negative_prob_sums:
+            negative_prob_sums = negative_probs.sum(dim=0).to(torch.float64)  # (K,)
+        else:
+            negative_prob_sums = logits.new_empty(0, dtype=torch.float64)
+
+        ctx.save_for_backward(
+            negative_probs, positive_index, positive_probs, positive_row_weights, negative_weights
+        )
+        ctx.normalizer = normalizer
+        ctx.mark_non_differentiable(positive_probs, negative_prob_sums)
+        return loss, positive_probs, negative_prob_sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx, grad_loss: Tensor, _grad_positive_probs: Tensor, _grad_negative_sums: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        negative_probs, positive_index, positive_probs, positive_row_weights, negative_weights = (
+            ctx.saved_tensors
+        )
+        scale = grad_loss / ctx.normalizer
+        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q * (p - 1) / N.
+        grad_logits = negative_probs * (negative_weights * scale)
+        positive_grads = (positive_probs - 1.0) * positive_row_weights * scale
+        grad_logits.scatter_(1, positive_index, positive_grads.unsqueeze(1))
+        return grad_logits, None, None, None, None
+
+
+def one_hot_weighted_bce(
+    logits: Tensor,
+    labels: Tensor,
+    positive_weights: Tensor,
+    negative_weights: Tensor,
+    with_negative_prob_sums: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted sigmoid cross-entropy against one-hot targets, summed and divided by N.
+
+    Weights are constants: no gradient flows into them. Inputs are not validated here (the
+    loss modules do it).
+
+    Args:
+        logits: (N, K) floating tensor; float16/bfloat16 are computed in float32.
+        labels: (N,) integer tensor in [0, K): the positive column of each row.
+        positive_weights: (K,) weight of a positive entry in each column.
+        negative_weights: (K,) weight of a negative entry in each column.
+        with_negative_prob_sums: also return the per-column sums of sigmoid(z) over negatives.
+
+    Returns:
+        ``(loss, positive_probs, negative_prob_sums)``: the scalar loss (in the compute dtype),
+        sigmoid(z) at each row's positive entry (N,), and the float64 (K,) column sums of
+        sigmoid(z) over negative entries (an empty tensor unless ``with_negative_prob_sums``).
+        The last two carry no gradient.
+    """
+    dtype = compute_dtype(logits.dtype)
+    return _OneHotWeightedBCE.apply(
+        logits.to(dtype),
+        labels.long(),
+        positive_weights.detach().to(device=logits.device, dtype=dtype),
+        negative_weights.detach().to(device=logits.device, dtype=dtype),
+        with_negative_prob_sums,
+    )
+
+
+def sigmoid_bias_init(prior_prob: float) -> float:
+    """Bias that makes sigmoid(bias) == ``prior_prob``: ``-log((1 - p) / p)``, for 0 < p < 1."""
+    if (
+        isinstance(prior_prob, bool)
+        or not isinstance(prior_prob, (int, float))
+        or not 0.0 < prior_prob < 1.0
+    ):
+        raise ValueError(f"prior_prob must be a number in (0, 1), got {prior_prob!r}")
+    return -math.log((1.0 - prior_prob) / prior_prob)

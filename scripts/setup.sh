@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds .venv from nothing and installs the whole stack; re-running it is quick and changes
+# nothing when the inputs (this script, pyproject.toml, requirements/*) are unchanged.
+#
+#   scripts/setup.sh            # create or update .venv
+#   EQLV2_VENV=/path scripts/setup.sh
+#
+# Every step names itself; the first failing step stops the script with its name.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EQLV2_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3.11}"
+STAMP="$VENV/.eqlv2-setup-stamp"
+
+step() { printf '\n[setup] %s\n' "$*"; CURRENT_STEP="$*"; }
+CURRENT_STEP="start"
+trap 'echo "[setup] FAILED at step: $CURRENT_STEP" >&2' ERR
+
+inputs_digest() {
+  cat "$ROOT/scripts/setup.sh" "$ROOT/scripts/check_detectron2.py" "$ROOT/pyproject.toml" \
+      "$ROOT"/requirements/*.txt | sha256sum | cut -d' ' -f1
+}
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(inputs_digest)" && -x "$VENV/bin/python" ]]; then
+  echo "[setup] $VENV is up to date (delete $STAMP to force a reinstall)"
+  exit 0
+fi
+
+step "create virtual environment $VENV"
+command -v "$PYTHON_BIN" >/dev/null || { echo "[setup] $PYTHON_BIN not found; set PYTHON=..." >&2; false; }
+[[ -x "$VENV/bin/python" ]] || "$PYTHON_BIN" -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
+step "install torch and torchvision (requirements/torch.txt)"
+"${PIP[@]}" install -r "$ROOT/requirements/torch.txt"
+
+step "install detectron2 0.7.2 wheel, pinned by sha256 (requirements/detectron2.txt)"
+if ! "$PY" -c 'import detectron2, sys; sys.exit(detectron2.__version__ != "0.7.2")' 2>/dev/null; then
+  "${PIP[@]}" install --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \
+    --platform linux_x86_64 --upgrade --target "$SITE" --require-hashes \
+    -r "$ROOT/requirements/detectron2.txt"
+fi
+
+step "install eqlv2 (editable) with the cluster and dev extras, constrained by requirements/constraints.txt"
+"${PIP[@]}" install -c "$ROOT/requirements/constraints.txt" -e "$ROOT[cluster,dev]"
+
+step "check detectron2 version and a Mask R-CNN forward"
+"$PY" "$ROOT/scripts/check_detectron2.py"
+
+step "check installed requirements (pip check, known exceptions in requirements/pip-check-allowed.txt)"
+"$PY" "$ROOT/scripts/pip_check.py" "$ROOT/requirements/pip-check-allowed.txt"
+
+inputs_digest > "$STAMP"
+echo "[setup] done: activate with 'source $VENV/bin/activate'"
