@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .base import ClassificationLoss, check_finite
-from .functional import one_hot_weighted_bce
+from .functional import compute_dtype, one_hot_weighted_bce
 
 __all__ = ["EQLv2Loss", "GRADIENT_RATIO_EPS"]
 
@@ -99,29 +99,36 @@ class EQLv2Loss(ClassificationLoss):
         return self.pos_grad / (self.neg_grad + GRADIENT_RATIO_EPS)
 
     @torch.no_grad()
+    def column_weights(self) -> Tensor:
+        """(2, C+1) float64: row 0 the positive weights, row 1 the negative weights per column.
+
+        Columns j < C hold q_j and r_j (exactly 1 before the first statistics update and when
+        switched off); column C, the agnostic task, holds 1 (0 when ``use_agnostic`` is False).
+        """
+        num_classes = self.num_classes
+        weights = torch.ones(2, num_classes + 1, dtype=_STATISTICS_DTYPE, device=self.pos_grad.device)
+        if self.pos_up_weight or self.neg_down_weight:
+            f = self.mapping(self.gradient_ratio())
+            started = self.num_updates > 0  # a tensor: no host-device synchronisation
+            if self.pos_up_weight:
+                weights[0, :num_classes] = torch.where(started, 1.0 + self.alpha * (1.0 - f), 1.0)
+            if self.neg_down_weight:
+                weights[1, :num_classes] = torch.where(started, f, 1.0)
+        if not self.use_agnostic:
+            weights[:, num_classes] = 0.0
+        return weights
+
     def current_weights(self) -> tuple[Tensor, Tensor]:
         """(q, r): the (C,) float64 positive and negative weights the next forward will use.
 
         Both are exactly 1 before the first statistics update, and 1 when switched off.
         """
-        ones = torch.ones_like(self.pos_grad)
-        if int(self.num_updates) == 0:
-            return ones, ones.clone()
-        f = self.mapping(self.gradient_ratio())
-        positive = 1.0 + self.alpha * (1.0 - f) if self.pos_up_weight else ones
-        negative = f if self.neg_down_weight else ones.clone()
-        return positive, negative
-
-    def _column_weights(self) -> tuple[Tensor, Tensor]:
-        """(C+1,) float64 positive and negative weights, column C being the agnostic task."""
-        positive, negative = self.current_weights()
-        agnostic = torch.full((1,), 1.0 if self.use_agnostic else 0.0, dtype=positive.dtype,
-                              device=positive.device)
-        return torch.cat([positive, agnostic]), torch.cat([negative, agnostic])
+        weights = self.column_weights()[:, : self.num_classes]
+        return weights[0].clone(), weights[1].clone()
 
     # ----------------------------------------------------------------------------- loss
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """EQL v2 loss of a batch.
+        """EQL v2 loss of a batch; in training mode also updates the gradient statistics.
 
         Args:
             logits: (N, C+1) floating tensor, column C being background / objectness.
@@ -132,42 +139,35 @@ class EQLv2Loss(ClassificationLoss):
             logits' dtype (float32 for float16/bfloat16 logits).
         """
         self.check_inputs(logits, labels)
-        positive_weights, negative_weights = self._column_weights()
-        loss, positive_probs, negative_prob_sums = one_hot_weighted_bce(
-            logits, labels, positive_weights, negative_weights,
-            with_negative_prob_sums=self.training,
+        weights = self.column_weights().to(device=logits.device, dtype=compute_dtype(logits.dtype))
+        loss, positive_residuals, negative_prob_sums = one_hot_weighted_bce(
+            logits, labels, weights[0], weights[1], with_negative_prob_sums=self.training
         )
         if self.training:
-            self._accumulate(labels, positive_probs, negative_prob_sums,
-                             positive_weights, negative_weights)
+            self._accumulate(labels, positive_residuals, negative_prob_sums * weights[1])
         return loss
 
     @torch.no_grad()
     def _accumulate(
-        self,
-        labels: Tensor,
-        positive_probs: Tensor,
-        negative_prob_sums: Tensor,
-        positive_weights: Tensor,
-        negative_weights: Tensor,
+        self, labels: Tensor, positive_residuals: Tensor, weighted_negative_sums: Tensor
     ) -> None:
         """Add this batch's reweighed gradient magnitudes of the C category columns.
 
-        Per column j < C: ``sum_i q_j |p_ij - 1|`` over positives and ``sum_i r_j p_ij`` over
-        negatives (no 1/N), summed over workers, then added to ``pos_grad`` / ``neg_grad``.
+        Args:
+            labels: (N,) positive column of each row.
+            positive_residuals: (N,) ``q_j * (p - 1)`` of each row's positive entry.
+            weighted_negative_sums: (C+1,) per column ``r_j * sum of p`` over negative entries.
+
+        Per column j < C, ``sum_i q_j |p_ij - 1|`` over positives and ``sum_i r_j p_ij`` over
+        negatives (no 1/N) are summed over workers and added to ``pos_grad`` / ``neg_grad``.
         """
         num_classes = self.num_classes
-        device = positive_probs.device
-        positive_magnitudes = torch.zeros(num_classes + 1, dtype=_STATISTICS_DTYPE, device=device)
-        positive_magnitudes.index_add_(0, labels.long(), 1.0 - positive_probs.to(_STATISTICS_DTYPE))
-        weighted = torch.cat([
-            positive_magnitudes[:num_classes] * positive_weights[:num_classes].to(device),
-            negative_prob_sums[:num_classes] * negative_weights[:num_classes].to(device),
-        ])
-        _distributed_sum(weighted)
-        weighted = weighted.to(self.pos_grad.device)
-        self.pos_grad += weighted[:num_classes]
-        self.neg_grad += weighted[num_classes:]
+        positive_sums = torch.zeros(num_classes + 1, dtype=_STATISTICS_DTYPE, device=labels.device)
+        positive_sums.index_add_(0, labels.long(), positive_residuals.to(_STATISTICS_DTYPE), alpha=-1)
+        step = torch.cat([positive_sums[:num_classes], weighted_negative_sums[:num_classes]])
+        step = _distributed_sum(step).to(self.pos_grad.device)
+        self.pos_grad += step[:num_classes]
+        self.neg_grad += step[num_classes:]
         self.num_updates += 1
 
     # ----------------------------------------------------------------------------- inference

@@ -49,8 +49,7 @@ class _OneHotWeightedBCE(torch.autograd.Function):
         negative_weights: Tensor,
         with_negative_prob_sums: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        num_rows = logits.shape[0]
-        normalizer = max(num_rows, 1)
+        normalizer = max(logits.shape[0], 1)
         threshold = _softplus_threshold(logits.dtype)
         positive_index = labels.unsqueeze(1)  # (N, 1): the column of each row's positive entry
 
@@ -60,46 +59,39 @@ class _OneHotWeightedBCE(torch.autograd.Function):
         negative_loss_per_column = negative_losses.sum(dim=0)  # (K,)
         del negative_losses
 
-        # Positive entries: softplus(-z) = BCE(z, 1), on the N gathered logits only.
-        positive_logits = logits.gather(1, positive_index).squeeze(1)  # (N,)
-        positive_losses = F.softplus(-positive_logits, threshold=threshold)
+        # Positive entries: softplus(-z) = BCE(z, 1), on the N gathered logits only. Their
+        # gradients times N, q * (p - 1) = -q * sigmoid(-z), are computed here as well.
+        negated_positive_logits = logits.gather(1, positive_index).view(-1).neg_()  # (N,)
+        positive_losses = F.softplus(negated_positive_logits, threshold=threshold)
         positive_row_weights = positive_weights[labels]  # (N,)
+        positive_residuals = torch.sigmoid(negated_positive_logits).mul_(positive_row_weights).neg_()
+        loss = torch.dot(negative_loss_per_column, negative_weights)
+        loss = loss.add_(torch.dot(positive_losses, positive_row_weights)).div_(normalizer)
 
-        loss = (
-            torch.dot(negative_loss_per_column, negative_weights)
-            + torch.dot(positive_losses, positive_row_weights)
-        ) / normalizer
-
-        # Probabilities: kept for backward with the positive entries zeroed (they are rebuilt
-        # from positive_probs), which also makes the column sums below sums over negatives.
+        # Probabilities, kept for backward with the positive entries zeroed, which also makes
+        # the column sums below sums over negatives.
         negative_probs = torch.sigmoid(logits)
-        positive_probs = negative_probs.gather(1, positive_index).squeeze(1)  # (N,)
         negative_probs.scatter_(1, positive_index, 0.0)
         if with_negative_prob_sums:
-            negative_prob_sums = negative_probs.sum(dim=0).to(torch.float64)  # (K,)
+            negative_prob_sums = negative_probs.sum(dim=0)  # (K,)
         else:
-            negative_prob_sums = logits.new_empty(0, dtype=torch.float64)
+            negative_prob_sums = logits.new_empty(0)
 
-        ctx.save_for_backward(
-            negative_probs, positive_index, positive_probs, positive_row_weights, negative_weights
-        )
+        ctx.save_for_backward(negative_probs, positive_index, positive_residuals, negative_weights)
         ctx.normalizer = normalizer
-        ctx.mark_non_differentiable(positive_probs, negative_prob_sums)
-        return loss, positive_probs, negative_prob_sums
+        ctx.mark_non_differentiable(positive_residuals, negative_prob_sums)
+        return loss, positive_residuals, negative_prob_sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
-        ctx, grad_loss: Tensor, _grad_positive_probs: Tensor, _grad_negative_sums: Tensor
+        ctx, grad_loss: Tensor, _grad_residuals: Tensor, _grad_negative_sums: Tensor
     ) -> tuple[Tensor | None, ...]:
-        negative_probs, positive_index, positive_probs, positive_row_weights, negative_weights = (
-            ctx.saved_tensors
-        )
+        negative_probs, positive_index, positive_residuals, negative_weights = ctx.saved_tensors
         scale = grad_loss / ctx.normalizer
-        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q * (p - 1) / N.
+        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q (p - 1) / N.
         grad_logits = negative_probs * (negative_weights * scale)
-        positive_grads = (positive_probs - 1.0) * positive_row_weights * scale
-        grad_logits.scatter_(1, positive_index, positive_grads.unsqueeze(1))
+        grad_logits.scatter_(1, positive_index, (positive_residuals * scale).unsqueeze(1))
         return grad_logits, None, None, None, None
 
 
@@ -123,19 +115,25 @@ def one_hot_weighted_bce(
         with_negative_prob_sums: also return the per-column sums of sigmoid(z) over negatives.
 
     Returns:
-        ``(loss, positive_probs, negative_prob_sums)``: the scalar loss (in the compute dtype),
-        sigmoid(z) at each row's positive entry (N,), and the float64 (K,) column sums of
-        sigmoid(z) over negative entries (an empty tensor unless ``with_negative_prob_sums``).
-        The last two carry no gradient.
+        ``(loss, positive_residuals, negative_prob_sums)``, all in the compute dtype and the
+        last two without gradient:
+
+        - ``loss``: the scalar loss;
+        - ``positive_residuals``: (N,) ``positive_weights[labels[i]] * (sigmoid(z_i,labels[i]) - 1)``,
+          i.e. N times the gradient of each row's positive entry;
+        - ``negative_prob_sums``: (K,) per-column sums of sigmoid(z) over the negative entries
+          (an empty tensor unless ``with_negative_prob_sums``).
     """
     dtype = compute_dtype(logits.dtype)
-    return _OneHotWeightedBCE.apply(
-        logits.to(dtype),
-        labels.long(),
-        positive_weights.detach().to(device=logits.device, dtype=dtype),
-        negative_weights.detach().to(device=logits.device, dtype=dtype),
-        with_negative_prob_sums,
-    )
+    # Under autocast the ops inside would otherwise be free to drop to float16 / bfloat16.
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _OneHotWeightedBCE.apply(
+            logits.to(dtype),
+            labels.long(),
+            positive_weights.detach().to(device=logits.device, dtype=dtype),
+            negative_weights.detach().to(device=logits.device, dtype=dtype),
+            with_negative_prob_sums,
+        )
 
 
 def sigmoid_bias_init(prior_prob: float) -> float:

@@ -1,0 +1,41 @@
+"""Ray Train for the project: multi-worker, multi-node detectron2 EQL v2 training.
+
+The only part of :mod:`eqlv2` that imports Ray. Modules:
+
+* :mod:`eqlv2.cluster.ray_train`: :func:`build_torch_trainer` (driver) and
+  :func:`train_loop_per_worker` (each worker); the reported metric keys are listed there.
+* :mod:`eqlv2.cluster.distributed`: detectron2's ``comm`` (local process groups) from Ray's
+  train context, and the DDP ``device_ids`` fix for CPU models.
+* :mod:`eqlv2.cluster.reporting`: the hook that reports metrics and checkpoints, and the
+  checkpoint layout.
+* :mod:`eqlv2.cluster.checks`: input checks that fail fast (datasets, Ray address, resources).
+
+Example::
+
+    from eqlv2.cluster import build_torch_trainer
+
+    trainer = build_torch_trainer(
+        "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml", ["SOLVER.MAX_ITER", "100"],
+        num_workers=2, storage_path="ray_results",
+    )
+    result = trainer.fit()   # result.metrics: the final report; result.checkpoint: the last one
+"""
+
+from .checks import (
+    ClusterConnectionError,
+    InsufficientResourcesError,
+    UnknownDatasetError,
+    connect_ray,
+)
+from .ray_train import build_torch_trainer, default_run_name, run_exists, train_loop_per_worker
+
+__all__ = [
+    "ClusterConnectionError",
+    "InsufficientResourcesError",
+    "UnknownDatasetError",
+    "build_torch_trainer",
+    "connect_ray",
+    "default_run_name",
+    "run_exists",
+    "train_loop_per_worker",
+]

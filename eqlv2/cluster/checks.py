@@ -1,0 +1,189 @@
+"""Input checks that fail within seconds instead of letting Ray wait forever.
+
+Ray Train waits indefinitely for a placement group that the cluster cannot hold, and
+``ray.init`` keeps retrying an address that does not answer. These checks run on the driver,
+before anything is scheduled:
+
+* :func:`check_datasets`: every dataset of the config is registered in detectron2's catalog.
+* :func:`check_ray_address`: the host and port of ``RAY_ADDRESS`` (or ``address``) accept a TCP
+  connection.
+* :func:`check_cluster_resources`: the cluster has enough CPUs / GPUs (and nodes, for the
+  ``SPREAD`` strategies) for the requested workers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from detectron2.config import CfgNode
+
+__all__ = [
+    "ClusterConnectionError",
+    "InsufficientResourcesError",
+    "UnknownDatasetError",
+    "check_cluster_resources",
+    "check_datasets",
+    "check_ray_address",
+    "connect_ray",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownDatasetError(ValueError):
+    """A config names a dataset that is not registered in detectron2's ``DatasetCatalog``."""
+
+
+class InsufficientResourcesError(ValueError):
+    """The Ray cluster cannot place the requested workers."""
+
+
+class ClusterConnectionError(ConnectionError):
+    """The Ray cluster at ``RAY_ADDRESS`` cannot be reached."""
+
+
+def check_datasets(cfg: CfgNode) -> None:
+    """Raise :class:`UnknownDatasetError` naming each unregistered dataset of ``cfg``.
+
+    Checks ``DATASETS.TRAIN`` and ``DATASETS.TEST`` against detectron2's ``DatasetCatalog``
+    (registration is lazy: nothing is loaded).
+    """
+    from detectron2.data import DatasetCatalog
+
+    known = list(DatasetCatalog.keys())
+    problems = []
+    for key in ("TRAIN", "TEST"):
+        for name in getattr(cfg.DATASETS, key):
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"DATASETS.{key} names {name!r}, which is not registered{hint}")
+    if not cfg.DATASETS.TRAIN:
+        problems.append("DATASETS.TRAIN is empty: nothing to train on")
+    if problems:
+        raise UnknownDatasetError(
+            "; ".join(problems)
+            + f". Registered datasets: {', '.join(sorted(known)) or 'none'}. A user's LVIS-format "
+            "dataset is registered through the DATASETS.EQLV2.CUSTOM_* keys."
+        )
+
+
+def _host_and_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address such as ``host:6379`` or ``ray://host:10001``; None if none."""
+    if address in ("auto", "local"):
+        return None
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.hostname, port
+
+
+def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> None:
+    """Raise :class:`ClusterConnectionError` if the Ray address does not accept connections.
+
+    Args:
+        address: a Ray address (``host:port``, ``ray://host:port``, ``auto``, ``local``); default
+            ``$RAY_ADDRESS``. Nothing is checked when neither is set or for ``auto``/``local``.
+        timeout_s: seconds to wait for the TCP connection.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    target = _host_and_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise ClusterConnectionError(
+            f"cannot reach the Ray cluster at {address!r} ({error}). Check RAY_ADDRESS, or unset "
+            "it to start a local Ray instance."
+        ) from error
+
+
+def connect_ray(address: str | None = None, **init_kwargs) -> None:
+    """``ray.init`` after :func:`check_ray_address`; nothing happens if Ray is initialised.
+
+    Args:
+        address: passed to ``ray.init`` (default: ``$RAY_ADDRESS``, else a new or running local
+            instance, as ``ray.init`` decides).
+        init_kwargs: further ``ray.init`` arguments.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    check_ray_address(address)
+    ray.init(address=address, **init_kwargs)
+
+
+def _node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_cluster_resources(
+    num_workers: int,
+    cpus_per_worker: float = 1,
+    use_gpu: bool = False,
+    placement_strategy: str = "PACK",
+    nodes: Iterable[dict[str, float]] | None = None,
+) -> None:
+    """Raise :class:`InsufficientResourcesError` if the workers can never be placed.
+
+    Compares with the cluster's total resources (not what is free now: other jobs end), so an
+    autoscaling cluster should be scaled up first.
+
+    Args:
+        num_workers: Ray Train workers.
+        cpus_per_worker: CPUs each worker reserves.
+        use_gpu: each worker also reserves one GPU.
+        placement_strategy: ``PACK``, ``SPREAD``, ``STRICT_PACK`` or ``STRICT_SPREAD``.
+        nodes: the resources of each alive node; default from ``ray.nodes()``.
+    """
+    node_list = list(nodes) if nodes is not None else _node_resources()
+    demand = {"CPU": float(cpus_per_worker)}
+    if use_gpu:
+        demand["GPU"] = 1.0
+
+    def fits(node: dict[str, float]) -> int:
+        """How many workers one node can hold."""
+        return int(min(node.get(key, 0.0) // amount if amount else num_workers
+                       for key, amount in demand.items()))
+
+    per_node = [fits(node) for node in node_list]
+    totals = {key: sum(node.get(key, 0.0) for node in node_list) for key in demand}
+    wanted = ", ".join(f"{amount:g} {key}" for key, amount in demand.items())
+    summary = (
+        f"{num_workers} worker(s) of {wanted} each, {placement_strategy}; the cluster has "
+        f"{len(node_list)} node(s) with "
+        + ", ".join(f"{totals[key]:g} {key}" for key in demand)
+    )
+    strategy = placement_strategy.upper()
+    if strategy == "STRICT_SPREAD":
+        possible = sum(1 for count in per_node if count >= 1)
+    elif strategy == "STRICT_PACK":
+        possible = max(per_node, default=0)
+    else:
+        possible = sum(per_node)
+    if possible < num_workers:
+        if use_gpu and totals.get("GPU", 0.0) < num_workers:
+            advice = "use fewer workers, or drop --use-gpu"
+        elif strategy == "STRICT_SPREAD":
+            advice = "use at most one worker per node, or another placement strategy"
+        else:
+            advice = "use fewer workers or fewer CPUs per worker, or add nodes"
+        raise InsufficientResourcesError(f"cannot place {summary}: {advice}")
+    logger.info("Resources OK: %s", summary)

@@ -1,0 +1,169 @@
+"""detectron2's distributed helpers inside a Ray Train worker (detectron2's ``launch()`` unused).
+
+Ray Train's ``TorchConfig`` has already called ``torch.distributed.init_process_group`` (gloo on
+CPU, nccl on GPU) when the training function starts, so :mod:`detectron2.utils.comm` already
+sees the right world size and rank. What it lacks is the *local* (per-node) process group that
+``comm.get_local_rank()`` / ``get_local_size()`` read and that detectron2's ``launch()`` normally
+creates with ``comm.create_local_process_group``. That function assumes the same number of
+workers on every node with contiguous ranks; a Ray placement group gives no such guarantee, so
+:func:`setup_detectron2_comm` builds one group per node from the node and local ranks that Ray's
+train context reports.
+
+:func:`ddp_device_ids_fix` works around detectron2's ``create_ddp_model``, which passes
+``device_ids=[local_rank]`` to ``DistributedDataParallel`` and so breaks every CPU model
+(PyTorch rejects ``device_ids`` for modules on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
+
+__all__ = ["WorkerPlacement", "ddp_device_ids", "ddp_device_ids_fix", "setup_detectron2_comm"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where one worker runs, as Ray's train context tells it.
+
+    Attributes:
+        world_rank: rank among all workers.
+        local_rank: rank among the workers of its node.
+        node_rank: rank of its node among the nodes of the run.
+        world_size: number of workers.
+        local_world_size: number of workers on its node.
+    """
+
+    world_rank: int
+    local_rank: int
+    node_rank: int
+    world_size: int
+    local_world_size: int
+
+    @classmethod
+    def from_ray_context(cls) -> WorkerPlacement:
+        """The placement of the calling Ray Train worker."""
+        import ray.train
+
+        context = ray.train.get_context()
+        return cls(
+            world_rank=context.get_world_rank(),
+            local_rank=context.get_local_rank(),
+            node_rank=context.get_node_rank(),
+            world_size=context.get_world_size(),
+            local_world_size=context.get_local_world_size(),
+        )
+
+
+def _ranks_per_node(placements: list[WorkerPlacement]) -> dict[int, list[int]]:
+    """node rank -> world ranks on it, ordered by local rank; checks the ranks are consistent."""
+    nodes: dict[int, list[WorkerPlacement]] = {}
+    for placement in placements:
+        nodes.setdefault(placement.node_rank, []).append(placement)
+    ranks: dict[int, list[int]] = {}
+    for node, members in sorted(nodes.items()):
+        members.sort(key=lambda p: p.local_rank)
+        local_ranks = [p.local_rank for p in members]
+        if local_ranks != list(range(len(members))):
+            raise RuntimeError(f"node {node}: local ranks {local_ranks} are not 0..{len(members) - 1}")
+        world_ranks = [p.world_rank for p in members]
+        if world_ranks != sorted(world_ranks):
+            # torch orders a group by world rank; the group rank must equal Ray's local rank.
+            raise RuntimeError(
+                f"node {node}: local ranks do not follow world ranks ({world_ranks}); "
+                "detectron2's comm.get_local_rank() would disagree with Ray's"
+            )
+        ranks[node] = world_ranks
+    return ranks
+
+
+def setup_detectron2_comm(placement: WorkerPlacement | None = None) -> dict[int, list[int]]:
+    """Create detectron2's local process group from Ray's node and local ranks.
+
+    Every worker must call this (it contains collectives) after Ray initialised
+    ``torch.distributed``. Afterwards ``comm.get_world_size()``, ``get_rank()``,
+    ``get_local_rank()`` and ``get_local_size()`` agree with Ray's train context.
+
+    Args:
+        placement: this worker's placement; default :meth:`WorkerPlacement.from_ray_context`.
+
+    Returns:
+        node rank -> the world ranks on that node.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised, or disagrees with Ray's context.
+    """
+    placement = placement or WorkerPlacement.from_ray_context()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "torch.distributed is not initialised: run this inside a ray.train.torch.TorchTrainer"
+        )
+    if dist.get_world_size() != placement.world_size or dist.get_rank() != placement.world_rank:
+        raise RuntimeError(
+            f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, Ray's context "
+            f"{placement.world_rank}/{placement.world_size}"
+        )
+    gathered: list[WorkerPlacement | None] = [None] * placement.world_size
+    dist.all_gather_object(gathered, placement)
+    nodes = _ranks_per_node([p for p in gathered if p is not None])
+    local_group = None
+    for node, ranks in nodes.items():
+        # Every process creates every group, in the same order, as torch requires.
+        group = dist.new_group(ranks)
+        if node == placement.node_rank:
+            local_group = group
+    # detectron2 keeps the group in a module global; create_local_process_group() cannot be used
+    # because it assumes equally many workers per node with contiguous ranks.
+    comm._LOCAL_PROCESS_GROUP = local_group
+    if comm.get_local_rank() != placement.local_rank or comm.get_local_size() != placement.local_world_size:
+        raise RuntimeError(
+            f"detectron2 local rank {comm.get_local_rank()}/{comm.get_local_size()} differs from "
+            f"Ray's {placement.local_rank}/{placement.local_world_size}"
+        )
+    logger.info(
+        "detectron2 comm: rank %d/%d, node %d, local rank %d/%d (nodes: %s)",
+        comm.get_rank(), comm.get_world_size(), placement.node_rank,
+        comm.get_local_rank(), comm.get_local_size(), nodes,
+    )
+    return nodes
+
+
+def ddp_device_ids(model: torch.nn.Module) -> list[int] | None:
+    """The ``device_ids`` DistributedDataParallel needs for ``model``: None unless it is on a GPU."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return None
+    index = parameter.device.index
+    return [torch.cuda.current_device() if index is None else index]
+
+
+@contextlib.contextmanager
+def ddp_device_ids_fix() -> Iterator[None]:
+    """Within the block, detectron2's trainers wrap models in DDP with correct ``device_ids``.
+
+    ``DefaultTrainer.__init__`` calls ``detectron2.engine.defaults.create_ddp_model``, which sets
+    ``device_ids=[comm.get_local_rank()]``: wrong for CPU models (PyTorch raises) and for GPUs
+    that Ray exposes under other indices. The patch passes :func:`ddp_device_ids` instead and is
+    undone on exit.
+    """
+    import detectron2.engine.defaults as defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs):
+        kwargs.setdefault("device_ids", ddp_device_ids(model))
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original

@@ -1,0 +1,613 @@
+"""Two interchangeable engines that compute LVIS AP: the official API and a fast one.
+
+Both take a dataset's detections (:class:`LVISDetections`, or a list of LVIS result dicts) and one
+task ("bbox" or "segm") and return an :class:`LVISEvalResult` with the same nine numbers, in
+percent: AP, AP50, AP75, APs, APm, APl, APr, APc, APf.
+
+The LVIS protocol (Gupta et al., 2019, and ``lvis==0.5.3``'s ``LVISEval``), which both follow:
+
+* at most 300 detections per image (the best-scored ones) take part;
+* federated ignore rule: a detection of category c on image i counts only when c is annotated on
+  i (has a ground-truth instance) or is in i's ``neg_category_ids``; other detections are dropped;
+* for a category in i's ``not_exhaustive_category_ids``, detections matched to nothing are ignored
+  instead of counted as false positives;
+* COCO-style matching and 101-point interpolated precision over IoU 0.50:0.95; areas
+  small < 32^2 <= medium < 96^2 <= large; AP is the mean over (IoU, recall, category) of the
+  defined precisions, APr/APc/APf the same over the rare/common/frequent categories.
+
+A number whose group has no ground truth at all (e.g. APr on a split without rare categories) is
+NaN here; the LVIS API reports -1 for it (and detectron2 then -100).
+
+:class:`OfficialLVISEngine` runs ``lvis.LVISEval``, the ground truth of record, with the
+``np.float`` workaround of :mod:`eqlv2.evaluation.lvis_numpy_compat`.
+
+:class:`FastLVISEngine` gives the same numbers much faster (``benchmarks/eval_speed.py``):
+
+1. The ground truth is indexed once (arrays, sets of annotated / negative / not-exhaustive
+   image-category pairs) and reused by every evaluation.
+2. Detections stay in memory as arrays; the top-300 cut and the federated filter are vectorised,
+   so only the detections that can count are turned into dicts.
+3. The matching and accumulation run in the C++ of ``faster-coco-eval`` (``COCOeval_faster`` with
+   ``lvis_style=True``), but only over the image-category pairs that have ground truth or a
+   detection: the LVIS API walks all images x categories (2.4 M pairs on a 2,000-image split),
+   almost all empty. To that end each category's non-empty pairs get consecutive *virtual* image
+   ids, and categories with similar counts of such pairs are evaluated together, so each C++ call
+   covers a nearly full (virtual image x category) grid. Per-category results do not depend on
+   which other categories share a call: precision and recall are computed per category, and the
+   virtual ids keep the real image order, hence the same tie-breaking of equal scores.
+4. Categories (with their detections) are split into ``workers`` shards evaluated in forked
+   processes; their per-category precision arrays are merged and summarised here exactly as
+   ``LVISEval.summarize`` does.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from faster_coco_eval import COCOeval_faster
+
+from .lvis_detections import LVISDetections
+from .lvis_numpy_compat import lvis_numpy_compat
+
+__all__ = [
+    "METRIC_NAMES",
+    "FastLVISEngine",
+    "LVISEvalResult",
+    "OfficialLVISEngine",
+    "build_lvis_engine",
+    "summarize_lvis_precision",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The numbers reported for each task, in this order (detectron2's LVIS evaluator's names).
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+#: LVIS protocol constants (``lvis.eval.Params``).
+MAX_DETS_PER_IMAGE = 300
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+AREA_LABELS = ("all", "small", "medium", "large")
+FREQUENCY_LABELS = ("r", "c", "f")
+
+IouType = str  # "bbox" or "segm"
+
+
+@dataclass
+class LVISEvalResult:
+    """What one engine computed for one task.
+
+    Attributes:
+        iou_type: "bbox" or "segm".
+        metrics: METRIC_NAMES -> value in percent (NaN when undefined).
+        precision: (10 IoU, 101 recall, K categories, 4 areas) interpolated precision, -1 where
+            the category has no ground truth in that area range (``LVISEval.eval["precision"]``).
+        recall: (10 IoU, K, 4 areas) final recall, -1 likewise.
+        category_ids: the K LVIS category ids, ascending (the order of the K axis).
+    """
+
+    iou_type: str
+    metrics: dict[str, float]
+    precision: np.ndarray = field(repr=False)
+    recall: np.ndarray = field(repr=False)
+    category_ids: np.ndarray = field(repr=False)
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    defined = values[values > -1]
+    return float(np.mean(defined)) if defined.size else -1.0
+
+
+def summarize_lvis_precision(
+    precision: np.ndarray, frequencies: Sequence[str]
+) -> dict[str, float]:
+    """The nine LVIS numbers (percent) from a (T, R, K, A) precision array, as
+    ``LVISEval.summarize``: each is the mean of the entries > -1 of its slice; -1 becomes NaN.
+
+    Args:
+        precision: interpolated precision, -1 where undefined.
+        frequencies: the "r"/"c"/"f" group of each of the K categories.
+    """
+    frequencies = np.asarray(list(frequencies))
+    t50 = int(np.flatnonzero(np.isclose(IOU_THRESHOLDS, 0.5))[0])
+    t75 = int(np.flatnonzero(np.isclose(IOU_THRESHOLDS, 0.75))[0])
+    raw = {
+        "AP": _mean_defined(precision[:, :, :, 0]),
+        "AP50": _mean_defined(precision[t50, :, :, 0]),
+        "AP75": _mean_defined(precision[t75, :, :, 0]),
+        "APs": _mean_defined(precision[:, :, :, 1]),
+        "APm": _mean_defined(precision[:, :, :, 2]),
+        "APl": _mean_defined(precision[:, :, :, 3]),
+    }
+    for label in FREQUENCY_LABELS:
+        raw["AP" + label] = _mean_defined(precision[:, :, frequencies == label, 0])
+    return {k: _to_percent(raw[k]) for k in METRIC_NAMES}
+
+
+def _to_percent(value: float) -> float:
+    return float("nan") if value == -1 else float(value) * 100.0
+
+
+def _load_json(json_file_or_dict: str | os.PathLike | dict) -> dict:
+    if isinstance(json_file_or_dict, dict):
+        return json_file_or_dict
+    with open(json_file_or_dict) as f:
+        return json.load(f)
+
+
+def _check_iou_type(iou_type: str) -> None:
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The official LVIS API
+# ---------------------------------------------------------------------------------------------
+
+
+class OfficialLVISEngine:
+    """``lvis==0.5.3``'s ``LVISResults`` + ``LVISEval``, as detectron2's LVIS evaluator runs them.
+
+    Args:
+        json_file: the LVIS ground-truth JSON (the ``LVIS`` object is built once).
+        max_dets: detections per image that take part (300 in the LVIS protocol).
+    """
+
+    name = "lvis"
+
+    def __init__(self, json_file: str | os.PathLike, max_dets: int = MAX_DETS_PER_IMAGE):
+        from lvis import LVIS
+
+        self.lvis_gt = LVIS(os.fspath(json_file))
+        self.max_dets = max_dets
+
+    def evaluate(
+        self, detections: LVISDetections | Sequence[dict], iou_type: IouType
+    ) -> LVISEvalResult:
+        """Evaluates ``detections`` (LVIS category ids) on one task. They must not be empty."""
+        from lvis import LVISEval, LVISResults
+
+        _check_iou_type(iou_type)
+        results = self._results(detections, iou_type)
+        if not results:
+            raise ValueError("the LVIS API cannot evaluate an empty list of detections")
+        with lvis_numpy_compat():
+            lvis_results = LVISResults(self.lvis_gt, results, max_dets=self.max_dets)
+            lvis_eval = LVISEval(self.lvis_gt, lvis_results, iou_type)
+            lvis_eval.run()
+        metrics = {k: _to_percent(float(lvis_eval.results[k])) for k in METRIC_NAMES}
+        return LVISEvalResult(
+            iou_type=iou_type,
+            metrics=metrics,
+            precision=lvis_eval.eval["precision"],
+            recall=lvis_eval.eval["recall"],
+            category_ids=np.asarray(lvis_eval.params.cat_ids),
+        )
+
+    @staticmethod
+    def _results(detections: LVISDetections | Sequence[dict], iou_type: IouType) -> list[dict]:
+        """Fresh result dicts (the LVIS API writes into them); for "segm" without ``bbox`` so
+        that the instance area is the mask's, as in detectron2."""
+        if isinstance(detections, LVISDetections):
+            if iou_type == "segm" and not detections.has_masks:
+                raise ValueError("segm evaluation needs detections with masks")
+            return detections.to_results(with_boxes=iou_type == "bbox", with_masks=iou_type == "segm")
+        if iou_type == "bbox":
+            return [dict(r) for r in detections]
+        out = []
+        for r in detections:
+            if "segmentation" not in r:
+                raise ValueError("segm evaluation needs detections with masks")
+            r = dict(r)
+            r.pop("bbox", None)
+            out.append(r)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast engine
+# ---------------------------------------------------------------------------------------------
+
+
+class _GroundTruthIndex:
+    """The LVIS ground truth as arrays, built once per engine.
+
+    Images and categories are addressed by their row / column in ascending id order; an
+    image-category pair by the key ``column * num_images + row``.
+    """
+
+    def __init__(self, dataset: dict):
+        images = sorted(dataset["images"], key=lambda im: im["id"])
+        categories = sorted(dataset["categories"], key=lambda c: c["id"])
+        annotations = dataset.get("annotations", [])
+        self.image_ids = np.array([im["id"] for im in images], dtype=np.int64)
+        self.heights = np.array([im["height"] for im in images], dtype=np.int64)
+        self.widths = np.array([im["width"] for im in images], dtype=np.int64)
+        self.category_ids = np.array([c["id"] for c in categories], dtype=np.int64)
+        self.frequencies = [c["frequency"] for c in categories]
+        self.num_images = len(images)
+        self.num_categories = len(categories)
+        if len(np.unique(self.image_ids)) != self.num_images:
+            raise ValueError("LVIS ground truth: duplicate image ids")
+
+        n = len(annotations)
+        self.ann_ids = np.fromiter((a["id"] for a in annotations), np.int64, n)
+        self.ann_rows = self.image_rows(np.fromiter((a["image_id"] for a in annotations), np.int64, n))
+        self.ann_cols = self.category_cols(
+            np.fromiter((a["category_id"] for a in annotations), np.int64, n)
+        )
+        if (self.ann_cols < 0).any():
+            raise ValueError("LVIS ground truth: an annotation has an unknown category_id")
+        self.ann_boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(n, 4)
+        self.ann_areas = np.fromiter((a["area"] for a in annotations), np.float64, n)
+        self._ann_segmentations = [a.get("segmentation") for a in annotations]
+        self._ann_rles: list[dict] | None = None
+        if any(a.get("ignore", 0) for a in annotations):
+            logger.warning("LVIS ground truth has 'ignore' flags; the fast engine does not use them")
+
+        self.cat_has_gt = np.bincount(self.ann_cols, minlength=self.num_categories) > 0
+        positive = np.unique(self.ann_cols * self.num_images + self.ann_rows)
+        negative = self._pair_keys(images, "neg_category_ids")
+        self.allowed_keys = np.union1d(positive, negative)
+        self.not_exhaustive_keys = self._pair_keys(images, "not_exhaustive_category_ids")
+
+    def _pair_keys(self, images: list[dict], field_name: str) -> np.ndarray:
+        rows, cats = [], []
+        for row, image in enumerate(images):
+            ids = image.get(field_name) or []
+            rows.extend([row] * len(ids))
+            cats.extend(ids)
+        cols = self.category_cols(np.asarray(cats, dtype=np.int64))
+        rows = np.asarray(rows, dtype=np.int64)
+        known = cols >= 0
+        return np.unique(cols[known] * self.num_images + rows[known])
+
+    def image_rows(self, image_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``image_ids``; raises ValueError for an id not in the ground truth."""
+        rows = np.searchsorted(self.image_ids, image_ids)
+        rows = np.minimum(rows, max(self.num_images - 1, 0))
+        if len(image_ids) and (self.num_images == 0 or (self.image_ids[rows] != image_ids).any()):
+            raise ValueError("Results do not correspond to current LVIS set: unknown image_id")
+        return rows
+
+    def category_cols(self, category_ids: np.ndarray) -> np.ndarray:
+        """Columns of ``category_ids``, -1 for ids not in the ground truth."""
+        if self.num_categories == 0:
+            return np.full(len(category_ids), -1, dtype=np.int64)
+        cols = np.minimum(np.searchsorted(self.category_ids, category_ids), self.num_categories - 1)
+        return np.where(self.category_ids[cols] == category_ids, cols, -1)
+
+    def ann_rles(self) -> list[dict]:
+        """Each annotation's mask as a compressed RLE (polygons rasterised once, then cached)."""
+        if self._ann_rles is None:
+            import pycocotools.mask as mask_util
+
+            rles = []
+            for segm, row in zip(self._ann_segmentations, self.ann_rows.tolist()):
+                h, w = int(self.heights[row]), int(self.widths[row])
+                if segm is None:
+                    raise ValueError("segm evaluation needs 'segmentation' in every gt annotation")
+                if isinstance(segm, list):
+                    rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
+                elif isinstance(segm["counts"], list):
+                    rle = mask_util.frPyObjects(segm, h, w)
+                else:
+                    rle = segm
+                rles.append(rle)
+            self._ann_rles = rles
+            self._ann_segmentations = []
+        return self._ann_rles
+
+
+@dataclass
+class _Job:
+    """One evaluation's inputs, shared with the shard workers (inherited by fork)."""
+
+    gt: _GroundTruthIndex
+    iou_type: str
+    max_dets: int
+    rows: np.ndarray  # image row of each counted detection
+    cols: np.ndarray  # category column
+    ids: np.ndarray  # unique detection ids (>= 1)
+    scores: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    masks: list[dict] | None
+
+
+#: The job of the evaluation in progress, read by forked workers (see FastLVISEngine.evaluate).
+_JOB: _Job | None = None
+_JOB_LOCK = threading.Lock()
+
+
+def _run_shard(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Worker entry point: evaluates the categories ``cols`` of the job in progress."""
+    assert _JOB is not None, "no LVIS evaluation job in progress"
+    return _evaluate_categories(_JOB, cols)
+
+
+def _evaluate_categories(
+    job: _Job, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision (T, R, k, A) and recall (T, k, A) of the categories ``cols`` (sorted, all with
+    ground truth), with ``cols`` itself."""
+    gt = job.gt
+    num_images = gt.num_images
+    cols = np.sort(np.asarray(cols, dtype=np.int64))
+    in_shard = np.zeros(gt.num_categories, dtype=bool)
+    in_shard[cols] = True
+    g_sel = np.flatnonzero(in_shard[gt.ann_cols])
+    d_sel = np.flatnonzero(in_shard[job.cols])
+    g_keys = gt.ann_cols[g_sel] * num_images + gt.ann_rows[g_sel]
+    d_keys = job.cols[d_sel] * num_images + job.rows[d_sel]
+
+    # Consecutive virtual image ids (from 1) for each category's non-empty pairs, in image order.
+    pair_keys = np.unique(np.concatenate([g_keys, d_keys]))
+    pair_cols = pair_keys // num_images
+    virtual = np.arange(len(pair_keys)) - np.searchsorted(pair_cols, pair_cols) + 1
+    d_not_exhaustive = np.isin(d_keys, gt.not_exhaustive_keys)
+    g_virtual = virtual[np.searchsorted(pair_keys, g_keys)]
+    d_virtual = virtual[np.searchsorted(pair_keys, d_keys)]
+    pairs_per_col = np.bincount(pair_cols, minlength=gt.num_categories)
+
+    # Groups of categories whose pair counts are within a factor of 2.
+    group_of_col = np.floor(np.log2(np.maximum(pairs_per_col, 1))).astype(np.int64)
+    precision = np.empty((len(IOU_THRESHOLDS), 101, len(cols), len(AREA_LABELS)))
+    recall = np.empty((len(IOU_THRESHOLDS), len(cols), len(AREA_LABELS)))
+    position = {int(c): i for i, c in enumerate(cols)}
+    for group in np.unique(group_of_col[cols]):
+        group_cols = cols[group_of_col[cols] == group]
+        p, r = _evaluate_group(job, group_cols, g_sel, g_virtual, d_sel, d_virtual, d_not_exhaustive)
+        at = [position[int(c)] for c in group_cols]
+        precision[:, :, at, :] = p
+        recall[:, at, :] = r
+    return cols, precision, recall
+
+
+class _PreparedCOCOeval(COCOeval_faster):
+    """``COCOeval_faster`` fed with ready-made annotation dicts instead of two ``COCO`` objects.
+
+    Its own ``_prepare`` indexes both ``COCO`` objects and re-applies the LVIS filters in Python
+    for every detection; here the filters have been applied (vectorised) already and the dicts
+    carry what its C++ reads: ``ignore`` and ``iscrowd`` (0) on ground truth, ``lvis_mark``
+    (not-exhaustive pair) on detections, and ``rle`` on both for "segm".
+    """
+
+    def __init__(self, gts: list[dict], dts: list[dict], iou_type: str, cat_ids: list[int],
+                 num_images: int, max_dets: int):
+        quiet = logging.getLogger("faster_coco_eval").debug
+        super().__init__(None, None, iou_type, lvis_style=True, print_function=quiet,
+                         rle_iou_max_workers=1)
+        self.params.imgIds = list(range(1, num_images + 1))
+        self.params.catIds = sorted(cat_ids)
+        self.params.maxDets = [max_dets]
+        self._ready_gts = gts
+        self._ready_dts = dts
+
+    def _prepare(self) -> None:
+        self.gt_dataset.clean()
+        self.dt_dataset.clean()
+        gt_pairs, dt_pairs = set(), set()
+        for ann in self._ready_gts:
+            pair = (ann["image_id"], ann["category_id"])
+            self.gt_dataset.append_ref(pair[0], pair[1], ann)
+            gt_pairs.add(pair)
+        for ann in self._ready_dts:
+            pair = (ann["image_id"], ann["category_id"])
+            self.dt_dataset.append_ref(pair[0], pair[1], ann)
+            dt_pairs.add(pair)
+        self._nonempty_iou_pairs = gt_pairs & dt_pairs
+
+
+def _evaluate_group(
+    job: _Job,
+    group_cols: np.ndarray,
+    g_sel: np.ndarray,
+    g_virtual: np.ndarray,
+    d_sel: np.ndarray,
+    d_virtual: np.ndarray,
+    d_not_exhaustive: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One C++ evaluation over the categories ``group_cols`` and their virtual images."""
+    gt = job.gt
+    in_group = np.zeros(gt.num_categories, dtype=bool)
+    in_group[group_cols] = True
+    segm = job.iou_type == "segm"
+
+    g_in = in_group[gt.ann_cols[g_sel]]
+    g_idx = g_sel[g_in]
+    gt_rles = gt.ann_rles() if segm else None
+    gt_anns = []
+    for i, v, ann_id, cat, area, box in zip(
+        g_idx.tolist(),
+        g_virtual[g_in].tolist(),
+        gt.ann_ids[g_idx].tolist(),
+        gt.category_ids[gt.ann_cols[g_idx]].tolist(),
+        gt.ann_areas[g_idx].tolist(),
+        gt.ann_boxes[g_idx].tolist(),
+    ):
+        ann = {"id": ann_id, "image_id": v, "category_id": cat, "area": area, "bbox": box,
+               "ignore": 0, "iscrowd": 0}
+        if segm:
+            ann["rle"] = gt_rles[i]
+        gt_anns.append(ann)
+
+    d_in = in_group[job.cols[d_sel]]
+    d_idx = d_sel[d_in]
+    dt_anns = []
+    for i, v, det_id, cat, score, area, box, mark in zip(
+        d_idx.tolist(),
+        d_virtual[d_in].tolist(),
+        job.ids[d_idx].tolist(),
+        gt.category_ids[job.cols[d_idx]].tolist(),
+        job.scores[d_idx].tolist(),
+        job.areas[d_idx].tolist(),
+        job.boxes[d_idx].tolist(),
+        d_not_exhaustive[d_in].tolist(),
+    ):
+        ann = {"id": det_id, "image_id": v, "category_id": cat, "score": score, "area": area,
+               "bbox": box, "iscrowd": 0, "lvis_mark": mark}
+        if segm:
+            ann["rle"] = job.masks[i]
+        dt_anns.append(ann)
+
+    num_virtual = int(max(g_virtual[g_in].max(initial=0), d_virtual[d_in].max(initial=0)))
+    coco_eval = _PreparedCOCOeval(
+        gt_anns, dt_anns, job.iou_type, gt.category_ids[group_cols].tolist(), num_virtual,
+        job.max_dets,
+    )
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    # eval["precision"]: (T, R, K, A, M), K in ascending category id order, as group_cols.
+    return coco_eval.eval["precision"][..., -1], coco_eval.eval["recall"][..., -1]
+
+
+def _split_categories(costs: np.ndarray, cols: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Splits ``cols`` into at most ``parts`` groups of about equal total cost (greedy LPT)."""
+    parts = max(1, min(parts, len(cols)))
+    loads = np.zeros(parts)
+    members: list[list[int]] = [[] for _ in range(parts)]
+    for c in cols[np.argsort(-costs[cols], kind="stable")].tolist():
+        j = int(np.argmin(loads))
+        members[j].append(c)
+        loads[j] += costs[c]
+    return [np.sort(np.asarray(m, dtype=np.int64)) for m in members if m]
+
+
+def _fork_available() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class FastLVISEngine:
+    """LVIS evaluation with the official numbers in a fraction of the time (see module doc).
+
+    Args:
+        json_file: the LVIS ground-truth JSON, or its already-loaded dict.
+        max_dets: detections per image that take part (300 in the LVIS protocol).
+        workers: processes the per-category evaluation is split over (forked; 0 or 1 evaluates in
+            this process). Defaults to 2.
+    """
+
+    name = "fast"
+
+    def __init__(
+        self,
+        json_file: str | os.PathLike | dict,
+        max_dets: int = MAX_DETS_PER_IMAGE,
+        workers: int = 2,
+    ):
+        self.gt = _GroundTruthIndex(_load_json(json_file))
+        self.max_dets = max_dets
+        self.workers = workers
+
+    @property
+    def category_ids(self) -> np.ndarray:
+        return self.gt.category_ids
+
+    @property
+    def frequencies(self) -> list[str]:
+        return self.gt.frequencies
+
+    def evaluate(
+        self, detections: LVISDetections | Sequence[dict], iou_type: IouType
+    ) -> LVISEvalResult:
+        """Evaluates ``detections`` (LVIS category ids) on one task."""
+        _check_iou_type(iou_type)
+        if not isinstance(detections, LVISDetections):
+            detections = LVISDetections.from_results(detections)
+        if iou_type == "segm" and not detections.has_masks:
+            raise ValueError("segm evaluation needs detections with masks")
+        job = self._make_job(detections, iou_type)
+        gt = self.gt
+        cols = np.flatnonzero(gt.cat_has_gt)
+        costs = (
+            np.bincount(job.cols, minlength=gt.num_categories)
+            + np.bincount(gt.ann_cols, minlength=gt.num_categories)
+            + 20.0
+        )
+        shards = _split_categories(costs, cols, self.workers)
+        pieces = self._run(job, shards)
+
+        num_t, num_a, k = len(IOU_THRESHOLDS), len(AREA_LABELS), gt.num_categories
+        precision = -np.ones((num_t, 101, k, num_a))
+        recall = -np.ones((num_t, k, num_a))
+        for shard_cols, p, r in pieces:
+            precision[:, :, shard_cols, :] = p
+            recall[:, shard_cols, :] = r
+        metrics = summarize_lvis_precision(precision, gt.frequencies)
+        return LVISEvalResult(iou_type, metrics, precision, recall, gt.category_ids.copy())
+
+    def _make_job(self, detections: LVISDetections, iou_type: IouType) -> _Job:
+        """The top-``max_dets`` cut per image and the federated filter, vectorised."""
+        gt = self.gt
+        rows_all = gt.image_rows(detections.image_ids)
+        top = detections.top_k_per_image(self.max_dets)
+        cols = gt.category_cols(detections.category_ids[top])
+        rows = rows_all[top]
+        safe_cols = np.maximum(cols, 0)
+        keys = safe_cols * gt.num_images + rows
+        counted = (cols >= 0) & gt.cat_has_gt[safe_cols] & np.isin(keys, gt.allowed_keys)
+        kept = top[counted]
+        masks = None
+        if iou_type == "segm":
+            masks = [detections.masks[i] for i in kept.tolist()]
+            areas = LVISDetections(
+                np.zeros(len(kept)), np.zeros(len(kept)), np.zeros(len(kept)), np.zeros((len(kept), 4)), masks
+            ).areas("segm")
+        else:
+            areas = detections.areas("bbox")[kept]
+        return _Job(
+            gt=gt,
+            iou_type=iou_type,
+            max_dets=self.max_dets,
+            rows=rows[counted],
+            cols=cols[counted],
+            ids=np.arange(1, len(kept) + 1, dtype=np.int64),
+            scores=detections.scores[kept],
+            boxes=detections.boxes[kept],
+            areas=areas,
+            masks=masks,
+        )
+
+    def _run(self, job: _Job, shards: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Evaluates the shards: the first in this process, the others in forked workers."""
+        if job.iou_type == "segm":
+            self.gt.ann_rles()  # rasterise once, before forking, so that every worker has them
+        if len(shards) <= 1 or not _fork_available():
+            return [_evaluate_categories(job, s) for s in shards]
+        global _JOB
+        with _JOB_LOCK:
+            _JOB = job
+            # Keep the collector of the forked workers off the objects they inherit: a collection
+            # would touch (and so copy) every page of the parent's heap.
+            gc.freeze()
+            try:
+                context = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(max_workers=len(shards) - 1, mp_context=context) as pool:
+                    futures = [pool.submit(_run_shard, s) for s in shards[1:]]
+                    pieces = [_evaluate_categories(job, shards[0])]
+                    pieces += [f.result() for f in futures]
+                return pieces
+            finally:
+                gc.unfreeze()
+                _JOB = None
+
+
+def build_lvis_engine(
+    engine: str, json_file: str | os.PathLike, max_dets: int = MAX_DETS_PER_IMAGE, workers: int = 2
+) -> FastLVISEngine | OfficialLVISEngine:
+    """``engine`` "fast" -> :class:`FastLVISEngine`, "lvis" -> :class:`OfficialLVISEngine`."""
+    if engine == "fast":
+        return FastLVISEngine(json_file, max_dets=max_dets, workers=workers)
+    if engine == "lvis":
+        return OfficialLVISEngine(json_file, max_dets=max_dets)
+    raise ValueError(f"unknown LVIS engine {engine!r}: use 'fast' or 'lvis'")

@@ -1,0 +1,309 @@
+"""The Optuna study behind the search: its database, the seed points, and honest trial states.
+
+Ray 2.60's :class:`ray.tune.search.optuna.OptunaSearch` tells Optuna ``COMPLETE`` for every trial
+that ends with a result, including trials the scheduler (ASHA) stopped early: the study then holds
+a truncated intermediate value as if it were a final one, and TPE models it as such.
+:class:`TrialStateOptunaSearch` fixes that:
+
+* a trial is ``COMPLETE`` only when its last result carries the completion marker
+  (:data:`COMPLETION_KEY`, reported by the trainable after its last training run);
+* a trial that ends without it was stopped by the scheduler or a stopper: it is told ``PRUNED``
+  (Optuna then keeps its last intermediate value, as for a pruned trial of ``study.optimize``);
+* an errored trial, or one whose final objective is not finite (NaN loss), is told ``FAIL``;
+* intermediate values are reported once per evaluation (step :data:`STEP_KEY`), not once per
+  training log line;
+* every Optuna trial is tagged with its Tune trial id and the experiment (user attributes), so
+  that a resumed search can tell its own orphaned trials (asked, then the driver was killed) and
+  mark them ``FAIL`` instead of leaving them ``RUNNING`` forever.
+
+The study lives in a real database (:func:`storage_url`: a SQLite file by default, any SQLAlchemy
+URL otherwise) and is loaded when it exists, so a resumed or repeated search continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COMPLETION_KEY",
+    "STEP_KEY",
+    "TRIAL_NUMBER_KEY",
+    "TrialStateOptunaSearch",
+    "build_sampler",
+    "fail_orphaned_trials",
+    "finished_trial_summary",
+    "open_storage",
+    "pending_seed_points",
+    "storage_url",
+]
+
+#: Result key (value 1) the trainable reports once, after its last training run: the trial is
+#: complete. A trial whose last result lacks it was stopped early.
+COMPLETION_KEY = "trial_complete"
+#: Result key counting the evaluations a trial has done so far (all datasets together): the step
+#: of Optuna's intermediate values and the time attribute of ASHA.
+STEP_KEY = "eval_step"
+#: Config key the searcher adds to each suggestion: the Optuna trial number behind the Tune trial.
+TRIAL_NUMBER_KEY = "optuna_trial_number"
+#: Optuna user attributes set on each trial.
+TUNE_TRIAL_ATTR = "tune_trial_id"
+EXPERIMENT_ATTR = "experiment"
+RESULT_ATTR = "final_metrics"
+REASON_ATTR = "fail_reason"
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def storage_url(value: str | None, default_path: str | os.PathLike) -> str:
+    """A SQLAlchemy URL for the study: ``value`` if it is a URL, else a SQLite file (absolute).
+
+    Args:
+        value: an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``), a file path, or None.
+        default_path: the SQLite file used when ``value`` is None.
+    """
+    if value and "://" in value:
+        return value
+    path = Path(value or default_path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The RDB storage at ``url`` (tables created on first use)."""
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several processes (driver, tests, the dashboard) may read the file at once.
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def build_sampler(name: str, seed: int | None, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    """Optuna sampler by name: ``tpe`` (default; multi-objective TPE when needed), ``random``,
+    ``nsga2`` (multi-objective)."""
+    name = name.lower()
+    if name == "tpe":
+        # A few trials only: start modelling after 2 random draws instead of 10.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=2, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name in ("nsga2", "nsgaii"):
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=4)
+    raise ValueError(f"unknown sampler {name!r}: use tpe, random or nsga2")
+
+
+def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if set(a) != set(b):
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, int | float) and isinstance(other, int | float):
+            if not math.isclose(float(value), float(other), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def pending_seed_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The seed points the study does not hold yet (in any state, queued ones included)."""
+    trials = study.get_trials(deepcopy=False)
+    pending = []
+    for point in points:
+        if any(_same_params(trial.params, point) for trial in trials):
+            logger.info("Seed point %s is already in study %r: not queued again", dict(point), study.study_name)
+            continue
+        pending.append(dict(point))
+    return pending
+
+
+def fail_orphaned_trials(
+    study: optuna.Study, experiment: str, keep_numbers: set[int], reason: str
+) -> list[int]:
+    """Marks ``FAIL`` the ``RUNNING`` trials of ``experiment`` not in ``keep_numbers``.
+
+    Such trials were asked by a driver that was killed before it recorded them: nothing will ever
+    tell them. Trials of other experiments sharing the study are left alone.
+
+    Returns:
+        The numbers of the trials marked.
+    """
+    marked = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(EXPERIMENT_ATTR) != experiment or trial.number in keep_numbers:
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
+        study.tell(trial.number, state=TrialState.FAIL)
+        marked.append(trial.number)
+    if marked:
+        logger.warning("Marked orphaned Optuna trials %s as FAIL (%s)", marked, reason)
+    return marked
+
+
+def finished_trial_summary(study: optuna.Study, number: int) -> dict[str, Any] | None:
+    """State and stored final metrics of trial ``number`` if it is finished, else None."""
+    trial = study.get_trials(deepcopy=False)[number] if number < len(study.trials) else None
+    if trial is None or trial.state not in _FINISHED:
+        return None
+    return {
+        "state": trial.state.name,
+        "metrics": dict(trial.user_attrs.get(RESULT_ATTR) or {}),
+        "values": list(trial.values) if trial.values else None,
+    }
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+class TrialStateOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that records early-stopped trials as ``PRUNED`` and errors as ``FAIL``.
+
+    Args:
+        space: ``{name: optuna distribution}``.
+        metric: result key to optimise, or one key per objective (multi-objective).
+        mode: ``"max"``/``"min"`` (or one per objective).
+        points_to_evaluate: seed points; pass only those the study lacks
+            (:func:`pending_seed_points`).
+        sampler: the Optuna sampler.
+        study_name: name of the study in ``storage``.
+        storage: the study's database (:func:`open_storage`).
+        experiment: name of the Tune experiment, stored on each Optuna trial.
+        record_keys: result keys saved with a finished trial (user attribute
+            :data:`RESULT_ATTR`), so a resumed search can report it without training it again.
+    """
+
+    def __init__(
+        self,
+        space: dict[str, Any],
+        metric: str | list[str],
+        mode: str | list[str],
+        *,
+        points_to_evaluate: list[dict] | None = None,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        study_name: str,
+        storage: optuna.storages.BaseStorage,
+        experiment: str,
+        record_keys: Sequence[str] = (),
+    ) -> None:
+        self._experiment_name = experiment
+        self._record_keys = list(record_keys)
+        self._last_steps: dict[str, int] = {}
+        super().__init__(
+            space=space,
+            metric=metric,
+            mode=mode,
+            points_to_evaluate=points_to_evaluate,
+            sampler=sampler,
+            study_name=study_name,
+            storage=storage,
+        )
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study."""
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        new = trial_id not in self._ot_trials
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        if new:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            ot_trial.set_user_attr(EXPERIMENT_ATTR, self._experiment_name)
+        if config is not None:
+            config = dict(config)
+            config[TRIAL_NUMBER_KEY] = ot_trial.number
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials:
+            return  # Optuna keeps no intermediate values of multi-objective studies
+        self._report_intermediate(trial_id, result)
+
+    def _report_intermediate(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        if trial_id not in self._ot_trials or STEP_KEY not in result:
+            return
+        value = result.get(self.metric)
+        step = int(result[STEP_KEY])
+        if step <= 0 or step <= self._last_steps.get(trial_id, 0) or not _finite(value):
+            return
+        self._ot_trials[trial_id].report(float(value), step)
+        self._last_steps[trial_id] = step
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._completed_trials:
+            logger.debug("Trial %s already told to Optuna", trial_id)
+            return
+        if trial_id not in self._ot_trials:
+            logger.warning("Trial %s finished but was never suggested by Optuna", trial_id)
+            return
+        ot_trial = self._ot_trials[trial_id]
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(key) for key in metrics] if result else None
+        state, reason = self._outcome(result, values, error)
+        try:
+            if result and self._record_keys:
+                recorded = {k: result[k] for k in self._record_keys if k in result and _finite(result[k])}
+                ot_trial.set_user_attr(RESULT_ATTR, recorded)
+            if reason:
+                ot_trial.set_user_attr(REASON_ATTR, reason)
+            if state == TrialState.PRUNED and result and not isinstance(self.metric, list):
+                # The result that made the scheduler stop the trial never reached
+                # on_trial_result: record it so the pruned value is the one the decision saw.
+                self._report_intermediate(trial_id, result)
+            if state == TrialState.COMPLETE:
+                told = [float(v) for v in values]
+                self._ot_study.tell(ot_trial.number, told if len(told) > 1 else told[0], state=state)
+            else:
+                self._ot_study.tell(ot_trial.number, state=state)
+            logger.info("Optuna trial %d (Tune %s): %s", ot_trial.number, trial_id, state.name)
+        except Exception as exc:  # the database may be unreachable: keep the search going
+            logger.warning("Could not record trial %s in the Optuna study: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+
+    @staticmethod
+    def _outcome(
+        result: Mapping[str, Any] | None, values: list | None, error: bool
+    ) -> tuple[TrialState, str | None]:
+        if error:
+            return TrialState.FAIL, "the trial raised an error (see the Tune and MLflow logs)"
+        if not result or not result.get(COMPLETION_KEY):
+            return TrialState.PRUNED, None
+        if values is None or not all(_finite(v) for v in values):
+            return TrialState.FAIL, f"non-finite objective {values}"
+        return TrialState.COMPLETE, None
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Restores the searcher, then fails this experiment's orphaned ``RUNNING`` trials."""
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_last_steps", {})
+        live = {
+            trial.number
+            for trial_id, trial in self._ot_trials.items()
+            if trial_id not in self._completed_trials
+        }
+        try:
+            fail_orphaned_trials(
+                self._ot_study,
+                self._experiment_name,
+                live,
+                "asked by a search driver that stopped before recording the trial",
+            )
+        except Exception as exc:
+            logger.warning("Could not check the Optuna study for orphaned trials: %s", exc)

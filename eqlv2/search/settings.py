@@ -1,0 +1,238 @@
+"""What a trial needs to know: the datasets, the objective, the resources and where to log.
+
+* :data:`DATASETS` — the datasets a search can train on (``--datasets lvis,openimages``), each with
+  its default config and the flat metrics its evaluator reports;
+* :class:`Objective` — the metric to optimise, one metric (``AP``) or a weighted mix
+  (``0.5*AP+0.5*APr``), computed per dataset; across datasets the objective is their mean;
+* :class:`TrialSettings` — the picklable bundle the driver hands to every trial.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .space import SearchSpace
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "Objective",
+    "TrialSettings",
+    "dataset_specs",
+    "parse_objective",
+    "repository_root",
+]
+
+
+def repository_root() -> Path:
+    """The project's checkout (where ``configs/`` lives)."""
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset a trial trains on.
+
+    Attributes:
+        name: short name, the prefix of its metrics (``lvis``, ``openimages``).
+        config_file: absolute path of the detectron2 config that trains on it.
+        metrics: the flat evaluation metrics reported for it (the first is its main AP).
+    """
+
+    name: str
+    config_file: str
+    metrics: tuple[str, ...]
+
+    @property
+    def eval_key(self) -> str:
+        """The metric whose presence marks a report as an evaluation."""
+        return self.metrics[0]
+
+
+#: Known datasets: default config (relative to the repository) and reported metrics.
+DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lvis": ("configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml", ("AP", "APr", "APc", "APf", "APb")),
+    "openimages": (
+        "configs/tiny/faster_rcnn_tiny_synthetic_openimages.yaml",
+        ("AP", "AP1", "AP2", "AP3", "AP4", "AP5"),
+    ),
+}
+
+
+def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tuple[DatasetSpec, ...]:
+    """Dataset specs for ``names`` with configs from ``config_files``.
+
+    Args:
+        names: dataset short names (keys of :data:`DATASETS`), in training order.
+        config_files: entries ``NAME=PATH`` (config of one dataset) or a bare ``PATH`` (allowed
+            when one dataset is searched); datasets not named keep their default config.
+
+    Raises:
+        ValueError: unknown dataset, duplicate, or a bare path with several datasets.
+        FileNotFoundError: a config file does not exist.
+    """
+    names = [name.strip().lower() for name in names if name.strip()]
+    if not names:
+        raise ValueError("no dataset given: use --datasets lvis, openimages or lvis,openimages")
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}: choose from {sorted(DATASETS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"dataset named twice in {names}")
+    chosen: dict[str, str] = {}
+    for entry in config_files:
+        if "=" in entry and entry.split("=", 1)[0].strip().lower() in DATASETS:
+            name, path = entry.split("=", 1)
+            name = name.strip().lower()
+            if name not in names:
+                raise ValueError(f"--config-file {entry!r} names dataset {name!r}, which is not searched")
+        elif len(names) == 1:
+            name, path = names[0], entry
+        else:
+            raise ValueError(
+                f"--config-file {entry!r}: with several datasets give NAME=PATH (e.g. lvis=my.yaml)"
+            )
+        chosen[name] = path
+    specs = []
+    for name in names:
+        default, metrics = DATASETS[name]
+        path = Path(chosen.get(name) or repository_root() / default).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"config file of {name} not found: {path}")
+        specs.append(DatasetSpec(name=name, config_file=str(path.resolve()), metrics=metrics))
+    return tuple(specs)
+
+
+_TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*\*\s*)?(?P<name>[A-Za-z][A-Za-z0-9_]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A weighted sum of flat evaluation metrics, maximised.
+
+    Attributes:
+        terms: ``(weight, metric name)`` pairs.
+        text: the expression as given.
+    """
+
+    terms: tuple[tuple[float, str], ...]
+    text: str
+
+    @property
+    def names(self) -> list[str]:
+        """Metric names the objective reads."""
+        return [name for _, name in self.terms]
+
+    @property
+    def slug(self) -> str:
+        """The expression as a file- and name-safe string."""
+        return re.sub(r"[^A-Za-z0-9.]+", "_", self.text).strip("_")
+
+    def check(self, datasets: Sequence[DatasetSpec]) -> None:
+        """Raises ValueError if a dataset does not report a metric of the objective."""
+        for spec in datasets:
+            missing = [name for name in self.names if name not in spec.metrics]
+            if missing:
+                raise ValueError(
+                    f"--metric {self.text!r}: {spec.name} does not report {missing} "
+                    f"(it reports {', '.join(spec.metrics)})"
+                )
+
+    def value(self, metrics: Mapping[str, Any]) -> float | None:
+        """The objective from one dataset's flat metrics; None if a term is missing or not finite."""
+        total = 0.0
+        for weight, name in self.terms:
+            value = metrics.get(name)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return None
+            if not math.isfinite(number):
+                return None
+            total += weight * number
+        return total
+
+
+def parse_objective(text: str) -> Objective:
+    """Parses ``AP``, ``APr`` or a weighted mix such as ``0.5*AP + 0.5*APr`` (``-`` allowed).
+
+    Raises:
+        ValueError: the expression is malformed.
+    """
+    if not text or not text.strip():
+        raise ValueError("empty --metric")
+    pieces = re.split(r"([+-])", text.strip())
+    terms: list[tuple[float, str]] = []
+    sign = 1.0
+    for piece in pieces:
+        if piece in ("+", "-"):
+            sign = 1.0 if piece == "+" else -1.0
+            continue
+        if not piece.strip():
+            continue
+        match = _TERM.match(piece)
+        if match is None:
+            raise ValueError(f"cannot read --metric {text!r} near {piece!r}: use e.g. AP or 0.5*AP+0.5*APr")
+        weight = float(match.group("weight")) if match.group("weight") else 1.0
+        terms.append((sign * weight, match.group("name")))
+        sign = 1.0
+    if not terms:
+        raise ValueError(f"--metric {text!r} names no metric")
+    return Objective(terms=tuple(terms), text=text.replace(" ", ""))
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything a trial needs, fixed by the driver for the whole search (picklable).
+
+    Attributes:
+        space: the search space (fixed values are applied by the trial).
+        datasets: the datasets each trial trains on, in order.
+        opts: trailing ``KEY VALUE`` config overrides, applied to every dataset.
+        objective: what is optimised per dataset.
+        multi_objective: one Optuna objective per dataset instead of their mean.
+        num_workers, use_gpu, cpus_per_worker: Ray Train resources of one training run.
+        max_failures: retries of a Ray Train run whose worker died.
+        seed: detectron2 ``SEED`` of every trial (the same for all: trials differ by their
+            parameters only).
+        tracking_uri, experiment_id, parent_run_id: MLflow (None: not tracked).
+        search_name: Tune experiment name.
+        optuna_storage, study_name: the study (a resumed trial checks it before training).
+        log_period: iterations between two MLflow logs of the training scalars.
+        baseline_ratios: per dataset, a baseline's gradient ratio for the plots.
+        evaluations: per dataset, the evaluations one training run does.
+    """
+
+    space: SearchSpace
+    datasets: tuple[DatasetSpec, ...]
+    objective: Objective
+    opts: tuple[str, ...] = ()
+    multi_objective: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 0
+    seed: int = 42
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    search_name: str = "eqlv2_search"
+    optuna_storage: str | None = None
+    study_name: str | None = None
+    log_period: int = 20
+    baseline_ratios: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    evaluations: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """Short names of the datasets."""
+        return [spec.name for spec in self.datasets]
+
+    def objective_keys(self) -> list[str]:
+        """Result keys of the per-dataset objectives (``<dataset>/objective``)."""
+        return [f"{name}/objective" for name in self.dataset_names]

@@ -1,0 +1,359 @@
+"""The hyper-parameter search space, read from a YAML file in ``configs/search/``.
+
+A search-space file names, for each hyper-parameter of EQL v2 (``gamma``, ``mu``, ``alpha``; any
+other detectron2 config key may be given by its full dotted name), either a range to search or a
+fixed value, and the points to evaluate first::
+
+    params:
+      gamma: {low: 4.0, high: 16.0, log: false}
+      mu:    {low: 0.5, high: 1.0}
+      alpha: {low: 0.0, high: 8.0}
+    fixed: {}                       # e.g. {alpha: 4.0}: not searched, applied to every trial
+    seed_points:                    # evaluated first, unless the study already holds them
+      - {gamma: 12.0, mu: 0.8, alpha: 4.0}
+
+A parameter entry is ``{low, high}`` (``type: float`` by default, or ``int``; ``log: true`` for a
+log-uniform draw, ``step`` for a grid) or ``{choices: [...]}`` (categorical). A parameter may not
+be both searched and fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_KEYS",
+    "PAPER_SETTING",
+    "ParamSpec",
+    "SearchSpace",
+    "SearchSpaceError",
+    "config_key",
+    "load_search_space",
+    "parse_search_space",
+]
+
+#: Short names of the EQL v2 hyper-parameters and the detectron2 config keys they set.
+CONFIG_KEYS: dict[str, str] = {
+    "gamma": "MODEL.EQLV2.GAMMA",
+    "mu": "MODEL.EQLV2.MU",
+    "alpha": "MODEL.EQLV2.ALPHA",
+}
+
+#: The paper's setting (Tan et al. 2021, Tables 7-8): evaluated first by default.
+PAPER_SETTING: dict[str, float] = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
+
+_PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices"}
+_TOP_LEVEL_FIELDS = {"params", "fixed", "seed_points", "description"}
+
+
+class SearchSpaceError(ValueError):
+    """A search-space file or mapping is malformed; the message names the offending entry."""
+
+
+def config_key(name: str) -> str:
+    """The detectron2 config key a parameter name sets (``gamma`` → ``MODEL.EQLV2.GAMMA``).
+
+    Raises:
+        SearchSpaceError: ``name`` is neither a short name nor a dotted upper-case config key.
+    """
+    if name in CONFIG_KEYS:
+        return CONFIG_KEYS[name]
+    if "." in name and name.upper() == name:
+        return name
+    raise SearchSpaceError(
+        f"unknown parameter {name!r}: use one of {sorted(CONFIG_KEYS)} or a full config key "
+        "such as SOLVER.BASE_LR"
+    )
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched parameter.
+
+    Attributes:
+        name: parameter name (short name or config key).
+        kind: ``"float"``, ``"int"`` or ``"categorical"``.
+        low, high: inclusive bounds (numeric kinds).
+        log: draw log-uniformly (needs ``low > 0``).
+        step: grid step, or None for a continuous draw.
+        choices: the values of a categorical parameter.
+    """
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a value this parameter can take."""
+        if self.kind == "categorical":
+            return value in self.choices
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False
+        assert self.low is not None and self.high is not None
+        tolerance = 1e-9 * max(1.0, abs(self.high - self.low))
+        return self.low - tolerance <= number <= self.high + tolerance
+
+    def optuna_distribution(self):
+        """The matching ``optuna.distributions`` object."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.kind == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return IntDistribution(
+                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
+        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
+
+    def tune_domain(self):
+        """The matching Ray Tune sampling domain (for ``param_space`` displays and other searchers)."""
+        from ray import tune
+
+        if self.kind == "categorical":
+            return tune.choice(list(self.choices))
+        if self.kind == "int":
+            if self.log:
+                return tune.lograndint(int(self.low), int(self.high) + 1)
+            return tune.randint(int(self.low), int(self.high) + 1)
+        if self.log:
+            return tune.loguniform(float(self.low), float(self.high))
+        if self.step:
+            return tune.quniform(float(self.low), float(self.high), float(self.step))
+        return tune.uniform(float(self.low), float(self.high))
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``uniform[4, 16]``."""
+        if self.kind == "categorical":
+            return f"choice{list(self.choices)}"
+        scale = "log-uniform" if self.log else "uniform"
+        kind = "int " if self.kind == "int" else ""
+        step = f" step {self.step}" if self.step else ""
+        return f"{kind}{scale}[{self.low:g}, {self.high:g}]{step}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Searched parameters, fixed values and points to evaluate first.
+
+    Attributes:
+        params: searched parameters by name, in file order.
+        fixed: parameters set to one value in every trial.
+        seed_points: full parameter assignments to evaluate before sampling (searched names only).
+        source: file the space was read from, if any.
+    """
+
+    params: dict[str, ParamSpec]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    seed_points: tuple[dict[str, Any], ...] = ()
+    source: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Searched parameter names, in order."""
+        return list(self.params)
+
+    @property
+    def all_names(self) -> list[str]:
+        """Searched and fixed parameter names."""
+        return list(self.params) + [name for name in self.fixed if name not in self.params]
+
+    def optuna_distributions(self) -> dict[str, Any]:
+        """``{name: optuna distribution}`` of the searched parameters."""
+        return {name: spec.optuna_distribution() for name, spec in self.params.items()}
+
+    def tune_space(self) -> dict[str, Any]:
+        """``{name: ray.tune domain}`` of the searched parameters."""
+        return {name: spec.tune_domain() for name, spec in self.params.items()}
+
+    def complete(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's full assignment: the sampled values plus the fixed ones.
+
+        Raises:
+            SearchSpaceError: a searched parameter is missing from ``sampled``.
+        """
+        missing = [name for name in self.params if name not in sampled]
+        if missing:
+            raise SearchSpaceError(f"trial config lacks searched parameters {missing}")
+        values = {name: sampled[name] for name in self.params}
+        values.update({name: value for name, value in self.fixed.items() if name not in values})
+        return values
+
+    def config_overrides(self, values: Mapping[str, Any]) -> list[str]:
+        """detectron2 ``KEY VALUE`` overrides that apply a full assignment."""
+        opts: list[str] = []
+        for name, value in values.items():
+            if name in CONFIG_KEYS:  # the EQL v2 keys are floats: yacs does not coerce int → float
+                value = float(value)
+            opts += [config_key(name), _override_text(value)]
+        return opts
+
+    def describe(self) -> dict[str, str]:
+        """``{name: description}`` of every parameter, fixed ones included (for logs and MLflow)."""
+        out = {name: spec.describe() for name, spec in self.params.items()}
+        out.update({name: f"fixed {value}" for name, value in self.fixed.items()})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space in the file format (round-trips through :func:`parse_search_space`)."""
+        params: dict[str, dict[str, Any]] = {}
+        for name, spec in self.params.items():
+            if spec.kind == "categorical":
+                params[name] = {"choices": list(spec.choices)}
+                continue
+            entry: dict[str, Any] = {"type": spec.kind, "low": spec.low, "high": spec.high}
+            if spec.log:
+                entry["log"] = True
+            if spec.step:
+                entry["step"] = spec.step
+            params[name] = entry
+        return {
+            "params": params,
+            "fixed": dict(self.fixed),
+            "seed_points": [dict(point) for point in self.seed_points],
+        }
+
+
+def _override_text(value: Any) -> str:
+    """A value as detectron2's ``merge_from_list`` parses it back (via ``literal_eval``)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return repr(float(value))
+    return str(value)
+
+
+def _parse_param(name: str, entry: Any) -> ParamSpec:
+    if not isinstance(entry, Mapping):
+        raise SearchSpaceError(
+            f"params.{name} must be a mapping such as {{low: 0, high: 8}}, got {entry!r}"
+        )
+    unknown = set(entry) - _PARAM_FIELDS
+    if unknown:
+        raise SearchSpaceError(f"params.{name} has unknown fields {sorted(unknown)}")
+    if "choices" in entry:
+        choices = entry["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise SearchSpaceError(f"params.{name}.choices must be a non-empty list")
+        return ParamSpec(name=name, kind="categorical", choices=tuple(choices))
+    kind = str(entry.get("type", "float"))
+    if kind not in ("float", "int"):
+        raise SearchSpaceError(f"params.{name}.type must be float or int, got {kind!r}")
+    if "low" not in entry or "high" not in entry:
+        raise SearchSpaceError(f"params.{name} needs low and high (or choices)")
+    try:
+        low, high = float(entry["low"]), float(entry["high"])
+    except (TypeError, ValueError) as error:
+        raise SearchSpaceError(f"params.{name}: low and high must be numbers ({error})") from error
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise SearchSpaceError(f"params.{name}: need finite low < high, got [{low}, {high}]")
+    log = bool(entry.get("log", False))
+    if log and low <= 0:
+        raise SearchSpaceError(
+            f"params.{name}: a log scale needs low > 0, got low={low:g} "
+            "(use a uniform scale or a positive lower bound)"
+        )
+    step = entry.get("step")
+    if step is not None:
+        step = float(step)
+        if step <= 0:
+            raise SearchSpaceError(f"params.{name}.step must be > 0")
+        if log:
+            raise SearchSpaceError(f"params.{name}: step and log cannot be combined")
+    if kind == "int":
+        return ParamSpec(name, "int", int(low), int(high), log, int(step) if step else None)
+    return ParamSpec(name, "float", low, high, log, step)
+
+
+def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> SearchSpace:
+    """Validates a search-space mapping (the parsed YAML file).
+
+    Raises:
+        SearchSpaceError: with a message naming the bad entry.
+    """
+    where = f" in {source}" if source else ""
+    if not isinstance(data, Mapping):
+        raise SearchSpaceError(f"a search space must be a mapping{where}")
+    unknown = set(data) - _TOP_LEVEL_FIELDS
+    if unknown:
+        raise SearchSpaceError(f"unknown top-level fields {sorted(unknown)}{where}")
+    raw_params = data.get("params") or {}
+    raw_fixed = data.get("fixed") or {}
+    if not isinstance(raw_params, Mapping) or not isinstance(raw_fixed, Mapping):
+        raise SearchSpaceError(f"params and fixed must be mappings{where}")
+    try:
+        params = {str(name): _parse_param(str(name), entry) for name, entry in raw_params.items()}
+        for name in list(params) + list(raw_fixed):
+            config_key(str(name))
+    except SearchSpaceError as error:
+        raise SearchSpaceError(f"{error}{where}") from None
+    fixed = {str(name): value for name, value in raw_fixed.items()}
+    both = sorted(set(params) & set(fixed))
+    if both:
+        raise SearchSpaceError(f"parameters {both} are both searched and fixed{where}")
+    if not params:
+        raise SearchSpaceError(
+            f"nothing to search{where}: every parameter is fixed. Train the fixed setting with "
+            "train/ray_train.py, or give at least one parameter a range"
+        )
+    seeds = []
+    for index, point in enumerate(data.get("seed_points") or []):
+        if not isinstance(point, Mapping):
+            raise SearchSpaceError(f"seed_points[{index}] must be a mapping{where}")
+        # A seed point may name fixed parameters too (e.g. the paper's full setting while alpha
+        # is fixed); those are dropped, the searched ones must all be given and in range.
+        seed = {}
+        for name, spec in params.items():
+            if name not in point:
+                raise SearchSpaceError(f"seed_points[{index}] lacks searched parameter {name!r}{where}")
+            if not spec.contains(point[name]):
+                raise SearchSpaceError(
+                    f"seed_points[{index}].{name}={point[name]!r} is outside {spec.describe()}{where}"
+                )
+            value = point[name]
+            seed[name] = value if spec.kind == "categorical" else (
+                int(value) if spec.kind == "int" else float(value)
+            )
+        extra = set(point) - set(params) - set(fixed)
+        if extra:
+            raise SearchSpaceError(f"seed_points[{index}] names unknown parameters {sorted(extra)}{where}")
+        if seed not in seeds:
+            seeds.append(seed)
+    return SearchSpace(params=params, fixed=fixed, seed_points=tuple(seeds), source=source)
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Reads and validates a search-space YAML file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        SearchSpaceError: the file is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"search-space file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SearchSpaceError(f"{path} is not valid YAML: {error}") from error
+    space = parse_search_space(data, source=str(path))
+    logger.info("Search space from %s: %s", path, space.describe())
+    return space

@@ -1,0 +1,263 @@
+"""The Ray Tune trainable of the search: one Ray Train run per dataset per trial.
+
+``Tuner(TorchTrainer(...))`` does not work with Ray Train V2 (ray 2.60): the trainable is a function
+that builds a ``TorchTrainer`` (:func:`eqlv2.cluster.ray_train.build_torch_trainer`) per dataset and
+``fit()``s it, with :class:`SearchReportCallback` forwarding rank 0's reports to Tune.
+
+Every result a trial reports to Tune carries:
+
+* ``dataset`` and the rank-0 metrics prefixed with it (``lvis/total_loss``, ``lvis/AP``, ...);
+* :data:`~eqlv2.search.optuna_bookkeeping.STEP_KEY` (``eval_step``): evaluations done so far by the
+  trial, all datasets together (ASHA's time attribute, Optuna's step);
+* ``<dataset>/objective`` for every dataset (NaN until it has been evaluated) and ``objective``,
+  the mean of those known — the same datasets are known at the same step in every trial, so ASHA
+  compares like with like;
+* after the last run only, :data:`~eqlv2.search.optuna_bookkeeping.COMPLETION_KEY` = 1 with the
+  final metrics of every dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from .mlflow_tracking import (
+    PARENT_TAG,
+    SEARCH_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    MlflowHookFactory,
+    SafeMlflow,
+)
+from .optuna_bookkeeping import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
+from .settings import DatasetSpec, Objective, TrialSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SearchReportCallback", "TrialFailedError", "combine_objectives", "run_trial"]
+
+NAN = float("nan")
+
+
+class TrialFailedError(RuntimeError):
+    """A training run of the trial failed (the message names the dataset and the cause)."""
+
+
+def combine_objectives(per_dataset: Mapping[str, float | None]) -> float:
+    """Mean of the known, finite per-dataset objectives; NaN when none is known."""
+    known = [float(v) for v in per_dataset.values() if v is not None and math.isfinite(float(v))]
+    return sum(known) / len(known) if known else NAN
+
+
+class SearchReportCallback(TuneReportCallback):
+    """Forwards rank 0's Ray Train reports to Tune in the search's vocabulary (module docstring).
+
+    Args:
+        dataset: the dataset of this training run.
+        all_datasets: every dataset of the trial, in order.
+        objective: the per-dataset objective.
+        finished: final objectives of the datasets already trained in this trial.
+        eval_offset: evaluations done by those earlier runs.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetSpec,
+        all_datasets: list[str],
+        objective: Objective,
+        finished: Mapping[str, float | None],
+        eval_offset: int,
+    ) -> None:
+        super().__init__()
+        self._dataset = dataset
+        self._all = list(all_datasets)
+        self._objective = objective
+        self._finished = dict(finished)
+        self._offset = int(eval_offset)
+        self._evals = 0
+        self._current: float | None = None
+
+    def transform(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The Tune result for one rank-0 report."""
+        name = self._dataset.name
+        out: dict[str, Any] = {}
+        for key, value in metrics.items():
+            if isinstance(value, int | float | str | bool) or value is None:
+                out[f"{name}/{key}"] = value
+        if self._dataset.eval_key in metrics:
+            self._evals += 1
+            self._current = self._objective.value(metrics)
+            if self._current is None:
+                logger.warning("Evaluation of %s without a finite objective: %s", name, dict(metrics))
+        per_dataset = {ds: self._finished.get(ds) for ds in self._all}
+        per_dataset[name] = self._current
+        for ds, value in per_dataset.items():
+            out[f"{ds}/objective"] = NAN if value is None else float(value)
+        out["objective"] = combine_objectives(per_dataset)
+        out[STEP_KEY] = self._offset + self._evals
+        out["dataset"] = name
+        if "iteration" in metrics:
+            out["iteration"] = metrics["iteration"]
+        return out
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        rank0 = dict(metrics[0]) if metrics else {}
+        result = self.transform(rank0)
+        if checkpoint is not None:
+            result[f"{self._dataset.name}/checkpoint_path"] = checkpoint.path
+        self._training_actor_item_queue.put(result)
+
+
+def _trial_params(settings: TrialSettings, values: Mapping[str, Any]) -> dict[str, Any]:
+    params = {name: values[name] for name in values}
+    params["datasets"] = ",".join(settings.dataset_names)
+    for spec in settings.datasets:
+        params[f"config/{spec.name}"] = spec.config_file
+    params["overrides"] = " ".join(settings.opts) or "-"
+    params["seed"] = settings.seed
+    params["objective"] = settings.objective.text
+    params["num_workers"] = settings.num_workers
+    return params
+
+
+def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, Any] | None:
+    """The study's record of this trial if it is already finished (a resumed search)."""
+    if number is None or not settings.optuna_storage or not settings.study_name:
+        return None
+    try:
+        import optuna
+
+        study = optuna.load_study(study_name=settings.study_name, storage=settings.optuna_storage)
+        return finished_trial_summary(study, int(number))
+    except Exception as error:
+        logger.warning("Could not check the Optuna study for trial %s: %s", number, error)
+        return None
+
+
+def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key in spec.metrics:
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
+    """One trial: train on each dataset with the trial's parameters; report to Tune.
+
+    Raises:
+        TrialFailedError: a training run failed (Tune marks the trial ERROR, the study FAIL).
+    """
+    from eqlv2.cluster.ray_train import build_torch_trainer
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    trial_dir = context.get_trial_dir()
+    number = config.get(TRIAL_NUMBER_KEY)
+    values = settings.space.complete(config)
+
+    done = _already_finished(settings, number)
+    if done is not None:
+        # The driver was killed after this trial finished but before Tune saved that: report
+        # what the study recorded instead of training again.
+        logger.info("Trial %s (Optuna #%s) already %s in the study: not trained again", trial_id, number, done["state"])
+        if done["state"] == "FAIL":
+            raise TrialFailedError(f"trial already failed in the Optuna study (#{number})")
+        result = dict(done["metrics"])
+        result.setdefault(STEP_KEY, 0)
+        if done["state"] == "COMPLETE":
+            result[COMPLETION_KEY] = 1
+        tune.report(result)
+        return
+
+    mlflow = SafeMlflow(settings.tracking_uri) if settings.tracking_uri else None
+    run_id = None
+    if mlflow is not None and settings.experiment_id:
+        label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        tags = {
+            TRIAL_TAG: trial_id,
+            STATUS_TAG: "running",
+            SEARCH_TAG: settings.search_name,
+            "optuna_trial_number": str(number),
+        }
+        if settings.parent_run_id:
+            tags[PARENT_TAG] = settings.parent_run_id
+        run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
+        mlflow.log_params(run_id, _trial_params(settings, values))
+
+    finished: dict[str, float | None] = {}
+    final: dict[str, Any] = {}
+    evals = 0
+    for spec in settings.datasets:
+        opts = [
+            *settings.opts,
+            *settings.space.config_overrides(values),
+            "SEED",
+            str(settings.seed),
+            "OUTPUT_DIR",
+            f"{trial_dir}/{spec.name}",
+        ]
+        callback = SearchReportCallback(spec, settings.dataset_names, settings.objective, finished, evals)
+        hooks = []
+        if run_id is not None:
+            baseline = settings.baseline_ratios.get(spec.name)
+            hooks.append(
+                MlflowHookFactory(settings.tracking_uri, run_id, spec.name, settings.log_period, baseline)
+            )
+        try:
+            trainer = build_torch_trainer(
+                spec.config_file,
+                opts,
+                settings.num_workers,
+                use_gpu=settings.use_gpu,
+                storage_path=f"{trial_dir}/ray_train",
+                name=spec.name,
+                max_failures=settings.max_failures,
+                callbacks=[callback],
+                extra_hooks=hooks,
+                cpus_per_worker=settings.cpus_per_worker,
+            )
+            result = trainer.fit()
+            error = getattr(result, "error", None)
+            if error is not None:
+                raise error
+        except Exception as error:
+            message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
+            logger.error("Trial %s: %s", trial_id, message)
+            if mlflow is not None:
+                mlflow.set_tags(run_id, {STATUS_TAG: "failed", "error": message[:4000]})
+                mlflow.log_text(run_id, traceback.format_exc(), "error.txt")
+                mlflow.terminate(run_id, "FAILED")
+            raise TrialFailedError(message) from error
+        metrics = dict(getattr(result, "metrics", None) or {})
+        found = _final_metrics(spec, metrics)
+        if not found:
+            logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))
+        finished[spec.name] = settings.objective.value(found)
+        for key, value in found.items():
+            final[f"{spec.name}/{key}"] = value
+        evals += settings.evaluations.get(spec.name, 1)
+
+    final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})
+    final["objective"] = combine_objectives(finished)
+    final[STEP_KEY] = evals
+    final[COMPLETION_KEY] = 1
+    if mlflow is not None:
+        mlflow.log_metrics(run_id, {k: v for k, v in final.items() if k != COMPLETION_KEY}, step=0)
+        mlflow.warn_dropped(f"trial {trial_id}")
+    tune.report(final)
+
+
+def evaluations_per_run(max_iter: int, eval_period: int) -> int:
+    """detectron2's ``EvalHook`` evaluates at every multiple of ``eval_period`` below ``max_iter``
+    and once after training."""
+    if eval_period <= 0:
+        return 1
+    return len(range(eval_period, max_iter, eval_period)) + 1

@@ -1,0 +1,147 @@
+"""The detectron2 integration: config keys, heads, predict_probs, checkpoints, the hook."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+import eqlv2.modeling  # noqa: F401  (registers the heads)
+from eqlv2.config import add_eqlv2_config
+from eqlv2.losses import EQLv2Loss, SoftmaxCELoss
+from eqlv2.modeling import EQLv2FastRCNNOutputLayers
+from eqlv2.modeling.roi_heads import classification_losses
+
+TINY = "configs/tiny/Base-Tiny.yaml"
+
+
+def tiny_cfg(*opts):
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.merge_from_file(TINY)
+    cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 5, *opts])
+    return cfg
+
+
+def test_config_defaults_are_the_papers():
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    eql = cfg.MODEL.EQLV2
+    assert (eql.LOSS, eql.GAMMA, eql.MU, eql.ALPHA, eql.PRIOR_PROB) == ("eqlv2", 12.0, 0.8, 4.0, 0.001)
+    assert eql.USE_AGNOSTIC_TASK and eql.NEG_DOWN_WEIGHT and eql.POS_UP_WEIGHT
+
+
+def test_paper_config_has_section_4_2_settings():
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.merge_from_file("configs/LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2.yaml")
+    assert cfg.MODEL.ROI_HEADS.NAME == "EQLv2StandardROIHeads"
+    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MOMENTUM) == (0.02, 16, 0.9)
+    assert cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    assert (cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION) == (512, 0.25)
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+    assert (cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE) == (1e-4, 300)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203 and cfg.MODEL.MASK_ON
+
+
+@pytest.mark.parametrize(
+    "loss, expected_bias",
+    [("eqlv2", -math.log((1 - 0.001) / 0.001)), ("sigmoid", -math.log((1 - 0.001) / 0.001)), ("softmax", 0.0)],
+)
+def test_box_predictor_uses_the_chosen_loss_and_bias_prior(loss, expected_bias):
+    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", loss))
+    predictor = model.roi_heads.box_predictor
+    assert isinstance(predictor, EQLv2FastRCNNOutputLayers)
+    assert isinstance(predictor.classification_loss, SoftmaxCELoss if loss == "softmax" else torch.nn.Module)
+    assert torch.allclose(predictor.cls_score.bias, torch.full_like(predictor.cls_score.bias, expected_bias))
+
+
+def test_cascade_heads_have_one_eqlv2_loss_per_stage():
+    cfg = tiny_cfg("MODEL.ROI_HEADS.NAME", "EQLv2CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True)
+    model = build_model(cfg)
+    losses = classification_losses(model)
+    assert len(losses) == 3 and all(isinstance(loss, EQLv2Loss) for loss in losses)
+    assert len({id(loss) for loss in losses}) == 3
+    weights = [p.box2box_transform.weights for p in model.roi_heads.box_predictor]
+    assert weights == [tuple(w) for w in cfg.MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS]
+
+
+def test_predict_probs_is_eq10_in_detectron2_layout():
+    model = build_model(tiny_cfg())
+    predictor = model.roi_heads.box_predictor
+    logits = torch.randn(7, 6, dtype=torch.float64)
+    proposals = [Instances((10, 10), proposal_boxes=Boxes(torch.zeros(n, 4))) for n in (3, 4)]
+    probs = torch.cat(predictor.predict_probs((logits.float(), None), proposals))
+    expected = torch.sigmoid(logits[:, :5]) * (1 - torch.sigmoid(logits[:, 5:]))
+    assert probs.shape == (7, 6)
+    assert torch.allclose(probs[:, :5].double(), expected, atol=1e-6)
+    assert torch.all(probs[:, 5] == 0)
+
+
+def _train_classifier_steps(loss: EQLv2Loss, steps: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        logits = torch.randn(20, loss.num_classes + 1, generator=generator, requires_grad=True)
+        labels = torch.randint(0, loss.num_classes + 1, (20,), generator=generator)
+        loss(logits, labels).backward()
+
+
+def test_statistics_survive_a_detectron2_checkpoint(tmp_path):
+    model = build_model(tiny_cfg())
+    loss = classification_losses(model)[0]
+    _train_classifier_steps(loss, 4)
+    assert loss.pos_grad.abs().sum() > 0
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_0000003")
+
+    restored = build_model(tiny_cfg())
+    restored_loss = classification_losses(restored)[0]
+    assert restored_loss.pos_grad.abs().sum() == 0
+    DetectionCheckpointer(restored, save_dir=str(tmp_path)).resume_or_load(str(tmp_path / "missing.pth"), resume=True)
+    assert torch.equal(restored_loss.pos_grad, loss.pos_grad)
+    assert torch.equal(restored_loss.neg_grad, loss.neg_grad)
+    # both continue identically
+    _train_classifier_steps(loss, 2, seed=5)
+    _train_classifier_steps(restored_loss, 2, seed=5)
+    assert torch.equal(restored_loss.neg_grad, loss.neg_grad)
+
+
+class _FakeTrainer:
+    """Just the attributes a hook reads; the model is a real detectron2 model."""
+
+    def __init__(self, model, iteration, max_iter):
+        self.model, self.iter, self.max_iter = model, iteration, max_iter
+
+
+def test_gradient_statistics_hook_writes_group_summaries():
+    from eqlv2.hooks import GradientStatisticsHook
+    from eqlv2.statistics import GradientStatistics
+
+    model = build_model(tiny_cfg())
+    loss = classification_losses(model)[0]
+    _train_classifier_steps(loss, 3)
+    groups = ["r", "r", "c", "f", "f"]
+    hook = GradientStatisticsHook(period=5, frequency_groups=groups)
+    with EventStorage(0) as storage:
+        hook.trainer = _FakeTrainer(model, iteration=3, max_iter=100)
+        hook.after_step()
+        assert not any(key.startswith("eqlv2/") for key in storage.latest())
+        hook.trainer.iter = 4
+        hook.after_step()
+        latest = {k: v for k, (v, _) in storage.latest().items()}
+    ratio = (loss.pos_grad / (loss.neg_grad + 1e-10)).numpy()
+    assert latest["eqlv2/ratio_mean_r"] == pytest.approx(ratio[:2].mean())
+    assert latest["eqlv2/ratio_mean_f"] == pytest.approx(ratio[3:].mean())
+    q, r = loss.current_weights()
+    assert latest["eqlv2/r_mean_c"] == pytest.approx(float(r[2]))
+    (snapshot,) = hook.snapshots()
+    assert isinstance(snapshot, GradientStatistics)
+    np.testing.assert_allclose(snapshot.q, q.numpy())
+    with pytest.raises(ValueError, match="period"):
+        GradientStatisticsHook(period=0)

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Searches EQL v2's gamma, mu and alpha with Ray Tune + Optuna, every trial tracked in MLflow.
+
+With no arguments: a complete search on the embedded offline benchmark (LVIS format), a few trials
+of the tiny CPU config, each trial a Ray Train run; prints the ranked trials, the best
+configuration and the command that opens the MLflow UI. Results go to ./eqlv2_runs/ (Ray Tune
+folder, mlflow.db, optuna.db)::
+
+    python tune/search.py
+    python tune/search.py --datasets lvis,openimages --num-trials 8
+    python tune/search.py --search-space configs/search/alpha_only.yaml --metric 0.5*AP+0.5*APr
+    python tune/search.py --resume                         # continue the latest interrupted search
+    python tune/search.py --config-file my.yaml SOLVER.MAX_ITER 600 TEST.EVAL_PERIOD 200
+
+Trailing ``KEY VALUE`` pairs override config keys of every trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from eqlv2.search.runner import SearchOptions, run_search  # noqa: E402
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="tune/search.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Notes: the MLflow UI command is printed at the end. A Ray cluster started here is "
+        "shut down at the end; to use the `ray` CLI against a running local head started by "
+        "ray.init(), set RAY_AUTH_MODE=token (ray.init writes ~/.ray/auth_token).",
+    )
+    what = parser.add_argument_group("what to search")
+    what.add_argument("--search-space", default="configs/search/default.yaml", metavar="YAML",
+                      help="search-space file (default: %(default)s; see configs/search/)")
+    what.add_argument("--datasets", default="lvis", metavar="NAMES",
+                      help="comma-separated: lvis, openimages or lvis,openimages (each trial trains "
+                      "on each, same gamma/mu/alpha; objective = mean). Default: %(default)s")
+    what.add_argument("--config-file", action="append", default=[], metavar="[NAME=]YAML",
+                      help="detectron2 config of a dataset (repeatable; NAME=PATH with several "
+                      "datasets). Default: the tiny configs in configs/tiny/")
+    what.add_argument("--metric", default="AP", metavar="EXPR",
+                      help="what to maximise per dataset: AP, APr, ... or a weighted mix such as "
+                      "0.5*AP+0.5*APr (default: %(default)s)")
+    what.add_argument("--multi-objective", action="store_true",
+                      help="one Optuna objective per dataset (Pareto front reported) instead of the mean")
+    what.add_argument("--num-trials", type=_positive, default=4, help="trials to run (default: %(default)s)")
+    what.add_argument("--seed", type=int, default=42, help="sampler and detectron2 seed (default: %(default)s)")
+    what.add_argument("--smoke", action="store_true",
+                      help="the smallest real search (tests): 3 trials of 12 iterations, small "
+                      "images, 2 evaluations per run")
+
+    how = parser.add_argument_group("how to run it")
+    how.add_argument("--concurrency", type=_positive, default=1,
+                     help="trials at once (default: %(default)s)")
+    how.add_argument("--workers-per-trial", type=_positive, default=None,
+                     help="Ray Train workers per training run (default: up to 2, as the cluster's "
+                     "CPUs divided by the concurrency allow)")
+    how.add_argument("--cpus-per-worker", type=_positive, default=1, help="default: %(default)s")
+    how.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker")
+    how.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                     help="asha: stop trials whose intermediate objective lags (default); fifo: none")
+    how.add_argument("--grace-period", type=_positive, default=1,
+                     help="ASHA: evaluations before a trial may be stopped (default: %(default)s)")
+    how.add_argument("--reduction-factor", type=int, default=2, help="ASHA (default: %(default)s)")
+    how.add_argument("--sampler", choices=("tpe", "random", "nsga2"), default="tpe",
+                     help="Optuna sampler (default: %(default)s)")
+    how.add_argument("--max-failures", type=int, default=0,
+                     help="retries of a Ray Train run whose worker died (default: %(default)s)")
+    how.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start one)")
+    how.add_argument("--num-cpus", type=_positive, default=None, help="CPUs of a Ray cluster started here")
+
+    where = parser.add_argument_group("where results go")
+    where.add_argument("--results-dir", default="eqlv2_runs",
+                       help="folder of the default stores (default: ./%(default)s)")
+    where.add_argument("--storage-path", default=None,
+                       help="Ray Tune results (default: RESULTS_DIR/ray_results)")
+    where.add_argument("--name", default=None,
+                       help="Tune experiment name (default: eqlv2_search_<time>; --resume: the latest)")
+    where.add_argument("--mlflow-uri", default=None,
+                       help="MLflow tracking URI, e.g. http://host:5000 (default: sqlite:////abs/RESULTS_DIR/mlflow.db)")
+    where.add_argument("--mlflow-experiment", default="eqlv2-search", help="default: %(default)s")
+    where.add_argument("--optuna-storage", default=None,
+                       help="SQLAlchemy URL or SQLite file of the study (default: RESULTS_DIR/optuna.db)")
+    where.add_argument("--study-name", default=None,
+                       help="Optuna study (default: derived from datasets, metric and space file, so "
+                       "a repeated search continues its study)")
+    where.add_argument("--baseline-gradients", action="append", default=[], metavar="[NAME=]CSV",
+                       help="a baseline's gradient-statistics CSV, drawn in the ratio plots")
+    where.add_argument("--resume", action="store_true",
+                       help="continue an interrupted search (same arguments): the Tune experiment "
+                       "and the study, without re-running finished trials")
+    where.add_argument("-v", "--verbose", action="store_true", help="show the trials' training logs")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides for every trial")
+    return parser
+
+
+def options_from_args(argv: list[str]) -> SearchOptions:
+    """Parses ``argv`` into :class:`SearchOptions`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.opts) % 2:
+        parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    smoke = args.smoke
+    return SearchOptions(
+        search_space=args.search_space,
+        datasets=tuple(d.strip() for d in args.datasets.split(",") if d.strip()),
+        config_files=tuple(args.config_file),
+        opts=tuple(args.opts),
+        num_trials=3 if smoke and "--num-trials" not in argv else args.num_trials,
+        concurrency=args.concurrency,
+        workers_per_trial=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker,
+        use_gpu=args.use_gpu,
+        scheduler=args.scheduler,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        sampler=args.sampler,
+        metric=args.metric,
+        multi_objective=args.multi_objective,
+        results_dir=args.results_dir,
+        storage_path=args.storage_path,
+        name=args.name,
+        mlflow_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment,
+        optuna_storage=args.optuna_storage,
+        study_name=args.study_name,
+        resume=args.resume,
+        smoke=smoke,
+        seed=args.seed,
+        max_failures=args.max_failures,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        baseline_gradients=tuple(args.baseline_gradients),
+        verbose=args.verbose,
+        argv=tuple(argv),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray", "mlflow", "alembic", "optuna", "detectron2", "fvcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    options = options_from_args(argv)
+    outcome = run_search(options)
+    return 0 if outcome.best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
