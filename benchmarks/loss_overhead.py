@@ -8,8 +8,9 @@ A, B, A, B, ... after a warm-up; the medians are compared.
 Memory: the peak of bytes held by tensors that torch allocates during one forward + backward
 (beyond the pre-existing logits and targets; the returned gradient included), from the
 allocation / free records that ``torch.profiler`` keeps with ``profile_memory=True``, replayed
-in time order. The bytes of
-tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``) are printed too.
+in time order. The bytes of tensors saved for backward (``saved_tensors_hooks``) are printed
+too. Not counted on either side: BCE's dense (N, C+1) target tensor, which its caller has to
+build and EQL v2 does not need.
 
 Usage: ``python benchmarks/loss_overhead.py [--threads 1] [--runs 200] [--naive]``
 """
@@ -17,9 +18,12 @@ Usage: ``python benchmarks/loss_overhead.py [--threads 1] [--runs 200] [--naive]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +96,20 @@ def median_times(steps: dict[str, Callable[[], None]], runs: int, warmup: int) -
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send the C++ side's stderr (kineto's start/stop chatter) to /dev/null for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_allocated_bytes(step: Callable[[], None]) -> int:
     """Peak of live bytes torch allocates on CPU during ``step``.
 
@@ -99,7 +117,7 @@ def peak_allocated_bytes(step: Callable[[], None]) -> int:
     ``torch.profiler`` keeps with ``profile_memory=True`` (the raw kineto records: the per-op
     summaries would hide temporaries allocated and freed inside one op).
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     records = [r for r in prof.profiler.kineto_results.events() if r.name() == "[memory]"]
     records.sort(key=lambda r: r.start_ns())

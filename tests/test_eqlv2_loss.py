@@ -61,7 +61,7 @@ class ReferenceEQLv2:
         for j in range(c):
             w[:, j] = np.where(y[:, j] == 1.0, q[j], r[j])
         w[:, c] = 1.0 if self.use_agnostic else 0.0
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = np.exp(-np.logaddexp(0.0, -z))  # sigmoid(z), without overflow
         bce = np.logaddexp(0.0, z) - y * z
         loss = float((w * bce).sum() / n)
         grad = w * (p - y) / n
@@ -288,6 +288,22 @@ def test_autocast_does_not_lower_the_loss_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         actual = EQLv2Loss(NUM_CLASSES)(z, torch.tensor(labels))
     assert actual.dtype == torch.float32 and torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize(("dtype", "magnitude", "rtol"),
+                         [(torch.float32, 90.0, 1e-6), (torch.float64, 800.0, 1e-12)])
+def test_extreme_logits_stay_finite_and_exact(dtype, magnitude, rtol):
+    labels = np.array([0, 1, NUM_CLASSES, NUM_CLASSES])
+    logits = np.zeros((4, NUM_CLASSES + 1))
+    logits[0] = magnitude  # confident positive, confident wrong negatives
+    logits[1] = -magnitude  # confident wrong positive, confident negatives
+    logits[2, :NUM_CLASSES] = [(-1) ** j * 25.0 for j in range(NUM_CLASSES)]
+    logits[3] = np.linspace(-40.0, 40.0, NUM_CLASSES + 1)
+    loss, grad = run_step(EQLv2Loss(NUM_CLASSES), logits, labels, dtype)
+    loss_ref, grad_ref = ReferenceEQLv2(NUM_CLASSES).step(logits, labels)
+    assert math.isfinite(loss) and np.all(np.isfinite(grad))
+    assert_close(loss, loss_ref, rtol, "loss")
+    assert_close(grad, grad_ref, rtol, "gradient")
 
 
 def test_module_dtype_casts_keep_float64_statistics():

@@ -9,8 +9,11 @@ storage folder)::
 
     model.pth        detectron2 checkpoint: {"model": state_dict (with the EQL v2 buffers
                      pos_grad, neg_grad, num_updates of every box predictor), "trainer":
-                     {"iteration", "optimizer" state in "_trainer", "hooks": LR scheduler state},
-                     "iteration"} — loadable by ``DetectionCheckpointer`` and as MODEL.WEIGHTS
+                     {"iteration", "_trainer": {"optimizer", ...}, "hooks": {"LRScheduler": ...}},
+                     "iteration"}; the iterations are 0-based indices of the last one done, as in
+                     detectron2's own checkpoints. Loadable by ``DetectionCheckpointer`` (resume)
+                     and as ``MODEL.WEIGHTS``
+    last_checkpoint  detectron2's pointer to model.pth
     metadata.json    {"iteration": completed iterations, "last_iter": index of the last one,
                      "world_size", "metrics": the metrics reported with it, "eqlv2_statistics":
                      [{"pos_grad": [...], "neg_grad": [...], "num_updates": n}, one per loss]}
@@ -148,10 +151,11 @@ def save_checkpoint(
     current = trainer.iter
     trainer.iter = iteration - 1  # after train(), detectron2 leaves iter at max_iter
     try:
-        checkpointer = DetectionCheckpointer(
-            trainer.model, directory, trainer=weakref.proxy(trainer), save_to_disk=True
-        )
-        checkpointer.save(os.path.splitext(CHECKPOINT_MODEL_FILE)[0])
+        # Hooks hold their trainer as a weakref proxy already (detectron2's register_hooks).
+        proxy = trainer if isinstance(trainer, weakref.ProxyTypes) else weakref.proxy(trainer)
+        checkpointer = DetectionCheckpointer(trainer.model, directory, trainer=proxy, save_to_disk=True)
+        # The extra "iteration" key is what detectron2's PeriodicCheckpointer adds too.
+        checkpointer.save(os.path.splitext(CHECKPOINT_MODEL_FILE)[0], iteration=iteration - 1)
     finally:
         trainer.iter = current
     metadata = {

@@ -63,7 +63,11 @@ def synthetic_root(cfg: Any = None) -> Path:
     configured = ""
     if cfg is not None:
         configured = cfg.DATASETS.EQLV2.SYNTHETIC_ROOT
-    root = configured or os.getenv("EQLV2_SYNTHETIC_ROOT") or os.path.join(datasets_root(), "eqlv2_synthetic")
+    root = (
+        configured
+        or os.getenv("EQLV2_SYNTHETIC_ROOT")
+        or os.path.join(datasets_root(), "eqlv2_synthetic")
+    )
     return Path(os.path.expanduser(root)).absolute()
 
 
@@ -83,7 +87,9 @@ def _load_synthetic(root: str, fmt: str, split: str, spec: SyntheticSpec, name: 
     return load_openimages(folder, split, name)
 
 
-def register_synthetic(root: str | os.PathLike | None = None, spec: SyntheticSpec | None = None) -> list[str]:
+def register_synthetic(
+    root: str | os.PathLike | None = None, spec: SyntheticSpec | None = None
+) -> list[str]:
     """(Re-)register the four ``synthetic_*`` names for the benchmark ``spec`` under ``root``.
 
     Nothing is generated here: the loaders call :func:`~eqlv2.data.synthetic.ensure_synthetic`.
@@ -92,10 +98,15 @@ def register_synthetic(root: str | os.PathLike | None = None, spec: SyntheticSpe
     Returns:
         The registered names.
     """
-    root_path = synthetic_root() if root is None else Path(os.path.expanduser(os.fspath(root))).absolute()
+    root_path = (
+        synthetic_root() if root is None else Path(os.path.expanduser(os.fspath(root))).absolute()
+    )
     spec = spec or SyntheticSpec()
     key = (str(root_path), spec)
-    if all(_registered_synthetic.get(name) == key and name in DatasetCatalog for name in SYNTHETIC_DATASETS):
+    if all(
+        _registered_synthetic.get(name) == key and name in DatasetCatalog
+        for name in SYNTHETIC_DATASETS
+    ):
         return list(SYNTHETIC_DATASETS)
     plan = synthetic_plan(spec)
     for name, (fmt, split) in SYNTHETIC_DATASETS.items():
@@ -113,7 +124,12 @@ def register_synthetic(root: str | os.PathLike | None = None, spec: SyntheticSpe
             )
         else:
             register_openimages(
-                name, folder, split, statistics=stats, loader=loader, classes=(plan.mids(), list(stats.class_names))
+                name,
+                folder,
+                split,
+                statistics=stats,
+                loader=loader,
+                classes=(plan.mids(), list(stats.class_names)),
             )
         MetadataCatalog.get(name).set(synthetic_root=str(root_path), synthetic_spec=spec.as_dict())
         _registered_synthetic[name] = key

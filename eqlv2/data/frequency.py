@@ -108,7 +108,9 @@ class CategoryStatistics:
     def group_indices(self, group: str) -> list[int]:
         """Contiguous ids of the categories of ``group`` ("r", "c" or "f")."""
         if group not in FREQUENCY_GROUPS:
-            raise ValueError(f"unknown frequency group {group!r}; expected one of {FREQUENCY_GROUPS}")
+            raise ValueError(
+                f"unknown frequency group {group!r}; expected one of {FREQUENCY_GROUPS}"
+            )
         return [index for index, value in enumerate(self.frequency_groups) if value == group]
 
     def group_sizes(self) -> dict[str, int]:
@@ -268,6 +270,8 @@ def category_statistics(dataset_name: str) -> CategoryStatistics:
             )
             class_names = [f"class_{index}" for index in range(num_classes)]
         stats = statistics_from_dataset_dicts(dicts, class_names)
-        logger.info("Counted the category statistics of %s from its %d images", dataset_name, len(dicts))
+        logger.info(
+            "Counted the category statistics of %s from its %d images", dataset_name, len(dicts)
+        )
     set_statistics_metadata(dataset_name, stats)
     return stats

@@ -135,7 +135,9 @@ def lvis_v1_builtin_statistics() -> CategoryStatistics:
     image_counts = [counts_by_id[category["id"]] for category in categories]
     names = [_class_name(category) for category in categories]
     given = [category["frequency"] for category in categories]
-    _warn_inconsistent_frequency("detectron2 LVIS v1 tables", names, given, frequency_groups(image_counts))
+    _warn_inconsistent_frequency(
+        "detectron2 LVIS v1 tables", names, given, frequency_groups(image_counts)
+    )
     return CategoryStatistics(
         class_names=tuple(names),
         image_counts=tuple(image_counts),
@@ -179,7 +181,9 @@ def _sorted_categories(data: dict, path: str) -> list[dict]:
         require_keys(path, category, ["id", "name"], f"categories[{index}]")
         cid = category["id"]
         if not isinstance(cid, int) or isinstance(cid, bool) or cid < 1:
-            raise DatasetFormatError(path, f"categories[{index}]: id {cid!r} is not a positive integer")
+            raise DatasetFormatError(
+                path, f"categories[{index}]: id {cid!r} is not a positive integer"
+            )
         if cid in seen:
             raise DatasetFormatError(path, f"categories[{index}]: duplicate category id {cid}")
         seen.add(cid)
@@ -205,11 +209,14 @@ def lvis_statistics_from_json(
         instance_counts = [int(c["instance_count"]) for c in categories]
     else:
         index_of = {c["id"]: index for index, c in enumerate(categories)}
-        annotations = data.get("annotations", [])
-        instances = Counter(index_of.get(a.get("category_id")) for a in annotations)
-        images = Counter(i for i, _ in {(index_of.get(a.get("category_id")), a.get("image_id")) for a in annotations})
-        image_counts = [images.get(index, 0) for index in range(len(categories))]
-        instance_counts = [instances.get(index, 0) for index in range(len(categories))]
+        pairs = [
+            (index_of.get(a.get("category_id")), a.get("image_id"))
+            for a in data.get("annotations", [])
+        ]
+        instances = Counter(category for category, _ in pairs)
+        images = Counter(category for category, _ in set(pairs))
+        image_counts = [images[index] for index in range(len(categories))]
+        instance_counts = [instances[index] for index in range(len(categories))]
     counted = frequency_groups(image_counts)
     if all(c.get("frequency") in ("r", "c", "f") for c in categories):
         groups = [c["frequency"] for c in categories]
@@ -228,7 +235,9 @@ def lvis_statistics_from_json(
 
 def _check_polygons(path: str, segmentation: Any, where: str) -> None:
     if not isinstance(segmentation, list) or not segmentation:
-        raise DatasetFormatError(path, f"{where}: 'segmentation' must be a non-empty list of polygons")
+        raise DatasetFormatError(
+            path, f"{where}: 'segmentation' must be a non-empty list of polygons"
+        )
     for polygon in segmentation:
         if (
             not isinstance(polygon, list)
@@ -266,7 +275,8 @@ def validate_lvis_dict(data: Any, path: str | os.PathLike) -> dict[str, Any]:
             raise DatasetFormatError(path, f"{where}: duplicate image id")
         if not all(is_number(image[key]) and image[key] > 0 for key in ("height", "width")):
             raise DatasetFormatError(
-                path, f"{where}: height/width {image['height']!r}x{image['width']!r} must be positive"
+                path,
+                f"{where}: height/width {image['height']!r}x{image['width']!r} must be positive",
             )
         url = image.get("coco_url")
         if not isinstance(url, str) or url.count("/") < 1:
@@ -277,7 +287,9 @@ def validate_lvis_dict(data: Any, path: str | os.PathLike) -> dict[str, Any]:
             )
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             ids = image.get(key, [])
-            unknown = [cid for cid in ids if cid not in category_ids] if isinstance(ids, list) else ids
+            unknown = (
+                [cid for cid in ids if cid not in category_ids] if isinstance(ids, list) else ids
+            )
             if unknown:
                 raise DatasetFormatError(path, f"{where}: {key} has unknown category ids {unknown}")
         images[image_id] = image
@@ -285,10 +297,17 @@ def validate_lvis_dict(data: Any, path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data["annotations"], list):
         raise DatasetFormatError(path, "'annotations' must be a list")
     ann_ids: set[Any] = set()
-    negatives = {image_id: set(image.get("neg_category_ids", [])) for image_id, image in images.items()}
+    negatives = {
+        image_id: set(image.get("neg_category_ids", [])) for image_id, image in images.items()
+    }
     empty = 0
     for index, anno in enumerate(data["annotations"]):
-        require_keys(path, anno, ["id", "image_id", "category_id", "bbox", "segmentation"], f"annotations[{index}]")
+        require_keys(
+            path,
+            anno,
+            ["id", "image_id", "category_id", "bbox", "segmentation"],
+            f"annotations[{index}]",
+        )
         where = f"annotation id {anno['id']} (image {anno['image_id']})"
         if anno["id"] in ann_ids:
             raise DatasetFormatError(path, f"{where}: duplicate annotation id")
@@ -300,7 +319,8 @@ def validate_lvis_dict(data: Any, path: str | os.PathLike) -> dict[str, Any]:
             raise DatasetFormatError(path, f"{where}: unknown category id {anno['category_id']!r}")
         if anno["category_id"] in negatives[anno["image_id"]]:
             raise DatasetFormatError(
-                path, f"{where}: category {anno['category_id']} is listed in the image's neg_category_ids"
+                path,
+                f"{where}: category {anno['category_id']} is listed in the image's neg_category_ids",
             )
         if not check_xywh_box(path, anno["bbox"], image["width"], image["height"], where):
             empty += 1
@@ -425,7 +445,9 @@ def register_lvis_json(
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     if loader is None:
-        loader = functools.partial(load_lvis_dataset, json_file, image_root, name, check_files=check_files)
+        loader = functools.partial(
+            load_lvis_dataset, json_file, image_root, name, check_files=check_files
+        )
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
     register_statistics_provider(name, None)
@@ -445,7 +467,9 @@ def register_lvis_json(
     if os.path.isfile(stats_json):
         _set_missing(name, provider().to_metadata())
     else:
-        logger.debug("%s: %s does not exist yet; statistics are computed on first use", name, stats_json)
+        logger.debug(
+            "%s: %s does not exist yet; statistics are computed on first use", name, stats_json
+        )
         register_statistics_provider(name, provider)
 
 

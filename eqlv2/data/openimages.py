@@ -115,7 +115,9 @@ class OpenImagesFiles:
     def at(cls, root: str | os.PathLike, split: str) -> OpenImagesFiles:
         """The files of ``split`` ("train", "validation" or "val") in ``root``."""
         if split not in _SPLITS:
-            raise ValueError(f"unknown OpenImages split {split!r}; expected one of {sorted(_SPLITS)}")
+            raise ValueError(
+                f"unknown OpenImages split {split!r}; expected one of {sorted(_SPLITS)}"
+            )
         split = _SPLITS[split]
         root = os.fspath(root)
         return cls(
@@ -124,7 +126,9 @@ class OpenImagesFiles:
             classes_csv=os.path.join(root, CLASSES_CSV),
             hierarchy_json=os.path.join(root, HIERARCHY_JSON),
             bbox_csv=os.path.join(root, f"challenge-2019-{split}-detection-bbox.csv"),
-            image_labels_csv=os.path.join(root, f"challenge-2019-{split}-detection-human-imagelabels.csv"),
+            image_labels_csv=os.path.join(
+                root, f"challenge-2019-{split}-detection-human-imagelabels.csv"
+            ),
             image_root=os.path.join(root, "images", split),
         )
 
@@ -159,7 +163,9 @@ def read_classes(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             if not row:
                 continue
             if len(row) != 2 or not row[0].startswith("/"):
-                raise DatasetFormatError(path, f"line {line}: expected 'LabelName,DisplayName', got {row}")
+                raise DatasetFormatError(
+                    path, f"line {line}: expected 'LabelName,DisplayName', got {row}"
+                )
             if row[0] in mids:
                 raise DatasetFormatError(path, f"line {line}: duplicate LabelName {row[0]}")
             mids.append(row[0])
@@ -184,7 +190,9 @@ def read_hierarchy(path: str | os.PathLike) -> dict[str, set[str]]:
 
     def visit(node: Any, parents: tuple[str, ...], where: str) -> None:
         if not isinstance(node, dict) or not isinstance(node.get("LabelName"), str):
-            raise DatasetFormatError(path, f"{where}: hierarchy node without a 'LabelName': {str(node)[:80]}")
+            raise DatasetFormatError(
+                path, f"{where}: hierarchy node without a 'LabelName': {str(node)[:80]}"
+            )
         label = node["LabelName"]
         ancestors[label].update(p for p in parents if p != ROOT_LABEL)
         for key in ("Subcategory", "Part"):
@@ -226,7 +234,7 @@ def read_boxes(
         col = check_csv_header(path, header, _USED_BBOX_COLUMNS)
         i_image, i_label = col["ImageID"], col["LabelName"]
         i_x0, i_x1, i_y0, i_y1 = col["XMin"], col["XMax"], col["YMin"], col["YMax"]
-        i_flags = [col[name] for name in _FLAG_COLUMNS]
+        f_occ, f_trunc, f_group, f_dep, f_in = (col[name] for name in _FLAG_COLUMNS)
         width = len(header)
         for line, row in enumerate(reader, start=2):
             if len(row) != width:
@@ -243,7 +251,9 @@ def read_boxes(
             except ValueError:
                 coords = [row[i] for i in (i_x0, i_x1, i_y0, i_y1)]
                 raise _row_error(path, line, row, f"non-numeric coordinates {coords}") from None
-            if not (low <= x0 <= high and low <= x1 <= high and low <= y0 <= high and low <= y1 <= high):
+            if not (
+                low <= x0 <= high and low <= x1 <= high and low <= y0 <= high and low <= y1 <= high
+            ):
                 raise _row_error(
                     path, line, row,
                     f"box XMin={x0} XMax={x1} YMin={y0} YMax={y1} lies outside the image "
@@ -256,7 +266,13 @@ def read_boxes(
                     )
                 empty += 1
                 continue
-            flags = tuple(row[i] == "1" for i in i_flags)
+            flags = (
+                row[f_occ] == "1",
+                row[f_trunc] == "1",
+                row[f_group] == "1",
+                row[f_dep] == "1",
+                row[f_in] == "1",
+            )
             boxes[row[i_image]].append((category, x0, y0, x1, y1, flags))
     warn_skipped(path, empty, "boxes of zero width or height")
     return dict(boxes)
@@ -284,7 +300,9 @@ def read_image_labels(
             try:
                 image_id, label, confidence = row[i_image], row[i_label], row[i_conf]
             except IndexError:
-                raise _row_error(path, line, row, f"{len(row)} fields, the header has {len(header)}") from None
+                raise _row_error(
+                    path, line, row, f"{len(row)} fields, the header has {len(header)}"
+                ) from None
             if label not in index_of:
                 raise _row_error(path, line, row, f"unknown LabelName {label!r}")
             if confidence not in ("0", "1", "0.0", "1.0"):
@@ -323,7 +341,9 @@ def write_image_size_cache(
     root: str | os.PathLike, split: str, sizes: dict[str, tuple[int, int]]
 ) -> None:
     """Store ``{ImageID: (width, height)}`` where :func:`read_image_sizes` looks first."""
-    _write_cache(_size_cache_path(os.fspath(root), _SPLITS[split]), {k: list(v) for k, v in sizes.items()})
+    _write_cache(
+        _size_cache_path(os.fspath(root), _SPLITS[split]), {k: list(v) for k, v in sizes.items()}
+    )
 
 
 def _header_size(file_name: str) -> tuple[int, int]:
@@ -335,8 +355,12 @@ def _header_size(file_name: str) -> tuple[int, int]:
     return width, height
 
 
-def read_image_sizes(files: OpenImagesFiles, image_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+def read_image_sizes(
+    files: OpenImagesFiles, image_ids: Iterable[str]
+) -> dict[str, tuple[int, int]]:
     """``(width, height)`` of each image, from the cache or the image header.
+
+    Every image file must exist, cached or not.
 
     Raises:
         FileNotFoundError: an image file is missing (the message names it and its ImageID).
@@ -346,19 +370,21 @@ def read_image_sizes(files: OpenImagesFiles, image_ids: Iterable[str]) -> dict[s
     sizes: dict[str, tuple[int, int]] = {}
     added = 0
     for image_id in image_ids:
-        cached = cache.get(image_id)
-        if cached is not None:
-            sizes[image_id] = (int(cached[0]), int(cached[1]))
-            continue
         file_name = os.path.join(files.image_root, f"{image_id}.jpg")
         if not os.path.isfile(file_name):
             raise FileNotFoundError(
                 f"{os.path.basename(files.bbox_csv)}: ImageID {image_id}: image file {file_name} not found"
             )
+        cached = cache.get(image_id)
+        if cached is not None:
+            sizes[image_id] = (int(cached[0]), int(cached[1]))
+            continue
         try:
             sizes[image_id] = _header_size(file_name)
         except OSError as error:
-            raise DatasetFormatError(file_name, f"ImageID {image_id}: unreadable image: {error}") from None
+            raise DatasetFormatError(
+                file_name, f"ImageID {image_id}: unreadable image: {error}"
+            ) from None
         cache[image_id] = list(sizes[image_id])
         added += 1
     if added:
@@ -533,7 +559,9 @@ def register_openimages(
         set_statistics_metadata(name, statistics)
         register_statistics_provider(name, None)
     else:
-        register_statistics_provider(name, functools.partial(openimages_train_statistics, files.root))
+        register_statistics_provider(
+            name, functools.partial(openimages_train_statistics, files.root)
+        )
 
 
 def register_builtin_openimages(root: str | None = None) -> list[str]:
@@ -542,7 +570,9 @@ def register_builtin_openimages(root: str | None = None) -> list[str]:
     Cheap when the files are absent: only paths are recorded.
     """
     if root is None:
-        root = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "openimages")
+        root = os.path.join(
+            os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "openimages"
+        )
     for name, split in BUILTIN_OPENIMAGES_SPLITS.items():
         register_openimages(name, root, split)
     return list(BUILTIN_OPENIMAGES_SPLITS)

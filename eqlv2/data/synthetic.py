@@ -112,8 +112,12 @@ def _render_split(
 ) -> Iterator[tuple[PlannedImage, RenderedImage]]:
     spec = plan.spec
     for image in plan.split(split):
-        rng = np.random.default_rng([spec.seed, _SPLIT_CODES[split], image.index, GENERATOR_VERSION])
-        rendered = render_image(image, plan.appearances, rng, spec.min_image_size, spec.max_image_size)
+        rng = np.random.default_rng(
+            [spec.seed, _SPLIT_CODES[split], image.index, GENERATOR_VERSION]
+        )
+        rendered = render_image(
+            image, plan.appearances, rng, spec.min_image_size, spec.max_image_size
+        )
         progress.update(1)
         yield image, rendered
 
@@ -123,8 +127,8 @@ def _save_jpeg(pixels: np.ndarray, path: Path) -> None:
 
 
 def _dump_json(value: object, path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, separators=(",", ":"), sort_keys=False)
+    # json.dumps (C encoder) is several times faster than streaming with json.dump.
+    path.write_text(json.dumps(value, separators=(",", ":")), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +259,14 @@ def _openimages_split(plan: SyntheticPlan, split: str, out: Path, progress: tqdm
                 y0 = min(i.box[1] for i in drawn)
                 x1 = max(i.box[2] for i in drawn)
                 y1 = max(i.box[3] for i in drawn)
-                rows = [((x0, y0, x1, y1), any(i.occluded for i in drawn), any(i.truncated for i in drawn), 1)]
+                rows = [
+                    (
+                        (x0, y0, x1, y1),
+                        any(i.occluded for i in drawn),
+                        any(i.truncated for i in drawn),
+                        1,
+                    )
+                ]
             else:
                 rows = [(i.box, i.occluded, i.truncated, 0) for i in drawn]
             for (x0, y0, x1, y1), occluded, truncated, group_of in rows:
@@ -271,7 +282,9 @@ def _openimages_split(plan: SyntheticPlan, split: str, out: Path, progress: tqdm
             label_writer.writerow([image_id, "verification", mids[category], "1"])
         for category in planned.neg_categories:
             label_writer.writerow([image_id, "verification", mids[category], "0"])
-    (out / f"challenge-2019-{oi_split}-detection-bbox.csv").write_text(boxes.getvalue(), encoding="utf-8")
+    (out / f"challenge-2019-{oi_split}-detection-bbox.csv").write_text(
+        boxes.getvalue(), encoding="utf-8"
+    )
     (out / f"challenge-2019-{oi_split}-detection-human-imagelabels.csv").write_text(
         labels.getvalue(), encoding="utf-8"
     )
@@ -377,9 +390,13 @@ def generate_synthetic(
             tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
             plan = make_plan(spec)
             total = spec.num_train_images + spec.num_val_images
-            with tqdm(total=total, desc=f"eqlv2 synthetic {fmt}", unit="img", disable=None) as progress:
+            with tqdm(
+                total=total, desc=f"eqlv2 synthetic {fmt}", unit="img", disable=None
+            ) as progress:
                 (_write_lvis if fmt == "lvis" else _write_openimages)(plan, tmp, progress)
-            (tmp / MARKER_FILE).write_text(json.dumps(expected, sort_keys=True, indent=1), encoding="utf-8")
+            (tmp / MARKER_FILE).write_text(
+                json.dumps(expected, sort_keys=True, indent=1), encoding="utf-8"
+            )
             old = None
             if out_dir.exists():
                 old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"

@@ -41,7 +41,10 @@ class LayoutError(RuntimeError):
 
 def _regular(n: int, radius: float = 1.0, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
     return [
-        (radius * math.cos(phase + 2 * math.pi * k / n), radius * math.sin(phase + 2 * math.pi * k / n))
+        (
+            radius * math.cos(phase + 2 * math.pi * k / n),
+            radius * math.sin(phase + 2 * math.pi * k / n),
+        )
         for k in range(n)
     ]
 
@@ -138,7 +141,8 @@ def _rasterize(polygon: np.ndarray, width: int, height: int) -> tuple[np.ndarray
 
 def _polygon_area(polygon: np.ndarray) -> float:
     x, y = polygon[:, 0], polygon[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    x_next, y_next = np.append(x[1:], x[0]), np.append(y[1:], y[0])
+    return 0.5 * abs(float(np.dot(x, y_next) - np.dot(y, x_next)))
 
 
 class _Layout:
@@ -158,7 +162,9 @@ class _Layout:
         self.labels, self.visible, count = state[0], state[1], state[2]
         del self.placed[count:], self.full[count:]
 
-    def try_place(self, polygon: np.ndarray, instance: DrawnInstance, appearance: Appearance) -> bool:
+    def try_place(
+        self, polygon: np.ndarray, instance: DrawnInstance, appearance: Appearance
+    ) -> bool:
         """Add the object if it is mostly inside and leaves every earlier object visible enough."""
         raster = _rasterize(polygon, self.width, self.height)
         if raster is None:
@@ -248,10 +254,12 @@ def _place_cluster(layout: _Layout, rng: np.random.Generator, appearance: Appear
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Dull, noisy background with a colour gradient and a few unannotated distractor strokes."""
-    base = rng.uniform(35, 95, size=3)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    gradient = (xx / width) * rng.uniform(-25, 25) + (yy / height) * rng.uniform(-25, 25)
-    noise = rng.normal(0.0, 7.0, size=(height, width, 3))
+    base = rng.uniform(35, 95, size=3).astype(np.float32)
+    slope_x, slope_y = rng.uniform(-25, 25, size=2)
+    gradient = (np.arange(width, dtype=np.float32) * np.float32(slope_x / width))[None, :] + (
+        np.arange(height, dtype=np.float32) * np.float32(slope_y / height)
+    )[:, None]
+    noise = rng.standard_normal((height, width, 3), dtype=np.float32) * np.float32(7.0)
     pixels = np.clip(base + gradient[..., None] + noise, 0, 255).astype(np.uint8)
     canvas = Image.fromarray(pixels)
     draw = ImageDraw.Draw(canvas)
@@ -271,7 +279,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 def _texture(rng: np.random.Generator, appearance: Appearance, height: int, width: int,
              side: float) -> np.ndarray:  # fmt: skip
     """``(height, width, 3)`` patch of the category's colour and pattern."""
-    colour = np.clip(np.array(COLOURS[appearance.colour], dtype=np.float64) + rng.integers(-12, 13, 3), 0, 255)
+    colour = np.clip(
+        np.array(COLOURS[appearance.colour], dtype=np.float64) + rng.integers(-12, 13, 3), 0, 255
+    )
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     shade = 1.0 + 0.12 * (1.0 - (xx + yy) / max(width + height, 1))
     patch = colour * shade[..., None]
@@ -299,16 +309,20 @@ def _annotate(placed: _Placed, index: int, labels: np.ndarray, full: int) -> Non
         placed.x + int(xs.max()) + 1, placed.y + int(ys.max()) + 1,
     )  # fmt: skip
     instance.occluded = instance.area < 0.95 * full
-    contours, _ = cv2.findContours(visible.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        visible.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     polygons = []
     for contour in sorted(contours, key=cv2.contourArea, reverse=True):
         if len(contour) < 3 or (polygons and cv2.contourArea(contour) < 2.0):
             continue
         points = contour[:, 0, :].astype(np.float64) + (placed.x + 0.5, placed.y + 0.5)
-        polygons.append([round(v, 1) for v in points.reshape(-1).tolist()])
+        polygons.append(points.reshape(-1).tolist())
     if not polygons:
         x0, y0, x1, y1 = instance.box
-        polygons = [[x0 + 0.5, y0 + 0.5, x1 - 0.5, y0 + 0.5, x1 - 0.5, y1 - 0.5, x0 + 0.5, y1 - 0.5]]
+        polygons = [
+            [x0 + 0.5, y0 + 0.5, x1 - 0.5, y0 + 0.5, x1 - 0.5, y1 - 0.5, x0 + 0.5, y1 - 0.5]
+        ]
     instance.polygons = polygons
 
 

@@ -65,9 +65,7 @@ def read_json(path: str | os.PathLike) -> Any:
             raise DatasetFormatError(path, f"not UTF-8 text: {error}") from None
 
 
-def require_keys(
-    path: str | os.PathLike, record: Any, keys: Iterable[str], where: str
-) -> None:
+def require_keys(path: str | os.PathLike, record: Any, keys: Iterable[str], where: str) -> None:
     """Check that ``record`` is a dict with all ``keys``; ``where`` names it in the error."""
     if not isinstance(record, dict):
         raise DatasetFormatError(path, f"{where}: expected an object, got {type(record).__name__}")
@@ -85,7 +83,9 @@ def check_csv_header(
         DatasetFormatError: the file is empty or some required columns are missing.
     """
     if not header:
-        raise DatasetFormatError(path, f"empty file, expected a header with columns {list(required)}")
+        raise DatasetFormatError(
+            path, f"empty file, expected a header with columns {list(required)}"
+        )
     columns = [name.strip().lstrip("\ufeff") for name in header]
     missing = [name for name in required if name not in columns]
     if missing:
@@ -97,11 +97,7 @@ def check_csv_header(
 
 def is_number(value: Any) -> bool:
     """True for a finite int or float (bools are not numbers here)."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_xywh_box(
@@ -117,7 +113,9 @@ def check_xywh_box(
             than :data:`BOX_TOLERANCE` pixels.
     """
     if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(map(is_number, bbox)):
-        raise DatasetFormatError(path, f"{where}: bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
+        raise DatasetFormatError(
+            path, f"{where}: bbox {bbox!r} is not 4 finite numbers [x, y, w, h]"
+        )
     x, y, w, h = (float(value) for value in bbox)
     if w < 0 or h < 0:
         raise DatasetFormatError(path, f"{where}: bbox {bbox!r} has negative width or height")
@@ -135,4 +133,6 @@ def check_xywh_box(
 def warn_skipped(path: str | os.PathLike, count: int, what: str) -> None:
     """One warning for ``count`` records of ``path`` skipped because of ``what``."""
     if count:
-        logger.warning("%s: skipped %d %s (file %s)", os.path.basename(os.fspath(path)), count, what, path)
+        logger.warning(
+            "%s: skipped %d %s (file %s)", os.path.basename(os.fspath(path)), count, what, path
+        )

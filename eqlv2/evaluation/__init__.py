@@ -1,1 +1,33 @@
-"""placeholder"""
+"""Evaluation of the project's models: LVIS (two engines), OpenImages Challenge 2019, COCO.
+
+* :func:`build_evaluator` picks the evaluator of a registered dataset by its ``evaluator_type``.
+* :class:`LVISEvaluator` (box / mask AP, APr / APc / APf) and :func:`summary` (the paper's
+  columns); the engines are in :mod:`eqlv2.evaluation.lvis_engines`.
+* :class:`OpenImagesEvaluator` (the Challenge 2019 detection metric, with AP1..AP5 by class
+  frequency) and the Kaggle submission writer in :mod:`eqlv2.evaluation.openimages_submission`.
+"""
+
+from .build import build_evaluator
+from .lvis import LVISEvaluator, summary
+from .lvis_detections import LVISDetections
+from .lvis_engines import METRIC_NAMES, FastLVISEngine, LVISEvalResult, OfficialLVISEngine
+from .lvis_numpy_compat import lvis_numpy_compat
+from .openimages import OpenImagesEvaluator, evaluate_openimages
+from .openimages_submission import OpenImagesSubmissionWriter, parse_submission, write_submission
+
+__all__ = [
+    "METRIC_NAMES",
+    "FastLVISEngine",
+    "LVISDetections",
+    "LVISEvalResult",
+    "LVISEvaluator",
+    "OfficialLVISEngine",
+    "OpenImagesEvaluator",
+    "OpenImagesSubmissionWriter",
+    "build_evaluator",
+    "evaluate_openimages",
+    "lvis_numpy_compat",
+    "parse_submission",
+    "summary",
+    "write_submission",
+]

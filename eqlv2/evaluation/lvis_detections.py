@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from faster_coco_eval.core import mask as mask_api
 
-__all__ = ["LVISDetections"]
+__all__ = ["LVISDetections", "mask_areas"]
 
 
 @dataclass
@@ -58,7 +59,10 @@ class LVISDetections:
     @classmethod
     def empty(cls, with_masks: bool = False) -> LVISDetections:
         return cls(
-            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4)),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros((0, 4)),
             [] if with_masks else None,
         )
 
@@ -109,8 +113,11 @@ class LVISDetections:
             index = np.flatnonzero(index)
         masks = None if self.masks is None else [self.masks[i] for i in index]
         return LVISDetections(
-            self.image_ids[index], self.category_ids[index], self.scores[index],
-            self.boxes[index], masks,
+            self.image_ids[index],
+            self.category_ids[index],
+            self.scores[index],
+            self.boxes[index],
+            masks,
         )
 
     def top_k_per_image(self, k: int) -> np.ndarray:
@@ -141,7 +148,12 @@ class LVISDetections:
         results = []
         boxes = self.boxes.tolist()
         for i, (image_id, category_id, score) in enumerate(
-            zip(self.image_ids.tolist(), self.category_ids.tolist(), self.scores.tolist())
+            zip(
+                self.image_ids.tolist(),
+                self.category_ids.tolist(),
+                self.scores.tolist(),
+                strict=True,
+            )
         ):
             result = {"image_id": image_id, "category_id": category_id, "score": score}
             if with_boxes:
@@ -158,27 +170,18 @@ class LVISDetections:
             return self.boxes[:, 2] * self.boxes[:, 3]
         if self.masks is None:
             raise ValueError("segm areas need masks")
-        import pycocotools.mask as mask_util
-
-        if not self.masks:
-            return np.zeros(0)
-        return np.asarray(mask_util.area(_as_bytes_rles(self.masks)), dtype=np.float64)
+        return mask_areas(self.masks)
 
 
-def _as_bytes_rles(masks: Sequence[dict]) -> list[dict]:
-    """RLEs with ``bytes`` counts (pycocotools' C functions want bytes, JSON gives str)."""
-    out = []
-    for rle in masks:
-        counts = rle["counts"]
-        if isinstance(counts, str):
-            rle = {"size": rle["size"], "counts": counts.encode("ascii")}
-        out.append(rle)
-    return out
+def mask_areas(masks: Sequence[dict]) -> np.ndarray:
+    """Pixel counts of compressed RLEs (with ``bytes`` or ``str`` counts)."""
+    if not masks:
+        return np.zeros(0)
+    # faster-coco-eval's area(): pycocotools 2.0.11's fails on lists of over 255 RLEs.
+    return np.asarray(mask_api.area(list(masks)), dtype=np.float64)
 
 
 def _boxes_of_masks(masks: Sequence[dict]) -> np.ndarray:
-    import pycocotools.mask as mask_util
-
     if not masks:
         return np.zeros((0, 4))
-    return np.asarray(mask_util.toBbox(_as_bytes_rles(masks)), dtype=np.float64).reshape(-1, 4)
+    return np.asarray(mask_api.toBbox(list(masks)), dtype=np.float64).reshape(-1, 4)

@@ -50,13 +50,14 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from faster_coco_eval import COCOeval_faster
+from faster_coco_eval.core import mask as mask_api
 
-from .lvis_detections import LVISDetections
+from .lvis_detections import LVISDetections, mask_areas
 from .lvis_numpy_compat import lvis_numpy_compat
 
 __all__ = [
@@ -107,9 +108,7 @@ def _mean_defined(values: np.ndarray) -> float:
     return float(np.mean(defined)) if defined.size else -1.0
 
 
-def summarize_lvis_precision(
-    precision: np.ndarray, frequencies: Sequence[str]
-) -> dict[str, float]:
+def summarize_lvis_precision(precision: np.ndarray, frequencies: Sequence[str]) -> dict[str, float]:
     """The nine LVIS numbers (percent) from a (T, R, K, A) precision array, as
     ``LVISEval.summarize``: each is the mean of the entries > -1 of its slice; -1 becomes NaN.
 
@@ -170,6 +169,10 @@ class OfficialLVISEngine:
         self.lvis_gt = LVIS(os.fspath(json_file))
         self.max_dets = max_dets
 
+    @property
+    def num_annotations(self) -> int:
+        return len(self.lvis_gt.anns)
+
     def evaluate(
         self, detections: LVISDetections | Sequence[dict], iou_type: IouType
     ) -> LVISEvalResult:
@@ -200,7 +203,9 @@ class OfficialLVISEngine:
         if isinstance(detections, LVISDetections):
             if iou_type == "segm" and not detections.has_masks:
                 raise ValueError("segm evaluation needs detections with masks")
-            return detections.to_results(with_boxes=iou_type == "bbox", with_masks=iou_type == "segm")
+            return detections.to_results(
+                with_boxes=iou_type == "bbox", with_masks=iou_type == "segm"
+            )
         if iou_type == "bbox":
             return [dict(r) for r in detections]
         out = []
@@ -241,7 +246,9 @@ class _GroundTruthIndex:
 
         n = len(annotations)
         self.ann_ids = np.fromiter((a["id"] for a in annotations), np.int64, n)
-        self.ann_rows = self.image_rows(np.fromiter((a["image_id"] for a in annotations), np.int64, n))
+        self.ann_rows = self.image_rows(
+            np.fromiter((a["image_id"] for a in annotations), np.int64, n)
+        )
         self.ann_cols = self.category_cols(
             np.fromiter((a["category_id"] for a in annotations), np.int64, n)
         )
@@ -252,7 +259,9 @@ class _GroundTruthIndex:
         self._ann_segmentations = [a.get("segmentation") for a in annotations]
         self._ann_rles: list[dict] | None = None
         if any(a.get("ignore", 0) for a in annotations):
-            logger.warning("LVIS ground truth has 'ignore' flags; the fast engine does not use them")
+            logger.warning(
+                "LVIS ground truth has 'ignore' flags; the fast engine does not use them"
+            )
 
         self.cat_has_gt = np.bincount(self.ann_cols, minlength=self.num_categories) > 0
         positive = np.unique(self.ann_cols * self.num_images + self.ann_rows)
@@ -292,7 +301,7 @@ class _GroundTruthIndex:
             import pycocotools.mask as mask_util
 
             rles = []
-            for segm, row in zip(self._ann_segmentations, self.ann_rows.tolist()):
+            for segm, row in zip(self._ann_segmentations, self.ann_rows.tolist(), strict=True):
                 h, w = int(self.heights[row]), int(self.widths[row])
                 if segm is None:
                     raise ValueError("segm evaluation needs 'segmentation' in every gt annotation")
@@ -335,9 +344,7 @@ def _run_shard(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _evaluate_categories(_JOB, cols)
 
 
-def _evaluate_categories(
-    job: _Job, cols: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _evaluate_categories(job: _Job, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision (T, R, k, A) and recall (T, k, A) of the categories ``cols`` (sorted, all with
     ground truth), with ``cols`` itself."""
     gt = job.gt
@@ -366,7 +373,9 @@ def _evaluate_categories(
     position = {int(c): i for i, c in enumerate(cols)}
     for group in np.unique(group_of_col[cols]):
         group_cols = cols[group_of_col[cols] == group]
-        p, r = _evaluate_group(job, group_cols, g_sel, g_virtual, d_sel, d_virtual, d_not_exhaustive)
+        p, r = _evaluate_group(
+            job, group_cols, g_sel, g_virtual, d_sel, d_virtual, d_not_exhaustive
+        )
         at = [position[int(c)] for c in group_cols]
         precision[:, :, at, :] = p
         recall[:, at, :] = r
@@ -374,38 +383,54 @@ def _evaluate_categories(
 
 
 class _PreparedCOCOeval(COCOeval_faster):
-    """``COCOeval_faster`` fed with ready-made annotation dicts instead of two ``COCO`` objects.
+    """``COCOeval_faster`` fed with ready-made annotation dicts and IoU matrices.
 
-    Its own ``_prepare`` indexes both ``COCO`` objects and re-applies the LVIS filters in Python
-    for every detection; here the filters have been applied (vectorised) already and the dicts
-    carry what its C++ reads: ``ignore`` and ``iscrowd`` (0) on ground truth, ``lvis_mark``
-    (not-exhaustive pair) on detections, and ``rle`` on both for "segm".
+    Its own ``_prepare`` indexes two ``COCO`` objects and re-applies the LVIS filters in Python
+    for every detection, and its ``computeIoU`` fetches and re-sorts each pair's annotations; here
+    the filters have been applied (vectorised) and the IoUs computed already. The dicts carry only
+    what its C++ reads: ``id``, ``area``, ``ignore`` / ``iscrowd`` (0) on ground truth, and
+    ``score`` and ``lvis_mark`` (the pair is not exhaustively annotated) on detections.
     """
 
-    def __init__(self, gts: list[dict], dts: list[dict], iou_type: str, cat_ids: list[int],
-                 num_images: int, max_dets: int):
+    def __init__(
+        self,
+        gts: list[dict],
+        dts: list[dict],
+        ious: dict[tuple[int, int], np.ndarray],
+        iou_type: str,
+        cat_ids: list[int],
+        num_images: int,
+        max_dets: int,
+    ):
         quiet = logging.getLogger("faster_coco_eval").debug
-        super().__init__(None, None, iou_type, lvis_style=True, print_function=quiet,
-                         rle_iou_max_workers=1)
+        super().__init__(None, None, iou_type, lvis_style=True, print_function=quiet)
         self.params.imgIds = list(range(1, num_images + 1))
         self.params.catIds = sorted(cat_ids)
         self.params.maxDets = [max_dets]
         self._ready_gts = gts
         self._ready_dts = dts
+        self._ready_ious = ious
 
     def _prepare(self) -> None:
         self.gt_dataset.clean()
         self.dt_dataset.clean()
-        gt_pairs, dt_pairs = set(), set()
         for ann in self._ready_gts:
-            pair = (ann["image_id"], ann["category_id"])
-            self.gt_dataset.append_ref(pair[0], pair[1], ann)
-            gt_pairs.add(pair)
+            self.gt_dataset.append_ref(ann["image_id"], ann["category_id"], ann)
         for ann in self._ready_dts:
-            pair = (ann["image_id"], ann["category_id"])
-            self.dt_dataset.append_ref(pair[0], pair[1], ann)
-            dt_pairs.add(pair)
-        self._nonempty_iou_pairs = gt_pairs & dt_pairs
+            self.dt_dataset.append_ref(ann["image_id"], ann["category_id"], ann)
+        self._nonempty_iou_pairs = set(self._ready_ious)
+
+    def computeIoU(self, imgId: int, catId: int) -> np.ndarray | list:  # noqa: N802 (API name)
+        return self._ready_ious.get((imgId, catId), [])
+
+
+def _pair_slices(keys: np.ndarray) -> dict[int, slice]:
+    """``{key: slice}`` of each run of equal values in the sorted array ``keys``."""
+    if len(keys) == 0:
+        return {}
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    return {int(keys[s]): slice(int(s), int(e)) for s, e in zip(starts, ends, strict=True)}
 
 
 def _evaluate_group(
@@ -423,46 +448,79 @@ def _evaluate_group(
     in_group[group_cols] = True
     segm = job.iou_type == "segm"
 
+    # Ground truth and detections of the group, each sorted by (category, virtual image) with
+    # a stable sort: within a pair, gt keep the file order and detections the score order.
     g_in = in_group[gt.ann_cols[g_sel]]
-    g_idx = g_sel[g_in]
-    gt_rles = gt.ann_rles() if segm else None
-    gt_anns = []
-    for i, v, ann_id, cat, area, box in zip(
-        g_idx.tolist(),
-        g_virtual[g_in].tolist(),
-        gt.ann_ids[g_idx].tolist(),
-        gt.category_ids[gt.ann_cols[g_idx]].tolist(),
-        gt.ann_areas[g_idx].tolist(),
-        gt.ann_boxes[g_idx].tolist(),
-    ):
-        ann = {"id": ann_id, "image_id": v, "category_id": cat, "area": area, "bbox": box,
-               "ignore": 0, "iscrowd": 0}
-        if segm:
-            ann["rle"] = gt_rles[i]
-        gt_anns.append(ann)
+    g_idx, g_v = g_sel[g_in], g_virtual[g_in]
+    g_cat = gt.category_ids[gt.ann_cols[g_idx]]
+    g_pair = g_cat * (gt.num_images + 1) + g_v
+    g_order = np.argsort(g_pair, kind="stable")
+    g_idx, g_v, g_cat, g_pair = g_idx[g_order], g_v[g_order], g_cat[g_order], g_pair[g_order]
 
     d_in = in_group[job.cols[d_sel]]
-    d_idx = d_sel[d_in]
-    dt_anns = []
-    for i, v, det_id, cat, score, area, box, mark in zip(
-        d_idx.tolist(),
-        d_virtual[d_in].tolist(),
-        job.ids[d_idx].tolist(),
-        gt.category_ids[job.cols[d_idx]].tolist(),
-        job.scores[d_idx].tolist(),
-        job.areas[d_idx].tolist(),
-        job.boxes[d_idx].tolist(),
-        d_not_exhaustive[d_in].tolist(),
-    ):
-        ann = {"id": det_id, "image_id": v, "category_id": cat, "score": score, "area": area,
-               "bbox": box, "iscrowd": 0, "lvis_mark": mark}
-        if segm:
-            ann["rle"] = job.masks[i]
-        dt_anns.append(ann)
+    d_idx, d_v, d_mark = d_sel[d_in], d_virtual[d_in], d_not_exhaustive[d_in]
+    d_cat = gt.category_ids[job.cols[d_idx]]
+    d_pair = d_cat * (gt.num_images + 1) + d_v
+    d_order = np.argsort(d_pair, kind="stable")
+    d_idx, d_v, d_mark, d_cat, d_pair = (
+        d_idx[d_order],
+        d_v[d_order],
+        d_mark[d_order],
+        d_cat[d_order],
+        d_pair[d_order],
+    )
 
-    num_virtual = int(max(g_virtual[g_in].max(initial=0), d_virtual[d_in].max(initial=0)))
+    gt_anns = [
+        {"id": i, "image_id": v, "category_id": c, "area": a, "ignore": 0, "iscrowd": 0}
+        for i, v, c, a in zip(
+            gt.ann_ids[g_idx].tolist(),
+            g_v.tolist(),
+            g_cat.tolist(),
+            gt.ann_areas[g_idx].tolist(),
+            strict=True,
+        )
+    ]
+    dt_anns = [
+        {"id": i, "image_id": v, "category_id": c, "score": s, "area": a, "lvis_mark": m}
+        for i, v, c, s, a, m in zip(
+            job.ids[d_idx].tolist(),
+            d_v.tolist(),
+            d_cat.tolist(),
+            job.scores[d_idx].tolist(),
+            job.areas[d_idx].tolist(),
+            d_mark.tolist(),
+            strict=True,
+        )
+    ]
+
+    # IoU (detections x ground truth) of every pair that has both, as COCOeval computes it.
+    g_slices, d_slices = _pair_slices(g_pair), _pair_slices(d_pair)
+    ious: dict[tuple[int, int], np.ndarray] = {}
+    if segm:
+        gt_rles, dt_rles = gt.ann_rles(), job.masks
+    else:
+        g_boxes, d_boxes = gt.ann_boxes[g_idx], job.boxes[d_idx]
+    for key, gs in g_slices.items():
+        ds = d_slices.get(key)
+        if ds is None:
+            continue
+        pair = (int(g_v[gs.start]), int(g_cat[gs.start]))
+        crowd = [0] * (gs.stop - gs.start)
+        if segm:
+            dt_m = [dt_rles[i] for i in d_idx[ds].tolist()]
+            gt_m = [gt_rles[i] for i in g_idx[gs].tolist()]
+            ious[pair] = mask_api.iou(dt_m, gt_m, crowd)
+        else:
+            ious[pair] = mask_api.iou(d_boxes[ds], g_boxes[gs], crowd)
+
+    num_virtual = int(max(g_v.max(initial=0), d_v.max(initial=0)))
     coco_eval = _PreparedCOCOeval(
-        gt_anns, dt_anns, job.iou_type, gt.category_ids[group_cols].tolist(), num_virtual,
+        gt_anns,
+        dt_anns,
+        ious,
+        job.iou_type,
+        gt.category_ids[group_cols].tolist(),
+        num_virtual,
         job.max_dets,
     )
     coco_eval.evaluate()
@@ -508,6 +566,10 @@ class FastLVISEngine:
         self.gt = _GroundTruthIndex(_load_json(json_file))
         self.max_dets = max_dets
         self.workers = workers
+
+    @property
+    def num_annotations(self) -> int:
+        return len(self.gt.ann_ids)
 
     @property
     def category_ids(self) -> np.ndarray:
@@ -560,9 +622,7 @@ class FastLVISEngine:
         masks = None
         if iou_type == "segm":
             masks = [detections.masks[i] for i in kept.tolist()]
-            areas = LVISDetections(
-                np.zeros(len(kept)), np.zeros(len(kept)), np.zeros(len(kept)), np.zeros((len(kept), 4)), masks
-            ).areas("segm")
+            areas = mask_areas(masks)
         else:
             areas = detections.areas("bbox")[kept]
         return _Job(
@@ -578,7 +638,9 @@ class FastLVISEngine:
             masks=masks,
         )
 
-    def _run(self, job: _Job, shards: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _run(
+        self, job: _Job, shards: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Evaluates the shards: the first in this process, the others in forked workers."""
         if job.iou_type == "segm":
             self.gt.ann_rles()  # rasterise once, before forking, so that every worker has them
@@ -590,13 +652,21 @@ class FastLVISEngine:
             # Keep the collector of the forked workers off the objects they inherit: a collection
             # would touch (and so copy) every page of the parent's heap.
             gc.freeze()
+            pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
             try:
                 context = multiprocessing.get_context("fork")
                 with ProcessPoolExecutor(max_workers=len(shards) - 1, mp_context=context) as pool:
                     futures = [pool.submit(_run_shard, s) for s in shards[1:]]
-                    pieces = [_evaluate_categories(job, shards[0])]
+                    pieces.append(_evaluate_categories(job, shards[0]))
                     pieces += [f.result() for f in futures]
                 return pieces
+            except (OSError, AssertionError, BrokenProcessPool) as error:
+                # E.g. a daemonic process may not have children: evaluate here instead.
+                logger.warning("LVIS workers unavailable (%s); evaluating in this process", error)
+                done = {int(p[0][0]) for p in pieces}
+                return pieces + [
+                    _evaluate_categories(job, s) for s in shards if int(s[0]) not in done
+                ]
             finally:
                 gc.unfreeze()
                 _JOB = None

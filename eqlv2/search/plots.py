@@ -6,6 +6,7 @@ Every function writes one file and returns its path; matplotlib runs headless (A
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,8 +156,14 @@ def plot_optuna_history(study, path: str | Path, target_name: str = "objective")
     if len(study.directions) > 1:
         from optuna.visualization.matplotlib import plot_pareto_front
 
-        return _save_optuna_figure(plot_pareto_front(study), path)
-    return _save_optuna_figure(plot_optimization_history(study, target_name=target_name), path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            figure = plot_pareto_front(study)
+        return _save_optuna_figure(figure, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        figure = plot_optimization_history(study, target_name=target_name)
+    return _save_optuna_figure(figure, path)
 
 
 def plot_optuna_importance(study, path: str | Path, target_name: str = "objective") -> Path | None:
@@ -174,10 +181,12 @@ def plot_optuna_importance(study, path: str | Path, target_name: str = "objectiv
         logger.info("Fewer than two complete trials: no parameter-importance plot")
         return None
     try:
-        if len(study.directions) > 1:
-            figure = plot_param_importances(study, target=lambda t: t.values[0], target_name=target_name)
-        else:
-            figure = plot_param_importances(study, target_name=target_name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if len(study.directions) > 1:
+                figure = plot_param_importances(study, target=lambda t: t.values[0], target_name=target_name)
+            else:
+                figure = plot_param_importances(study, target_name=target_name)
     except (RuntimeError, ValueError) as error:
         logger.info("No parameter-importance plot: %s", error)
         plt.close("all")

@@ -51,6 +51,9 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
 )  # fmt: skip
 
 STATE_FILE = "eqlv2_search.json"
+#: Custom resource a Ray cluster started here offers for the trials' driver functions: a trial
+#: takes one, no CPU, so its Ray Train workers can have every core (Ray's advice for Tune + Train).
+TRIAL_RESOURCE = "eqlv2_trial"
 LATEST_FILE = "latest_search.json"
 
 
@@ -141,24 +144,22 @@ def _pin_dataset_roots() -> dict[str, str]:
     return env
 
 
-def _prepare_datasets(specs, opts: Sequence[str]) -> dict[str, int]:
+def _prepare_datasets(specs, opts: Sequence[str]) -> dict[str, tuple[int, int]]:
     """Builds each config (errors surface now, not in a trial), generates the data the configs use,
-    and returns each dataset's number of evaluations per training run."""
+    and returns each dataset's ``(SOLVER.MAX_ITER, TEST.EVAL_PERIOD)``."""
     from detectron2.data import DatasetCatalog
 
     from eqlv2.engine import setup_cfg
 
-    from .trial import evaluations_per_run
-
-    evaluations = {}
+    schedules = {}
     for spec in specs:
         cfg = setup_cfg(spec.config_file, list(opts))
         for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
             start = time.perf_counter()
             count = len(DatasetCatalog.get(name))
             logger.info("Dataset %s: %d images (%.1f s)", name, count, time.perf_counter() - start)
-        evaluations[spec.name] = evaluations_per_run(int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
-    return evaluations
+        schedules[spec.name] = (int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
+    return schedules
 
 
 def _study_name(options: SearchOptions, space_file: str, objective) -> str:
@@ -194,7 +195,12 @@ def _read_json(path: Path) -> dict:
 def _start_tracking(options, uri, artifact_root, name, state, parent_params, space_file):
     """Creates the store and the parent run (or reopens it on resume). Returns
     ``(experiment_id, parent_run_id, mlflow)``; ``(None, None, None)`` when MLflow is unreachable."""
-    from .mlflow_tracking import SEARCH_TAG, SafeMlflow, close_stale_child_runs, prepare_tracking_store
+    from .mlflow_tracking import (
+        SEARCH_TAG,
+        SafeMlflow,
+        close_stale_child_runs,
+        prepare_tracking_store,
+    )
 
     try:
         experiment_id = prepare_tracking_store(uri, options.mlflow_experiment, artifact_root)
@@ -292,7 +298,12 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from .mlflow_tracking import TrialRunsCallback, default_tracking_uri, read_gradient_ratio, ui_command
+    from .mlflow_tracking import (
+        TrialRunsCallback,
+        default_tracking_uri,
+        read_gradient_ratio,
+        ui_command,
+    )
     from .optuna_bookkeeping import (
         STEP_KEY,
         TrialStateOptunaSearch,
@@ -302,7 +313,13 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         pending_seed_points,
         storage_url,
     )
-    from .report import best_config_text, best_record, format_table, records_from_results, write_reports
+    from .report import (
+        best_config_text,
+        best_record,
+        format_table,
+        records_from_results,
+        write_reports,
+    )
     from .settings import TrialSettings, dataset_specs, parse_objective
     from .space import load_search_space
     from .trial import run_trial
@@ -331,7 +348,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     env = _pin_dataset_roots()
     logger.info("Building configs and generating the data they use (once)")
     try:
-        evaluations = _prepare_datasets(specs, opts)
+        schedules = _prepare_datasets(specs, opts)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"bad config or override: {error}") from error
 
@@ -353,6 +370,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
             init.update(address=options.ray_address, runtime_env={"env_vars": env})
         else:
             init["num_cpus"] = options.num_cpus
+            init["resources"] = {TRIAL_RESOURCE: 1000}
             init["configure_logging"] = True
             init["logging_level"] = logging.WARNING
         ray.init(**init)
@@ -401,7 +419,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
             study_name=study_name,
             log_period=int(_opt_value(opts, "MODEL.EQLV2.LOG_PERIOD", 20)),
             baseline_ratios=baselines,
-            evaluations=evaluations,
+            schedules=schedules,
         )
         experiment_path.mkdir(parents=True, exist_ok=True)
         state = {
@@ -432,9 +450,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         record_keys = ["objective", *settings.objective_keys(), STEP_KEY] + [
             f"{s.name}/{m}" for s in specs for m in s.metrics
         ]
-        total_evals = sum(evaluations.values())
+        total_evals = sum(settings.evaluations(s.name) for s in specs)
         scheduler = _scheduler(options, total_evals, ASHAScheduler, FIFOScheduler)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
         callbacks = []
         if experiment_id and parent_run_id:
             callbacks.append(TrialRunsCallback(tracking_uri, experiment_id, parent_run_id))
@@ -512,6 +530,17 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _trial_resources() -> dict[str, float]:
+    """What the trial function itself reserves: no CPU. Tune needs a non-empty request: the custom
+    resource of a cluster started here, else one byte of memory."""
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
+        return {TRIAL_RESOURCE: 1}
+    logger.info("The Ray cluster has no %r resource: trials reserve 1 byte of memory, no CPU", TRIAL_RESOURCE)
+    return {"memory": 1}
 
 
 def _opt_value(opts: Sequence[str], key: str, default: Any) -> Any:

@@ -24,6 +24,7 @@ __all__ = [
     "Objective",
     "TrialSettings",
     "dataset_specs",
+    "evaluations_done",
     "parse_objective",
     "repository_root",
 ]
@@ -205,7 +206,7 @@ class TrialSettings:
         optuna_storage, study_name: the study (a resumed trial checks it before training).
         log_period: iterations between two MLflow logs of the training scalars.
         baseline_ratios: per dataset, a baseline's gradient ratio for the plots.
-        evaluations: per dataset, the evaluations one training run does.
+        schedules: per dataset, ``(SOLVER.MAX_ITER, TEST.EVAL_PERIOD)`` of its training run.
     """
 
     space: SearchSpace
@@ -226,13 +227,31 @@ class TrialSettings:
     study_name: str | None = None
     log_period: int = 20
     baseline_ratios: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    evaluations: dict[str, int] = field(default_factory=dict)
+    schedules: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def dataset_names(self) -> list[str]:
         """Short names of the datasets."""
         return [spec.name for spec in self.datasets]
 
+    def evaluations(self, dataset: str) -> int:
+        """Evaluations one training run on ``dataset`` does (periodic ones and the final one)."""
+        max_iter, period = self.schedules.get(dataset, (1, 0))
+        return evaluations_done(max_iter, max_iter, period)
+
     def objective_keys(self) -> list[str]:
         """Result keys of the per-dataset objectives (``<dataset>/objective``)."""
         return [f"{name}/objective" for name in self.dataset_names]
+
+
+def evaluations_done(iteration: int, max_iter: int, eval_period: int) -> int:
+    """Evaluations a detectron2 run has done once ``iteration`` iterations are complete.
+
+    detectron2's ``EvalHook`` evaluates after every multiple of ``eval_period`` below ``max_iter``
+    and once after training. Counting from the iteration (not from the reports seen) keeps the
+    count right when a Ray Train run resumes from a checkpoint.
+    """
+    periodic = 0
+    if eval_period > 0:
+        periodic = len(range(eval_period, min(iteration, max_iter - 1) + 1, eval_period))
+    return periodic + (1 if iteration >= max_iter else 0)

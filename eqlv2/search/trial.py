@@ -36,7 +36,7 @@ from .mlflow_tracking import (
     SafeMlflow,
 )
 from .optuna_bookkeeping import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
-from .settings import DatasetSpec, Objective, TrialSettings
+from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class SearchReportCallback(TuneReportCallback):
         objective: the per-dataset objective.
         finished: final objectives of the datasets already trained in this trial.
         eval_offset: evaluations done by those earlier runs.
+        schedule: ``(max_iter, eval_period)`` of this run, to count its evaluations from the
+            reported iteration.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class SearchReportCallback(TuneReportCallback):
         objective: Objective,
         finished: Mapping[str, float | None],
         eval_offset: int,
+        schedule: tuple[int, int],
     ) -> None:
         super().__init__()
         self._dataset = dataset
@@ -80,6 +83,7 @@ class SearchReportCallback(TuneReportCallback):
         self._objective = objective
         self._finished = dict(finished)
         self._offset = int(eval_offset)
+        self._schedule = (int(schedule[0]), int(schedule[1]))
         self._evals = 0
         self._current: float | None = None
 
@@ -90,8 +94,10 @@ class SearchReportCallback(TuneReportCallback):
         for key, value in metrics.items():
             if isinstance(value, int | float | str | bool) or value is None:
                 out[f"{name}/{key}"] = value
+        iteration = metrics.get("iteration")
+        if isinstance(iteration, int | float):
+            self._evals = evaluations_done(int(iteration), *self._schedule)
         if self._dataset.eval_key in metrics:
-            self._evals += 1
             self._current = self._objective.value(metrics)
             if self._current is None:
                 logger.warning("Evaluation of %s without a finite objective: %s", name, dict(metrics))
@@ -204,7 +210,10 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             "OUTPUT_DIR",
             f"{trial_dir}/{spec.name}",
         ]
-        callback = SearchReportCallback(spec, settings.dataset_names, settings.objective, finished, evals)
+        schedule = settings.schedules.get(spec.name, (1, 0))
+        callback = SearchReportCallback(
+            spec, settings.dataset_names, settings.objective, finished, evals, schedule
+        )
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
@@ -223,6 +232,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
                 callbacks=[callback],
                 extra_hooks=hooks,
                 cpus_per_worker=settings.cpus_per_worker,
+                checkpoints_to_keep=1,
             )
             result = trainer.fit()
             error = getattr(result, "error", None)
@@ -243,7 +253,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         finished[spec.name] = settings.objective.value(found)
         for key, value in found.items():
             final[f"{spec.name}/{key}"] = value
-        evals += settings.evaluations.get(spec.name, 1)
+        evals += settings.evaluations(spec.name)
 
     final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})
     final["objective"] = combine_objectives(finished)
@@ -253,11 +263,3 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         mlflow.log_metrics(run_id, {k: v for k, v in final.items() if k != COMPLETION_KEY}, step=0)
         mlflow.warn_dropped(f"trial {trial_id}")
     tune.report(final)
-
-
-def evaluations_per_run(max_iter: int, eval_period: int) -> int:
-    """detectron2's ``EvalHook`` evaluates at every multiple of ``eval_period`` below ``max_iter``
-    and once after training."""
-    if eval_period <= 0:
-        return 1
-    return len(range(eval_period, max_iter, eval_period)) + 1

@@ -1,0 +1,51 @@
+"""Picks the evaluator of a registered dataset from its metadata's ``evaluator_type``."""
+
+from __future__ import annotations
+
+import logging
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+
+from .lvis import ENGINES, LVISEvaluator
+from .openimages import OpenImagesEvaluator
+
+__all__ = ["build_evaluator"]
+
+logger = logging.getLogger(__name__)
+
+
+def _lvis_engine(cfg: CfgNode) -> str:
+    """``cfg.TEST.EQLV2.LVIS_ENGINE``, or "fast" for a config without the project's keys."""
+    eqlv2_test = cfg.TEST.get("EQLV2")
+    engine = eqlv2_test.get("LVIS_ENGINE", "fast") if eqlv2_test is not None else "fast"
+    if engine not in ENGINES:
+        raise ValueError(f"TEST.EQLV2.LVIS_ENGINE must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
+def build_evaluator(
+    cfg: CfgNode, dataset_name: str, output_dir: str | None = None
+) -> DatasetEvaluator:
+    """The evaluator of ``dataset_name`` by ``MetadataCatalog.get(dataset_name).evaluator_type``:
+
+    * "lvis": :class:`~eqlv2.evaluation.lvis.LVISEvaluator` with the engine
+      ``cfg.TEST.EQLV2.LVIS_ENGINE``;
+    * "openimages": :class:`~eqlv2.evaluation.openimages.OpenImagesEvaluator`;
+    * "coco": detectron2's ``COCOEvaluator``.
+
+    Raises:
+        NotImplementedError: for any other (or a missing) ``evaluator_type``.
+    """
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    if evaluator_type == "lvis":
+        return LVISEvaluator(dataset_name, output_dir=output_dir, engine=_lvis_engine(cfg))
+    if evaluator_type == "openimages":
+        return OpenImagesEvaluator(dataset_name, output_dir=output_dir)
+    if evaluator_type == "coco":
+        return COCOEvaluator(dataset_name, output_dir=output_dir)
+    raise NotImplementedError(
+        f"no evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r} "
+        "(known: 'lvis', 'openimages', 'coco')"
+    )

@@ -1,0 +1,32 @@
+"""Fixtures of the search tests: a real local Ray cluster, shut down afterwards.
+
+Import the fixtures into a test module (``from search_fixtures import ray_local``); the lead's
+``conftest.py`` is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray cluster of 2 CPUs without dashboard, for one test module."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray workers unpickle functions defined in test modules by module name: make tests/ importable
+    # for them (they inherit this environment).
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if tests_dir not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, *[p for p in paths if p]])
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
