@@ -11,9 +11,8 @@ EXPECTED_VERSION = "0.7.2"
 
 
 def main() -> int:
-    import torch
-
     import detectron2
+    import torch
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model

@@ -158,6 +158,7 @@ class RecordingHook(HookBase):
                 "local_size": comm.get_local_size(),
                 "ray_node_rank": context.get_node_rank(),
                 "ray_local_rank": context.get_local_rank(),
+                "ray_local_world_size": context.get_local_world_size(),
                 "node_id": __import__("ray").get_runtime_context().get_node_id(),
                 "pid": os.getpid(),
                 "start_iter": self._start_iter,
@@ -232,3 +233,47 @@ def read_reports(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+
+#: One gloo process of :func:`run_local_groups` (argv: rank, world size, store, nodes JSON, out):
+#: builds detectron2's local groups from a made-up placement and all-reduces a one in its group.
+_LOCAL_GROUPS_WORKER = """
+import json, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from detectron2.utils import comm
+from eqlv2.cluster.distributed import WorkerPlacement, setup_detectron2_comm
+
+rank, world_size, store, nodes, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size)
+node = next(int(n) for n, ranks in nodes.items() if rank in ranks)
+ranks = nodes[str(node)]
+setup_detectron2_comm(WorkerPlacement(rank, ranks.index(rank), node, world_size, len(ranks)))
+ones = torch.ones(1)
+dist.all_reduce(ones, group=comm.get_local_process_group())
+seen = {"local_rank": comm.get_local_rank(), "local_size": comm.get_local_size(), "local_sum": float(ones)}
+Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+dist.destroy_process_group()
+"""
+
+
+def run_local_groups(tmp: Path, nodes: dict[int, list[int]]) -> list[dict]:
+    """Runs one plain torch.distributed (gloo) process per rank, without Ray, placed on made-up
+    nodes; returns what each rank's detectron2 ``comm`` saw."""
+    import subprocess
+
+    world_size = sum(len(ranks) for ranks in nodes.values())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOCAL_GROUPS_WORKER, str(rank), str(world_size), str(tmp / "store"),
+             json.dumps(nodes), str(tmp)],
+            env=env, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-3000:]
+    return [json.loads((tmp / f"rank{rank}.json").read_text()) for rank in range(world_size)]

@@ -176,6 +176,12 @@ def test_openimages_bad_box_rows(oi, edit, pattern):
         load_openimages(oi.root, "train")
 
 
+def test_openimages_binary_csv(oi):
+    Path(oi.bbox_csv).write_bytes(b"ImageID,LabelName\n\xff\xfe\x00garbage\n")
+    with pytest.raises(DatasetFormatError, match="bbox.csv: not a readable UTF-8 CSV file"):
+        load_openimages(oi.root, "train")
+
+
 def test_openimages_short_row(oi):
     _rewrite_row(oi.bbox_csv, 3, lambda fields: fields[:5])
     with pytest.raises(

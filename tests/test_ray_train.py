@@ -29,6 +29,7 @@ from ray_fixtures import (
     free_port,
     ray_local,  # noqa: F401  (fixture)
     read_reports,
+    run_local_groups,
     tiny_opts,
     write_handful,
 )
@@ -105,6 +106,15 @@ def test_local_groups_follow_ray_node_and_local_ranks():
     assert nodes == {0: [0, 1], 1: [2]}
     with pytest.raises(RuntimeError, match="do not follow world ranks"):
         _ranks_per_node([placement(0, 1, 0), placement(1, 0, 0), placement(2, 0, 1)])
+
+
+def test_local_process_groups_for_unequal_nodes(tmp_path):
+    """Three gloo processes placed as node 0: ranks 0, 1 and node 1: rank 2 (detectron2's own
+    ``create_local_process_group`` needs equally many per node)."""
+    seen = run_local_groups(tmp_path, {0: [0, 1], 1: [2]})
+    assert [(s["local_rank"], s["local_size"], s["local_sum"]) for s in seen] == [
+        (0, 2, 2.0), (1, 2, 2.0), (0, 1, 1.0)
+    ]  # fmt: skip
 
 
 def test_ddp_gets_no_device_ids_for_a_cpu_model():

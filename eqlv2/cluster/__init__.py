@@ -21,13 +21,9 @@ Example::
     result = trainer.fit()   # result.metrics: the final report; result.checkpoint: the last one
 """
 
-from .checks import (
-    ClusterConnectionError,
-    InsufficientResourcesError,
-    UnknownDatasetError,
-    connect_ray,
-)
-from .ray_train import build_torch_trainer, default_run_name, run_exists, train_loop_per_worker
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "ClusterConnectionError",
@@ -39,3 +35,24 @@ __all__ = [
     "run_exists",
     "train_loop_per_worker",
 ]
+
+_EXPORTS = {
+    "ClusterConnectionError": "checks",
+    "InsufficientResourcesError": "checks",
+    "UnknownDatasetError": "checks",
+    "connect_ray": "checks",
+    "build_torch_trainer": "ray_train",
+    "default_run_name": "ray_train",
+    "run_exists": "ray_train",
+    "train_loop_per_worker": "ray_train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing a submodule (e.g. ``eqlv2.cluster.distributed`` in a plain
+    # torch.distributed process) does not import Ray Train and detectron2's engine.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,6 +29,7 @@ LVIS thresholds (1-10, 11-100, >100 training images) to its training image count
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -36,9 +37,9 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -143,10 +144,16 @@ class OpenImagesFiles:
         }
 
 
-def _open_csv(path: str):
+@contextlib.contextmanager
+def _open_csv(path: str) -> Iterator[TextIO]:
+    """Open a CSV file; undecodable bytes or NUL characters become a :class:`DatasetFormatError`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"OpenImages file not found: {path}")
-    return open(path, newline="", encoding="utf-8")
+    with open(path, newline="", encoding="utf-8") as handle:
+        try:
+            yield handle
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise DatasetFormatError(path, f"not a readable UTF-8 CSV file: {error}") from None
 
 
 def read_classes(path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -255,10 +262,12 @@ def read_boxes(
                 low <= x0 <= high and low <= x1 <= high and low <= y0 <= high and low <= y1 <= high
             ):
                 raise _row_error(
-                    path, line, row,
+                    path,
+                    line,
+                    row,
                     f"box XMin={x0} XMax={x1} YMin={y0} YMax={y1} lies outside the image "
                     "(normalized coordinates must be in [0, 1])",
-                )  # fmt: skip
+                )
             if x1 <= x0 or y1 <= y0:
                 if x1 < x0 or y1 < y0:
                     raise _row_error(
@@ -398,8 +407,11 @@ def _check_hierarchy(files: OpenImagesFiles, mids: list[str]) -> None:
     if absent:
         logger.warning(
             "%s: %d classes of %s are not in the hierarchy, e.g. %s",
-            os.path.basename(files.hierarchy_json), len(absent), CLASSES_CSV, absent[:3],
-        )  # fmt: skip
+            os.path.basename(files.hierarchy_json),
+            len(absent),
+            CLASSES_CSV,
+            absent[:3],
+        )
 
 
 def load_openimages(
@@ -446,8 +458,11 @@ def load_openimages(
         )
     logger.info(
         "Loaded %d images with %d boxes of OpenImages %s from %s",
-        len(dicts), sum(len(b) for b in boxes.values()), files.split, files.root,
-    )  # fmt: skip
+        len(dicts),
+        sum(len(b) for b in boxes.values()),
+        files.split,
+        files.root,
+    )
     if dataset_name is not None:
         meta = MetadataCatalog.get(dataset_name)
         if not hasattr(meta, "thing_classes"):

@@ -409,9 +409,13 @@ def generate_synthetic(
             shutil.rmtree(old, ignore_errors=True)
     logger.info(
         "Generated the synthetic %s benchmark (%d classes, %d+%d images) in %s in %.1f s",
-        fmt, spec.num_classes, spec.num_train_images, spec.num_val_images, out_dir,
+        fmt,
+        spec.num_classes,
+        spec.num_train_images,
+        spec.num_val_images,
+        out_dir,
         time.perf_counter() - start,
-    )  # fmt: skip
+    )
     return out_dir
 
 

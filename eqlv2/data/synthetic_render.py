@@ -199,8 +199,14 @@ def _jitter(rng: np.random.Generator) -> tuple[float, float]:
     return float(np.exp(rng.uniform(-0.15, 0.15))), float(rng.uniform(-0.25, 0.25))
 
 
-def _place_single(layout: _Layout, rng: np.random.Generator, appearance: Appearance,
-                  instance: DrawnInstance, scale: float) -> bool:  # fmt: skip
+def _place_single(
+    layout: _Layout,
+    rng: np.random.Generator,
+    appearance: Appearance,
+    instance: DrawnInstance,
+    scale: float,
+) -> bool:
+    """Place one instance at a random spot, shrinking it after repeated failures."""
     low, high = _SIZE_RANGE
     size = math.exp(rng.uniform(math.log(low), math.log(high))) * scale
     for attempt in range(_ATTEMPTS):
@@ -217,8 +223,14 @@ def _place_single(layout: _Layout, rng: np.random.Generator, appearance: Appeara
     return False
 
 
-def _place_cluster(layout: _Layout, rng: np.random.Generator, appearance: Appearance,
-                   instances: list[DrawnInstance], scale: float) -> bool:  # fmt: skip
+def _place_cluster(
+    layout: _Layout,
+    rng: np.random.Generator,
+    appearance: Appearance,
+    instances: list[DrawnInstance],
+    scale: float,
+) -> bool:
+    """Place small touching instances on a jittered grid, all or none."""
     count = len(instances)
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
@@ -276,8 +288,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.array(canvas)
 
 
-def _texture(rng: np.random.Generator, appearance: Appearance, height: int, width: int,
-             side: float) -> np.ndarray:  # fmt: skip
+def _texture(
+    rng: np.random.Generator, appearance: Appearance, height: int, width: int, side: float
+) -> np.ndarray:
     """``(height, width, 3)`` patch of the category's colour and pattern."""
     colour = np.clip(
         np.array(COLOURS[appearance.colour], dtype=np.float64) + rng.integers(-12, 13, 3), 0, 255

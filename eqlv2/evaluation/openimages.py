@@ -27,7 +27,8 @@ ymin >= ymax dropped first):
    the *detection's* area inside the box (intersection over detection area); with the best such
    box at >= 0.5 it is *ignored* (neither TP nor FP);
 3. each group-of box hit in step 2 counts as one true positive, scored with the highest score of
-   the detections it absorbed; a group-of box hit by nothing is one missed instance.
+   the detections it absorbed (if that score is > 0, as officially); a group-of box hit by
+   nothing is one missed instance.
 
 A class has ``#non-group-of boxes + #group-of boxes`` positives (over all images). Precision and
 recall are cumulated over the score-sorted TP/FP list of the class and its AP is the VOC

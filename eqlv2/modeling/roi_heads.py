@@ -40,7 +40,7 @@ class EQLv2CascadeROIHeads(CascadeROIHeads):
             EQLv2FastRCNNOutputLayers(
                 cfg, head.output_shape, box2box_transform=predictor.box2box_transform
             )
-            for head, predictor in zip(ret["box_heads"], ret["box_predictors"])
+            for head, predictor in zip(ret["box_heads"], ret["box_predictors"], strict=True)
         ]
         return ret
 

@@ -251,8 +251,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         if not found:
             logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))
         finished[spec.name] = settings.objective.value(found)
-        for key, value in found.items():
-            final[f"{spec.name}/{key}"] = value
+        for key, value in metrics.items():  # the run's final report: losses, lr, evaluation
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                final[f"{spec.name}/{key}"] = value
         evals += settings.evaluations(spec.name)
 
     final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})

@@ -1,0 +1,168 @@
+"""Training speed of the tiny config: plain detectron2 versus Ray Train, and 2-worker scaling.
+
+Four trainings of ``configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml`` on the generated benchmark,
+in one run, each for ``--iters`` iterations with the same global batch (``SOLVER.IMS_PER_BATCH``,
+default 4) and no evaluation:
+
+1. plain: ``EQLv2Trainer`` in this process exactly as ``train/train_net.py`` runs it (one
+   process, 2 torch threads);
+2. Ray, 1 worker x 2 threads (``build_torch_trainer``, what ``train/ray_train.py`` runs);
+3. Ray, 1 worker x 1 thread;
+4. Ray, 2 workers x 1 thread (DDP over gloo, each worker half the batch).
+
+Speed is iterations per second between the end of iteration ``--warmup`` and the end of the last
+one, wall clock on rank 0, hooks included (Ray's reports and the all-reduces too); start-up,
+data generation and the final checkpoint are not included. Printed: (2)/(1), the overhead of
+Ray Train (target >= 0.9), and (4)/(3), the scaling from one to two workers on this 2-core
+machine (target >= 1.6). The machine's load average is printed with them: on a shared machine
+both ratios drop when other processes take cores.
+
+Usage: ``python benchmarks/ray_overhead.py [--iters 40] [--warmup 5] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from detectron2.engine import HookBase
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml")
+TARGET_OVERHEAD = 0.9
+TARGET_SCALING = 1.6
+SPEED_KEY = "benchmark/iterations_per_second"
+
+
+class SpeedHook(HookBase):
+    """Measures iterations per second after ``warmup`` iterations and puts it in the storage
+    (so that the last Ray report carries it) and in :attr:`speed`."""
+
+    def __init__(self, warmup: int, cfg=None, trainer=None) -> None:
+        self._warmup = warmup
+        self._start: float | None = None
+        self.speed: float | None = None
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done == self._warmup:
+            self._start = time.perf_counter()
+        elif done == self.trainer.max_iter and self._start is not None:
+            self.speed = (done - self._warmup) / (time.perf_counter() - self._start)
+            self.trainer.storage.put_scalar(SPEED_KEY, self.speed, smoothing_hint=False)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=40, help="iterations of each training")
+    parser.add_argument("--warmup", type=int, default=5, help="iterations not timed")
+    parser.add_argument("--batch", type=int, default=4, help="SOLVER.IMS_PER_BATCH (global)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    return parser.parse_args()
+
+
+def overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
+    return [
+        "SOLVER.MAX_ITER", str(args.iters),
+        "SOLVER.IMS_PER_BATCH", str(args.batch),
+        "SOLVER.CHECKPOINT_PERIOD", str(10 * args.iters),
+        "TEST.EVAL_PERIOD", "0",
+        "DATASETS.TEST", "()",
+        "SEED", "0",
+        "OUTPUT_DIR", output_dir,
+    ]  # fmt: skip
+
+
+def plain_speed(args: argparse.Namespace, work: Path) -> float:
+    """Iterations per second of the plain trainer, set up as ``train/train_net.py`` does."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import default_setup
+
+    from eqlv2.engine import EQLv2Trainer, setup_cfg
+
+    torch.set_num_threads(2)
+    cfg = setup_cfg(CONFIG, overrides(args, str(work / "plain")))
+    DatasetCatalog.get(cfg.DATASETS.TRAIN[0])  # generate the benchmark data before timing
+    default_setup(cfg, argparse.Namespace(config_file=CONFIG, eval_only=False))
+    trainer = EQLv2Trainer(cfg)
+    hook = SpeedHook(args.warmup)
+    trainer.register_hooks([hook])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return float(hook.speed)
+
+
+def ray_speed(args: argparse.Namespace, work: Path, num_workers: int, threads: int) -> float:
+    """Iterations per second of ``build_torch_trainer`` with ``num_workers`` x ``threads``."""
+    from eqlv2.cluster import build_torch_trainer
+
+    name = f"ray_{num_workers}w{threads}t"
+    trainer = build_torch_trainer(
+        CONFIG, overrides(args, str(work / name)), num_workers=num_workers,
+        storage_path=str(work / "storage"), name=name, cpus_per_worker=threads,
+        extra_hooks=[functools.partial(SpeedHook, args.warmup)],
+    )  # fmt: skip
+    return float(trainer.fit().metrics[SPEED_KEY])
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for Ray's dashboard: the default may be taken)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> int:
+    args = parse_args()
+    if args.iters <= args.warmup:
+        print("--iters must exceed --warmup", file=sys.stderr)
+        return 2
+    import ray
+
+    figures: dict[str, float | int | list[float]] = {
+        "iterations": args.iters, "warmup": args.warmup, "ims_per_batch": args.batch,
+        "load_average_before": list(os.getloadavg()),
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="eqlv2-ray-overhead-") as tmp:
+        work = Path(tmp)
+        figures["plain_2_threads"] = plain_speed(args, work)
+        ray.init(address="local", num_cpus=2, dashboard_port=free_port(), log_to_driver=False)
+        try:
+            figures["ray_1_worker_2_threads"] = ray_speed(args, work, 1, 2)
+            figures["ray_1_worker_1_thread"] = ray_speed(args, work, 1, 1)
+            figures["ray_2_workers_1_thread"] = ray_speed(args, work, 2, 1)
+        finally:
+            ray.shutdown()
+    figures["load_average_after"] = list(os.getloadavg())
+    figures["overhead_ratio"] = figures["ray_1_worker_2_threads"] / figures["plain_2_threads"]
+    figures["scaling_ratio"] = figures["ray_2_workers_1_thread"] / figures["ray_1_worker_1_thread"]
+
+    print(f"\ntiny config, {args.iters} iterations ({args.warmup} untimed), {args.batch} images per iteration")
+    for key in ("plain_2_threads", "ray_1_worker_2_threads", "ray_1_worker_1_thread", "ray_2_workers_1_thread"):
+        print(f"  {key:<24} {figures[key]:6.3f} it/s")
+    print(
+        f"Ray 1 worker / plain (2 threads each): {figures['overhead_ratio']:.3f} "
+        f"(target >= {TARGET_OVERHEAD})"
+    )
+    print(
+        f"2 workers x 1 thread / 1 worker x 1 thread: {figures['scaling_ratio']:.3f} "
+        f"(target >= {TARGET_SCALING})"
+    )
+    load = ", ".join(f"{v:.2f}" for v in figures["load_average_after"])
+    print(f"load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} CPUs")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
