@@ -1,23 +1,25 @@
 """Training speed of the tiny config: plain detectron2 versus Ray Train, and 2-worker scaling.
 
-Four trainings of ``configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml`` on the generated benchmark,
+Three trainings of ``configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml`` on the generated benchmark,
 in one run, each for ``--iters`` iterations with the same global batch (``SOLVER.IMS_PER_BATCH``,
 default 4) and no evaluation:
 
-1. plain: ``EQLv2Trainer`` in this process exactly as ``train/train_net.py`` runs it (one
-   process, 2 torch threads);
-2. Ray, 1 worker x 2 threads (``build_torch_trainer``, what ``train/ray_train.py`` runs);
-3. Ray, 1 worker x 1 thread;
-4. Ray, 2 workers x 1 thread (DDP over gloo, each worker half the batch).
+1. plain: ``EQLv2Trainer`` in this process exactly as ``train/train_net.py`` runs it
+   (``--threads`` torch threads, default 1);
+2. Ray, 1 worker x ``--threads`` threads (``build_torch_trainer``, what ``train/ray_train.py``
+   runs);
+3. Ray, 2 workers x 1 thread (DDP over gloo, each worker half the batch).
 
 Speed is iterations per second between the end of iteration ``--warmup`` and the end of the last
 one, wall clock on rank 0, hooks included (Ray's reports and the all-reduces too); start-up,
 data generation and the final checkpoint are not included. Printed: (2)/(1), the overhead of
-Ray Train (target >= 0.9), and (4)/(3), the scaling from one to two workers on this 2-core
-machine (target >= 1.6). The machine's load average is printed with them: on a shared machine
-both ratios drop when other processes take cores.
+Ray Train (target >= 0.9), and (3)/(2) with one thread, the scaling from one to two workers on
+this 2-core machine (target >= 1.6; with ``--threads 2`` a 1 worker x 1 thread run is added for
+it). One thread is the default because on a machine whose cores other processes also use,
+multi-threaded OpenMP kernels slow down far more than single-threaded ones, which would swamp
+the overheads measured here. The load average is printed with the figures.
 
-Usage: ``python benchmarks/ray_overhead.py [--iters 40] [--warmup 5] [--json out.json]``
+Usage: ``python benchmarks/ray_overhead.py [--iters 30] [--warmup 5] [--threads 1] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class SpeedHook(HookBase):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iters", type=int, default=40, help="iterations of each training")
+    parser.add_argument("--iters", type=int, default=30, help="iterations of each training")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the plain and 1-worker runs")
     parser.add_argument("--warmup", type=int, default=5, help="iterations not timed")
     parser.add_argument("--batch", type=int, default=4, help="SOLVER.IMS_PER_BATCH (global)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -87,7 +90,7 @@ def plain_speed(args: argparse.Namespace, work: Path) -> float:
 
     from eqlv2.engine import EQLv2Trainer, setup_cfg
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cfg = setup_cfg(CONFIG, overrides(args, str(work / "plain")))
     DatasetCatalog.get(cfg.DATASETS.TRAIN[0])  # generate the benchmark data before timing
     default_setup(cfg, argparse.Namespace(config_file=CONFIG, eval_only=False))
@@ -132,25 +135,28 @@ def main() -> int:
         "iterations": args.iters, "warmup": args.warmup, "ims_per_batch": args.batch,
         "load_average_before": list(os.getloadavg()),
     }  # fmt: skip
+    single = f"ray_1_worker_{args.threads}_thread"
     with tempfile.TemporaryDirectory(prefix="eqlv2-ray-overhead-") as tmp:
         work = Path(tmp)
-        figures["plain_2_threads"] = plain_speed(args, work)
+        figures[f"plain_{args.threads}_thread"] = plain_speed(args, work)
         ray.init(address="local", num_cpus=2, dashboard_port=free_port(), log_to_driver=False)
         try:
-            figures["ray_1_worker_2_threads"] = ray_speed(args, work, 1, 2)
-            figures["ray_1_worker_1_thread"] = ray_speed(args, work, 1, 1)
+            figures[single] = ray_speed(args, work, 1, args.threads)
+            if args.threads != 1:
+                figures["ray_1_worker_1_thread"] = ray_speed(args, work, 1, 1)
             figures["ray_2_workers_1_thread"] = ray_speed(args, work, 2, 1)
         finally:
             ray.shutdown()
     figures["load_average_after"] = list(os.getloadavg())
-    figures["overhead_ratio"] = figures["ray_1_worker_2_threads"] / figures["plain_2_threads"]
+    figures["overhead_ratio"] = figures[single] / figures[f"plain_{args.threads}_thread"]
     figures["scaling_ratio"] = figures["ray_2_workers_1_thread"] / figures["ray_1_worker_1_thread"]
 
     print(f"\ntiny config, {args.iters} iterations ({args.warmup} untimed), {args.batch} images per iteration")
-    for key in ("plain_2_threads", "ray_1_worker_2_threads", "ray_1_worker_1_thread", "ray_2_workers_1_thread"):
-        print(f"  {key:<24} {figures[key]:6.3f} it/s")
+    for key, value in figures.items():
+        if key.startswith(("plain_", "ray_")):
+            print(f"  {key:<24} {value:6.3f} it/s")
     print(
-        f"Ray 1 worker / plain (2 threads each): {figures['overhead_ratio']:.3f} "
+        f"Ray 1 worker / plain ({args.threads} thread(s) each): {figures['overhead_ratio']:.3f} "
         f"(target >= {TARGET_OVERHEAD})"
     )
     print(

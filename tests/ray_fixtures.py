@@ -44,22 +44,27 @@ def pickle_by_value() -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A fresh local Ray instance with 2 CPUs for the tests of one module."""
+def ray_local() -> Iterator[dict]:
+    """A fresh local Ray instance with 2 CPUs for the tests of one module.
+
+    Yields ``{"dashboard_url": ...}``, the address ``ray job submit`` takes.
+    """
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     pickle_by_value()
+    port = free_port()
     ray.init(
         address="local",
         num_cpus=2,
-        dashboard_port=free_port(),
+        include_dashboard=True,
+        dashboard_port=port,
         log_to_driver=False,
         configure_logging=False,
     )
     try:
-        yield
+        yield {"dashboard_url": f"http://127.0.0.1:{port}"}
     finally:
         ray.shutdown()
 

@@ -25,7 +25,9 @@ def ray_local():
         os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, *[p for p in paths if p]])
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     try:
         yield ray
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 
 import pytest
 
@@ -18,7 +19,6 @@ pytest.importorskip("ray")
 
 from optuna.trial import TrialState  # noqa: E402
 from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from search_fixtures import ray_local  # noqa: E402,F401
@@ -35,26 +35,28 @@ from eqlv2.search.optuna_bookkeeping import (  # noqa: E402
     pending_seed_points,
     storage_url,
 )
+from eqlv2.search.scheduling import build_scheduler  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
 
 SPACE = parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}})
 
 
 def fake_training(config):
-    """Three evaluations of objective 10 - |alpha - 4|; alpha > 6.5 crashes."""
+    """Three evaluations of objective 10 - |alpha - 4|; alpha > 6.5 crashes; alpha = 3 leads until
+    its last evaluation, where it falls to 1."""
     alpha = config["alpha"]
     if alpha > 6.5:
         raise RuntimeError("simulated training crash")
-    value = 10.0 - abs(alpha - 4.0)
-    for step in (1, 2, 3):
+    values = [10.0 - abs(alpha - 4.0)] * 3
+    if alpha == 3.0:
+        values = [10.5, 10.5, 1.0]
+    for step, value in enumerate(values, start=1):
         tune.report({"objective": value, STEP_KEY: step})
-    tune.report({"objective": value, STEP_KEY: 3, COMPLETION_KEY: 1})
+    tune.report({"objective": values[-1], STEP_KEY: 3, COMPLETION_KEY: 1})
 
 
 def _run(searcher, tmp_path, name, num_samples):
-    scheduler = ASHAScheduler(
-        time_attr=STEP_KEY, metric="objective", mode="max", max_t=4, grace_period=1, reduction_factor=2
-    )
+    scheduler = build_scheduler("asha", total_evaluations=3, grace_period=1, reduction_factor=2)
     tuner = tune.Tuner(
         fake_training,
         tune_config=tune.TuneConfig(
@@ -75,17 +77,17 @@ def _study(tmp_path, name):
 @pytest.mark.slow
 def test_stopped_trial_is_pruned_and_error_fails(ray_local, tmp_path):  # noqa: F811
     url, storage, study = _study(tmp_path, "fixed")
-    seeds = pending_seed_points(study, [{"alpha": 4.0}, {"alpha": 0.5}, {"alpha": 7.0}])
+    seeds = pending_seed_points(study, [{"alpha": 4.0}, {"alpha": 0.5}, {"alpha": 7.0}, {"alpha": 3.0}])
     searcher = TrialStateOptunaSearch(
         SPACE.optuna_distributions(), "objective", "max", points_to_evaluate=seeds,
         study_name="fixed", storage=storage, experiment="exp-fixed", record_keys=["objective"],
     )  # fmt: skip
-    results = _run(searcher, tmp_path, "fixed", 3)
-    assert len(results) == 3
+    results = _run(searcher, tmp_path, "fixed", 4)
+    assert len(results) == 4
 
     trials = optuna.load_study(study_name="fixed", storage=url).trials
     by_alpha = {round(t.params["alpha"], 3): t for t in trials}
-    complete, stopped, crashed = by_alpha[4.0], by_alpha[0.5], by_alpha[7.0]
+    complete, stopped, crashed, late = by_alpha[4.0], by_alpha[0.5], by_alpha[7.0], by_alpha[3.0]
     assert complete.state == TrialState.COMPLETE and complete.value == 10.0
     assert complete.intermediate_values == {1: 10.0, 2: 10.0, 3: 10.0}
     # Stopped by ASHA at its first evaluation: pruned, its value the last intermediate one.
@@ -93,6 +95,9 @@ def test_stopped_trial_is_pruned_and_error_fails(ray_local, tmp_path):  # noqa: 
     assert stopped.intermediate_values == {1: 6.5}
     assert stopped.value == 6.5
     assert crashed.state == TrialState.FAIL and crashed.value is None
+    # Worse than the rung only at its last evaluation: nothing to save by stopping it, so it
+    # completes with its true final value.
+    assert late.state == TrialState.COMPLETE and late.value == 1.0
     assert "error" in crashed.user_attrs[REASON_ATTR]
     assert all(t.user_attrs[EXPERIMENT_ATTR] == "exp-fixed" for t in trials)
     # A second search on the same study does not queue the seed points again.
@@ -111,7 +116,7 @@ def test_upstream_optuna_search_records_stopped_trial_as_complete(ray_local, tmp
         SPACE.optuna_distributions(), metric="objective", mode="max",
         points_to_evaluate=[{"alpha": 4.0}, {"alpha": 0.5}], study_name="upstream", storage=storage,
     )  # fmt: skip
-    _run(searcher, tmp_path, "upstream", 2)
+    _run(searcher, tmp_path, "upstream", 2)  # (NaN-aware ASHA, same decision as Ray's here)
     stopped = [t for t in optuna.load_study(study_name="upstream", storage=url).trials if t.params["alpha"] == 0.5]
     assert stopped[0].state == TrialState.COMPLETE and stopped[0].value == 6.5
 
@@ -148,3 +153,37 @@ def test_non_finite_final_objective_fails_and_restore_fails_orphans(tmp_path):
     live = optuna.load_study(study_name="direct", storage=url).trials[states["t-live"].number]
     assert live.state == TrialState.COMPLETE and live.value == 7.0
     pickle.dumps(restored)  # Tune checkpoints the searcher by pickling it
+
+
+@pytest.mark.slow
+def test_janitor_releases_placement_groups_of_dead_creators(ray_local):  # noqa: F811
+    """A stopped trial's Ray Train controller dies with its placement group still reserved."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from eqlv2.search.placement_groups import (
+        orphaned_placement_groups,
+        release_orphaned_placement_groups,
+    )
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self):
+            group = placement_group([{"CPU": 1}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    controller = Controller.remote()
+    reserved = ray.get(controller.reserve.remote())
+    mine = placement_group([{"CPU": 0.5}])  # the driver's own: never touched
+    ray.get(mine.ready())
+    assert orphaned_placement_groups() == []
+    ray.kill(controller)
+    for _ in range(50):
+        if orphaned_placement_groups():
+            break
+        time.sleep(0.2)
+    assert orphaned_placement_groups() == [reserved]
+    assert release_orphaned_placement_groups() == 1
+    assert orphaned_placement_groups() == []
+    ray.util.remove_placement_group(mine)

@@ -95,6 +95,8 @@ def test_missing_config_and_unknown_dataset_fail_before_ray_starts(tmp_path):
             build_torch_trainer(TINY, ["DATASETS.TRAIN", "('no_such_dataset',)"], num_workers=1)
         with pytest.raises(ValueError, match="num_workers"):
             build_torch_trainer(TINY, [], num_workers=0)
+        with pytest.raises(ValueError, match="IMS_PER_BATCH=4 .* not divisible by num_workers=3"):
+            build_torch_trainer(TINY, [], num_workers=3)
         connect.assert_not_called()
 
 
@@ -142,6 +144,12 @@ def test_evaluation_results_are_flattened_with_paper_columns():
     assert {"AP", "APr", "APc", "APf", "APb"} <= set(columns)
     assert columns["APb"] == 10.0
     assert evaluation_metrics({}) == {}
+    openimages = {"bbox": {"AP": 5.0, "AP1": 1.0, "AP2": 2.0, "AP3": 3.0, "AP4": 4.0, "AP5": 6.0}}
+    assert paper_columns(openimages) == openimages["bbox"]
+    coco = {"bbox": {"AP": 7.0, "AP50": 9.0}}
+    assert paper_columns(coco) == {"AP": 7.0, "APb": 7.0}
+    two = paper_columns({"a_val": results, "b_val": openimages})
+    assert two["a_val/APr"] == 0.5 and two["b_val/AP5"] == 6.0
 
 
 # --------------------------------------------------------------------------- two workers
@@ -339,7 +347,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):  
 def test_more_workers_than_cpus_fails_fast(ray_local):  # noqa: F811
     start = time.monotonic()
     with pytest.raises(InsufficientResourcesError, match="cannot place 3 worker"):
-        build_torch_trainer(TINY, [], num_workers=3)
+        build_torch_trainer(TINY, ["SOLVER.IMS_PER_BATCH", "6"], num_workers=3)
     with pytest.raises(InsufficientResourcesError, match="one worker per node"):
         build_torch_trainer(TINY, [], num_workers=2, placement_strategy="STRICT_SPREAD")
     assert time.monotonic() - start < 30
@@ -364,3 +372,34 @@ def test_cli_reports_bad_input_within_seconds(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
         assert elapsed < 60, f"{args}: {elapsed:.0f} s"
+
+
+@pytest.mark.slow
+def test_cli_runs_as_a_ray_job(ray_local, tmp_path):  # noqa: F811
+    """``ray job submit --working-dir . -- python train/ray_train.py ...`` against a local head.
+
+    ``ray.init`` (the fixture) enabled token authentication and made sure ``~/.ray/auth_token``
+    exists, fresh home or not; the ``ray`` command line needs ``RAY_AUTH_MODE=token`` to use it.
+    """
+    data = write_handful(tmp_path / "data")
+    opts = tiny_opts(data, 2, **{"DATASETS.TEST": "()"})
+    storage = tmp_path / "storage"
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit",
+        "--address", ray_local["dashboard_url"], "--working-dir", str(ROOT), "--",
+        sys.executable, "train/ray_train.py", "--config-file", "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml",
+        "--num-workers", "1", "--storage-path", str(storage), "--name", "job", *opts,
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    for _ in range(6):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        output = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in output:  # the job agent may register late
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, output[-4000:]
+    assert "run 'job' finished" in output, output[-4000:]
+    metadata = json.loads((storage / "job" / "checkpoint_0000002" / "metadata.json").read_text())
+    assert metadata["iteration"] == 2 and metadata["world_size"] == 1
+    assert (storage / "job" / "detectron2" / "log.txt").exists()

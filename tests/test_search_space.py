@@ -128,3 +128,15 @@ def test_dataset_choices():
         dataset_specs(["lvis", "openimages"], [lvis.config_file])
     with pytest.raises(ValueError, match="unknown dataset"):
         dataset_specs(["coco"])
+
+
+def test_trial_overrides_of_the_space_file():
+    space = load_search_space(ROOT / "configs/search/default.yaml")
+    opts = dict(zip(space.trial_overrides[::2], space.trial_overrides[1::2], strict=True))
+    assert opts["SOLVER.MAX_ITER"] == "80" and opts["SOLVER.STEPS"] == "(70,)"
+    again = parse_search_space(space.to_dict())
+    assert again.trial_overrides == space.trial_overrides
+    with pytest.raises(SearchSpaceError, match="searched or fixed"):
+        parse_search_space({"params": {"alpha": {"low": 0, "high": 8}}, "trial_overrides": {"MODEL.EQLV2.ALPHA": 1}})
+    with pytest.raises(SearchSpaceError, match="not a detectron2 config key"):
+        parse_search_space({"params": {"alpha": {"low": 0, "high": 8}}, "trial_overrides": {"max_iter": 1}})

@@ -26,9 +26,9 @@ floats except ``iteration``:
 * Training, in every report: every scalar detectron2's ``EventStorage`` holds, averaged over the
   workers that have it, smoothed like detectron2's writers (median of the last 20 iterations
   for losses): ``total_loss``, ``loss_cls``, ``loss_box_reg``, ``loss_mask`` (Mask R-CNN),
-  ``loss_rpn_cls``, ``loss_rpn_loc``, ``lr``, ``time``, ``data_time``, ``eta_seconds`` (when
-  known), ``fast_rcnn/cls_accuracy``, ``fast_rcnn/fg_cls_accuracy``,
-  ``fast_rcnn/false_negative``, ``mask_rcnn/accuracy``, ``mask_rcnn/false_positive``,
+  ``loss_rpn_cls``, ``loss_rpn_loc``, ``lr``, ``time`` (after detectron2's timer warm-up),
+  ``data_time``, ``rank_data_time``, ``eta_seconds`` (when known), ``fast_rcnn/cls_accuracy``,
+  ``fast_rcnn/fg_cls_accuracy``, ``fast_rcnn/false_negative``, ``mask_rcnn/accuracy``, ``mask_rcnn/false_positive``,
   ``mask_rcnn/false_negative``, ``roi_head/num_fg_samples``, ``roi_head/num_bg_samples``,
   ``rpn/num_pos_anchors``, ``rpn/num_neg_anchors``, and the EQL v2 summaries of
   :class:`eqlv2.hooks.GradientStatisticsHook`: ``eqlv2/ratio_mean``, ``eqlv2/q_mean``,
@@ -37,10 +37,11 @@ floats except ``iteration``:
 * Evaluation, in the reports that follow an evaluation (every ``TEST.EVAL_PERIOD`` iterations
   and the final one): detectron2's nested results flattened with ``/`` (``bbox/AP``,
   ``bbox/AP50``, ``bbox/APr``, ``bbox/APc``, ``bbox/APf``, ``segm/AP``, ...; prefixed by the
-  dataset name when ``DATASETS.TEST`` has several) and the paper's columns from
-  ``eqlv2.evaluation.summary``: ``AP``, ``APr``, ``APc``, ``APf``, ``APb`` (LVIS) or ``AP``,
-  ``AP1`` .. ``AP5`` (OpenImages); without that function the LVIS columns are read from the
-  ``segm`` (else ``bbox``) and ``bbox`` results.
+  dataset name when ``DATASETS.TEST`` has several) and the paper's columns
+  (:func:`eqlv2.cluster.reporting.paper_columns`): ``AP``, ``APr``, ``APc``, ``APf``, ``APb``
+  for LVIS (``eqlv2.evaluation.summary``: AP and its groups are mask AP for Mask R-CNN, ``APb``
+  the box AP) or ``AP``, ``AP1`` .. ``AP5`` for OpenImages (``AP`` and ``APb`` for COCO-style
+  results).
 
 When reports are made:
 
@@ -51,7 +52,15 @@ When reports are made:
   reports the final checkpoint's metrics again, without training.
 
 Checkpoints: ``<storage_path>/<name>/checkpoint_<iteration:07d>/`` holding ``model.pth``,
-``metadata.json`` and ``config.yaml`` (see :mod:`eqlv2.cluster.reporting`).
+``metadata.json`` and ``config.yaml`` (see :mod:`eqlv2.cluster.reporting`). Ray may restart a
+failed run from the checkpoint before the newest one (registration is asynchronous).
+
+With Ray Tune (a function trainable calling ``fit()`` with ``TuneReportCallback``): the training
+reports carry no evaluation keys, and Tune's strict metric check rejects a result without the
+searched metric; set ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` (Tune's schedulers skip results
+without their metric), or report at evaluations only: ``MODEL.EQLV2.LOG_PERIOD 0`` (which also
+turns off the EQL v2 summaries) and ``SOLVER.CHECKPOINT_PERIOD`` a multiple of
+``TEST.EVAL_PERIOD``.
 """
 
 from __future__ import annotations
@@ -374,6 +383,11 @@ def build_torch_trainer(
     opts = [str(option) for option in opts]
     cfg = setup_cfg(config_file, opts)
     check_datasets(cfg)
+    if not cfg.SOLVER.REFERENCE_WORLD_SIZE and cfg.SOLVER.IMS_PER_BATCH % num_workers:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} (the batch of all workers together) "
+            f"is not divisible by num_workers={num_workers}"
+        )
     connect_ray()
     check_cluster_resources(num_workers, cpus_per_worker, use_gpu, placement_strategy)
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
+import re
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -79,13 +79,22 @@ def _lvis_paper_columns(results: Mapping[str, Any]) -> dict[str, float]:
     return columns
 
 
+def _project_summary():
+    """``eqlv2.evaluation.summary`` when the project provides it, else None."""
+    if importlib.util.find_spec("eqlv2.evaluation") is None:
+        return None
+    return getattr(importlib.import_module("eqlv2.evaluation"), "summary", None)
+
+
 def paper_columns(results: Mapping[str, Any]) -> dict[str, float]:
     """The paper's table columns of detectron2 evaluation results.
 
-    Uses ``eqlv2.evaluation.summary`` when the project provides it (``AP``, ``APr``, ``APc``,
-    ``APf``, ``APb`` for LVIS; ``AP``, ``AP1``..``AP5`` for OpenImages); otherwise the LVIS columns
-    are read from the ``segm`` / ``bbox`` results. Results of several test datasets (nested one
-    level deeper) give ``<dataset>/<column>`` keys.
+    * OpenImages (box results with frequency groups): ``AP``, ``AP1`` .. ``AP5``.
+    * LVIS: ``eqlv2.evaluation.summary`` (``AP``, ``APr``, ``APc``, ``APf`` — mask numbers when
+      there are masks — and ``APb``); without it, or for results it does not take (COCO), the
+      same columns as far as the results have them.
+
+    Results of several test datasets (nested one level deeper) give ``<dataset>/<column>`` keys.
     """
     if not results:
         return {}
@@ -98,13 +107,18 @@ def paper_columns(results: Mapping[str, Any]) -> dict[str, float]:
             for dataset, per_dataset in results.items()
             for key, value in paper_columns(per_dataset).items()
         }
-    summary = None
-    if importlib.util.find_spec("eqlv2.evaluation") is not None:
-        evaluation = importlib.import_module("eqlv2.evaluation")
-        summary = getattr(evaluation, "summary", None)
-    if summary is None:
-        return _lvis_paper_columns(results)
-    return {key: float(value) for key, value in summary(results).items()}
+    if nested:
+        (results,) = results.values()
+    box = results.get("bbox")
+    if isinstance(box, Mapping) and "AP1" in box:
+        return {key: float(value) for key, value in box.items() if re.fullmatch(r"AP\d*", key)}
+    summary = _project_summary()
+    if summary is not None:
+        try:
+            return {key: float(value) for key, value in summary(results).items()}
+        except (KeyError, ValueError) as error:
+            logger.debug("eqlv2.evaluation.summary does not take these results (%s)", error)
+    return _lvis_paper_columns(results)
 
 
 def evaluation_metrics(results: Mapping[str, Any] | None) -> dict[str, float]:
@@ -132,14 +146,6 @@ def eqlv2_statistics(model) -> list[dict[str, Any]]:
     ]
 
 
-def _json_safe(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """``metrics`` with non-finite floats as strings, so that strict JSON readers accept it."""
-    return {
-        key: (repr(value) if isinstance(value, float) and not math.isfinite(value) else value)
-        for key, value in metrics.items()
-    }
-
-
 def save_checkpoint(
     trainer, directory: str, iteration: int, metrics: Mapping[str, Any], config_yaml: str
 ) -> None:
@@ -162,7 +168,7 @@ def save_checkpoint(
         "iteration": iteration,
         "last_iter": iteration - 1,
         "world_size": comm.get_world_size(),
-        "metrics": _json_safe(metrics),
+        "metrics": dict(metrics),  # NaN (e.g. AP of an empty group) is written as NaN
         "eqlv2_statistics": eqlv2_statistics(trainer.model),
     }
     with open(os.path.join(directory, CHECKPOINT_METADATA_FILE), "w") as f:

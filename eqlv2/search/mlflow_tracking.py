@@ -366,7 +366,8 @@ class MlflowTrainingHook(HookBase):
     # -- helpers ---------------------------------------------------------------------------------
 
     def _step(self) -> int:
-        return int(self.trainer.iter) + 1
+        # Iterations done; after training detectron2 leaves ``iter`` at ``max_iter``.
+        return min(int(self.trainer.iter) + 1, int(self.trainer.max_iter))
 
     def _categories_for(self, num_classes: int) -> dict[str, list]:
         if self._categories is None or len(self._categories["names"]) != num_classes:

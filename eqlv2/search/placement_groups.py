@@ -38,7 +38,8 @@ def orphaned_placement_groups() -> list[str]:
     accessor = state._connect_and_get_accessor()
     for raw in accessor.get_placement_group_table():
         data = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        created_by_actor = any(data.creator_actor_id) if data.creator_actor_id else False
+        # A group made by a driver (e.g. Tune's own trial groups) has the nil actor id: all 0xff.
+        created_by_actor = any(byte != 0xFF for byte in data.creator_actor_id)
         if data.state != removed and created_by_actor and data.creator_actor_dead and not data.is_detached:
             orphans.append(data.placement_group_id.hex())
     return orphans
@@ -46,9 +47,8 @@ def orphaned_placement_groups() -> list[str]:
 
 def release_orphaned_placement_groups() -> int:
     """Removes the placement groups of :func:`orphaned_placement_groups`; returns how many."""
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     released = 0
     for group_id in orphaned_placement_groups():
@@ -83,7 +83,7 @@ class PlacementGroupJanitor(Callback):
                 logger.warning("Cannot check for orphaned placement groups: %s", error)
                 self._warned = True
 
-    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self._last >= self._period:
             self._sweep()
 

@@ -42,7 +42,8 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.CHECKPOINT_PERIOD", "100000",
     "TEST.EVAL_PERIOD", "6",
-    "TEST.DETECTIONS_PER_IMAGE", "100",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
     "INPUT.MIN_SIZE_TRAIN", "(96,)",
     "INPUT.MAX_SIZE_TRAIN", "160",
     "INPUT.MIN_SIZE_TEST", "96",
@@ -182,6 +183,17 @@ def _workers_per_trial(options: SearchOptions, cluster: dict[str, float]) -> int
     return workers
 
 
+def _space_path(value: str) -> Path:
+    """The search-space file: as given, else relative to the repository (``configs/search/...``
+    works from any directory)."""
+    from .settings import repository_root
+
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists() and (repository_root() / path).exists():
+        path = repository_root() / path
+    return path.resolve()
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -227,11 +239,16 @@ def _start_tracking(options, uri, artifact_root, name, state, parent_params, spa
     return experiment_id, parent, mlflow
 
 
-def _finish_tracking(mlflow, parent, records, settings, study, paths, table, best_text) -> None:
+def _finish_tracking(mlflow, parent, records, settings, study, paths, table, best_text, experiment_id) -> None:
+    from .mlflow_tracking import close_stale_child_runs
     from .plots import plot_optuna_history, plot_optuna_importance
 
     if mlflow is None or parent is None:
         return
+    interrupted = any(r.status == "running" for r in records)
+    if interrupted:
+        # Trials cut short by an interrupted driver: closed now, reopened as new runs on --resume.
+        close_stale_child_runs(mlflow, experiment_id, parent, "interrupted")
     for path in paths.values():
         mlflow.log_artifact(parent, path)
     mlflow.log_text(parent, table + "\n\n" + best_text + "\n", "summary.txt")
@@ -258,7 +275,8 @@ def _finish_tracking(mlflow, parent, records, settings, study, paths, table, bes
                     path = None
                 if path is not None:
                     mlflow.log_artifact(parent, path, "optuna")
-    mlflow.terminate(parent, "FINISHED")
+    mlflow.set_tags(parent, {"search_status": "interrupted" if interrupted else "finished"})
+    mlflow.terminate(parent, "KILLED" if interrupted else "FINISHED")
     mlflow.warn_dropped("search driver")
 
 
@@ -295,7 +313,6 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from .mlflow_tracking import (
@@ -313,6 +330,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         pending_seed_points,
         storage_url,
     )
+    from .placement_groups import PlacementGroupJanitor
     from .report import (
         best_config_text,
         best_record,
@@ -320,6 +338,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         records_from_results,
         write_reports,
     )
+    from .scheduling import build_scheduler
     from .settings import TrialSettings, dataset_specs, parse_objective
     from .space import load_search_space
     from .trial import run_trial
@@ -334,8 +353,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     name, experiment_path = where["name"], where["experiment_path"]
     state = _read_json(experiment_path / STATE_FILE) if options.resume else {}
 
+    space_file = _space_path(options.search_space)
     try:
-        space = load_search_space(options.search_space)
+        space = load_search_space(space_file)
         objective = parse_objective(options.metric)
         specs = dataset_specs(options.datasets, options.config_files)
         objective.check(specs)
@@ -343,7 +363,8 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         raise SystemExit(str(error)) from error
     if options.multi_objective and len(specs) < 2:
         raise SystemExit("--multi-objective needs at least two --datasets")
-    opts = tuple(SMOKE_OVERRIDES if options.smoke else ()) + tuple(options.opts)
+    # Later overrides win: the space file's trial budget, then --smoke's, then the command line's.
+    opts = space.trial_overrides + tuple(SMOKE_OVERRIDES if options.smoke else ()) + tuple(options.opts)
 
     env = _pin_dataset_roots()
     logger.info("Building configs and generating the data they use (once)")
@@ -361,7 +382,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
 
     tracking_uri = state.get("tracking_uri") or options.mlflow_uri or default_tracking_uri(where["results_dir"])
     optuna_url = state.get("optuna_storage") or storage_url(options.optuna_storage, where["results_dir"] / "optuna.db")
-    study_name = state.get("study_name") or _study_name(options, options.search_space, objective)
+    study_name = state.get("study_name") or _study_name(options, space_file, objective)
 
     started_ray = False
     if not ray.is_initialized():
@@ -369,6 +390,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         if options.ray_address:
             init.update(address=options.ray_address, runtime_env={"env_vars": env})
         else:
+            init["address"] = "local"  # a new instance, never another user's running cluster
             init["num_cpus"] = options.num_cpus
             init["resources"] = {TRIAL_RESOURCE: 1000}
             init["configure_logging"] = True
@@ -379,7 +401,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         workers = _workers_per_trial(options, ray.cluster_resources())
         parent_params = {
             **{f"space/{k}": v for k, v in space.describe().items()},
-            "search_space_file": str(_absolute(options.search_space)),
+            "search_space_file": str(space_file),
             "datasets": ",".join(s.name for s in specs),
             **{f"config/{s.name}": s.config_file for s in specs},
             "overrides": " ".join(opts) or "-",
@@ -398,7 +420,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
             "smoke": options.smoke,
         }
         experiment_id, parent_run_id, mlflow = _start_tracking(
-            options, tracking_uri, where["results_dir"] / "mlartifacts", name, state, parent_params, options.search_space
+            options, tracking_uri, where["results_dir"] / "mlartifacts", name, state, parent_params, str(space_file)
         )
         settings = TrialSettings(
             space=space,
@@ -451,9 +473,12 @@ def run_search(options: SearchOptions) -> SearchOutcome:
             f"{s.name}/{m}" for s in specs for m in s.metrics
         ]
         total_evals = sum(settings.evaluations(s.name) for s in specs)
-        scheduler = _scheduler(options, total_evals, ASHAScheduler, FIFOScheduler)
+        try:
+            scheduler = build_scheduler(options.scheduler, total_evals, options.grace_period, options.reduction_factor)
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
-        callbacks = []
+        callbacks: list = [PlacementGroupJanitor()]
         if experiment_id and parent_run_id:
             callbacks.append(TrialRunsCallback(tracking_uri, experiment_id, parent_run_id))
         run_config = tune.RunConfig(
@@ -512,7 +537,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         if settings.multi_objective:
             front = sorted(r.trial_id for r in records if r.pareto)
             best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
-        _finish_tracking(mlflow, parent_run_id, records, settings, study, paths, table, best_text)
+        _finish_tracking(mlflow, parent_run_id, records, settings, study, paths, table, best_text, experiment_id)
+        if any(r.status == "running" for r in records):
+            best_text += "\n\nThe search was interrupted: continue it with the same command and --resume."
         _print_summary(table, best_text, tracking_uri if experiment_id else None, optuna_url, study_name, experiment_path, ui_command)
         return SearchOutcome(
             name=name,
@@ -549,26 +576,6 @@ def _opt_value(opts: Sequence[str], key: str, default: Any) -> Any:
         if opts[index] == key:
             value = opts[index + 1]
     return value
-
-
-def _scheduler(options: SearchOptions, total_evals: int, asha_cls, fifo_cls):
-    """ASHA on the intermediate objective (time: evaluations done), or FIFO (no early stop)."""
-    kind = options.scheduler.lower()
-    if kind == "fifo":
-        return fifo_cls()
-    if kind != "asha":
-        raise SystemExit(f"--scheduler {options.scheduler!r}: use asha or fifo")
-    if total_evals < 2:
-        logger.warning("Trials evaluate only once: ASHA cannot stop any early (lower TEST.EVAL_PERIOD)")
-    # max_t beyond the last evaluation: a trial that reaches it is complete, never "stopped".
-    return asha_cls(
-        time_attr="eval_step",
-        metric="objective",
-        mode="max",
-        max_t=total_evals + 1,
-        grace_period=max(1, options.grace_period),
-        reduction_factor=max(2, options.reduction_factor),
-    )
 
 
 def _reporter(settings, space):

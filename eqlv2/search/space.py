@@ -11,6 +11,8 @@ fixed value, and the points to evaluate first::
     fixed: {}                       # e.g. {alpha: 4.0}: not searched, applied to every trial
     seed_points:                    # evaluated first, unless the study already holds them
       - {gamma: 12.0, mu: 0.8, alpha: 4.0}
+    trial_overrides:                # detectron2 KEY: VALUE applied to every trial (its budget)
+      SOLVER.MAX_ITER: 100
 
 A parameter entry is ``{low, high}`` (``type: float`` by default, or ``int``; ``log: true`` for a
 log-uniform draw, ``step`` for a grid) or ``{choices: [...]}`` (categorical). A parameter may not
@@ -52,7 +54,7 @@ CONFIG_KEYS: dict[str, str] = {
 PAPER_SETTING: dict[str, float] = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
 
 _PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices"}
-_TOP_LEVEL_FIELDS = {"params", "fixed", "seed_points", "description"}
+_TOP_LEVEL_FIELDS = {"params", "fixed", "seed_points", "trial_overrides", "description"}
 
 
 class SearchSpaceError(ValueError):
@@ -158,12 +160,15 @@ class SearchSpace:
         params: searched parameters by name, in file order.
         fixed: parameters set to one value in every trial.
         seed_points: full parameter assignments to evaluate before sampling (searched names only).
+        trial_overrides: detectron2 ``KEY VALUE`` overrides every trial applies (e.g. its
+            iteration budget), before the command line's.
         source: file the space was read from, if any.
     """
 
     params: dict[str, ParamSpec]
     fixed: dict[str, Any] = field(default_factory=dict)
     seed_points: tuple[dict[str, Any], ...] = ()
+    trial_overrides: tuple[str, ...] = ()
     source: str | None = None
 
     @property
@@ -225,10 +230,12 @@ class SearchSpace:
             if spec.step:
                 entry["step"] = spec.step
             params[name] = entry
+        overrides = dict(zip(self.trial_overrides[::2], self.trial_overrides[1::2], strict=True))
         return {
             "params": params,
             "fixed": dict(self.fixed),
             "seed_points": [dict(point) for point in self.seed_points],
+            "trial_overrides": overrides,
         }
 
 
@@ -239,6 +246,16 @@ def _override_text(value: Any) -> str:
     if isinstance(value, float):
         return repr(float(value))
     return str(value)
+
+
+def _yaml_value_text(value: Any) -> str:
+    """A YAML value as detectron2's ``merge_from_list`` reads it (lists become tuples)."""
+    if isinstance(value, list | tuple):
+        items = ", ".join(_yaml_value_text(item) for item in value)
+        return f"({items},)" if len(value) == 1 else f"({items})"
+    if isinstance(value, str):
+        return value
+    return _override_text(value)
 
 
 def _parse_param(name: str, entry: Any) -> ParamSpec:
@@ -337,7 +354,20 @@ def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> Se
             raise SearchSpaceError(f"seed_points[{index}] names unknown parameters {sorted(extra)}{where}")
         if seed not in seeds:
             seeds.append(seed)
-    return SearchSpace(params=params, fixed=fixed, seed_points=tuple(seeds), source=source)
+    raw_overrides = data.get("trial_overrides") or {}
+    if not isinstance(raw_overrides, Mapping):
+        raise SearchSpaceError(f"trial_overrides must be a mapping of config keys to values{where}")
+    overrides: list[str] = []
+    for key, value in raw_overrides.items():
+        key = str(key)
+        if "." not in key or key.upper() != key:
+            raise SearchSpaceError(f"trial_overrides: {key!r} is not a detectron2 config key{where}")
+        if key in {config_key(name) for name in list(params) + list(fixed)}:
+            raise SearchSpaceError(f"trial_overrides: {key} is a searched or fixed parameter{where}")
+        overrides += [key, _yaml_value_text(value)]
+    return SearchSpace(
+        params=params, fixed=fixed, seed_points=tuple(seeds), trial_overrides=tuple(overrides), source=source
+    )
 
 
 def load_search_space(path: str | Path) -> SearchSpace:

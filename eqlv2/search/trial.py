@@ -261,6 +261,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     final[STEP_KEY] = evals
     final[COMPLETION_KEY] = 1
     if mlflow is not None:
-        mlflow.log_metrics(run_id, {k: v for k, v in final.items() if k != COMPLETION_KEY}, step=0)
+        # The training metrics are in the run already (the rank-0 hook): add the objectives, by
+        # evaluation count like the driver does for trials stopped early.
+        objectives = {k: v for k, v in final.items() if k == "objective" or k.endswith("/objective")}
+        mlflow.log_metrics(run_id, objectives, step=evals)
         mlflow.warn_dropped(f"trial {trial_id}")
     tune.report(final)

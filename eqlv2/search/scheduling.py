@@ -1,0 +1,90 @@
+"""Early stopping of the search: ASHA on the intermediate objective, or none.
+
+ASHA's time attribute is the number of evaluations a trial has done
+(:data:`~eqlv2.search.optuna_bookkeeping.STEP_KEY`), its metric the intermediate objective. An
+evaluation without a finite objective (a model that detects nothing gets a NaN AP from the LVIS
+evaluator) ranks last: Ray's ASHA would otherwise never stop such a trial, since ``NaN < cutoff``
+is false. And no decision is taken at a trial's last evaluation: stopping it there saves nothing
+(training is over) and would record a fully trained trial as pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from .optuna_bookkeeping import STEP_KEY
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLastASHA", "build_scheduler"]
+
+
+class NonFiniteLastASHA(ASHAScheduler):
+    """ASHA where a NaN objective counts as the worst possible one, and that lets every trial
+    that reached its last evaluation finish.
+
+    Args:
+        last_step: the time-attribute value of a trial's last evaluation.
+        kwargs: :class:`ray.tune.schedulers.ASHAScheduler`'s arguments.
+    """
+
+    def __init__(self, last_step: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._last_step = int(last_step)
+
+    def _worst(self) -> float:
+        return -math.inf if self._metric_op > 0 else math.inf
+
+    def _fixed(self, result: dict) -> dict:
+        value = result.get(self._metric)
+        if isinstance(value, int | float) and not math.isfinite(float(value)) and not math.isinf(float(value)):
+            result = dict(result)
+            result[self._metric] = self._worst()
+        return result
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        step = result.get(self._time_attr)
+        if isinstance(step, int | float) and step >= self._last_step:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, self._fixed(result))
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, self._fixed(result))
+
+
+def build_scheduler(
+    kind: str, total_evaluations: int, grace_period: int = 1, reduction_factor: int = 2
+) -> TrialScheduler:
+    """The trial scheduler of a search.
+
+    Args:
+        kind: ``asha`` (early stopping) or ``fifo`` (none).
+        total_evaluations: evaluations of a complete trial (all datasets together).
+        grace_period: evaluations before a trial may be stopped.
+        reduction_factor: ASHA's reduction factor (keeps the best 1/rf at each rung).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    kind = kind.lower()
+    if kind == "fifo":
+        return FIFOScheduler()
+    if kind != "asha":
+        raise ValueError(f"unknown scheduler {kind!r}: use asha or fifo")
+    if total_evaluations < 2:
+        logger.warning(
+            "A trial evaluates only once: ASHA cannot stop any trial early (lower TEST.EVAL_PERIOD)"
+        )
+    # max_t beyond the last evaluation: a trial that reaches it is complete, never "stopped".
+    return NonFiniteLastASHA(
+        last_step=total_evaluations,
+        time_attr=STEP_KEY,
+        metric="objective",
+        mode="max",
+        max_t=total_evaluations + 1,
+        grace_period=max(1, grace_period),
+        reduction_factor=max(2, reduction_factor),
+    )

@@ -1,0 +1,101 @@
+"""Killing the search driver and running the same command with ``--resume`` finishes the search.
+
+A real smoke search of two trials (FIFO: both must complete) is started with ``tune/search.py``;
+once the first trial is complete and the second has started, the driver is killed with SIGKILL
+(its Ray cluster dies with it). ``--resume`` with the same arguments must then finish the search
+without training the first trial again and without queuing the seed point a second time, and
+leave no MLflow run RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
+
+
+def _states(url: str) -> list:
+    try:
+        (summary,) = optuna.get_all_study_summaries(storage=url)
+        return optuna.load_study(study_name=summary.study_name, storage=url).trials
+    except (ValueError, KeyError):  # the study (or the database) is not there yet
+        return []
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_finishes_the_search(tmp_path):
+    runs = tmp_path / "runs"
+    args = [
+        sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "2", "--scheduler", "fifo",
+        "--results-dir", str(runs), "--name", "resumable",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The offline benchmark where the project keeps it (generated once, shared by the tests).
+    env.setdefault("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
+    url = f"sqlite:///{runs.resolve()}/optuna.db"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            trials = _states(url) if (runs / "optuna.db").exists() else []
+            states = [t.state.name for t in trials]
+            second_dirs = list((runs / "ray_results/resumable").glob("run_trial_*_2_*"))
+            if states == ["COMPLETE", "RUNNING"] and second_dirs:
+                time.sleep(6)  # > the 2 s experiment checkpoint period: Tune has recorded trial 2
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the first trial did not complete in time")
+        os.kill(first.pid, signal.SIGKILL)  # the driver only; its Ray cluster shares its fate
+        first.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # anything left in the driver's session
+        except ProcessLookupError:
+            pass
+        log.close()
+
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    rows = [line for line in resumed.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [row.split("|")[3].strip() for row in rows] == ["complete", "complete"]
+
+    trials = _states(url)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert sum(t.params == PAPER for t in trials) == 1  # the seed point was not queued again
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("eqlv2-search")
+    runs_found = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs_found if r.data.tags.get("kind") == "search"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs_found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert all(r.info.status != "RUNNING" for r in runs_found)
+    by_trial: dict[str, list] = {}
+    for run in children:
+        by_trial.setdefault(run.data.tags["tune_trial_id"], []).append(run)
+    first_id = trials[0].user_attrs["tune_trial_id"]
+    second_id = trials[1].user_attrs["tune_trial_id"]
+    # The finished trial was not trained again: one run; the interrupted one: closed, then redone.
+    assert [r.info.status for r in by_trial[first_id]] == ["FINISHED"]
+    statuses = sorted((r.info.status, r.data.tags["trial_status"]) for r in by_trial[second_id])
+    assert statuses == [("FINISHED", "completed"), ("KILLED", "interrupted")]
+    assert len(list((runs / "ray_results/resumable").glob("run_trial_*"))) == 2

@@ -1,0 +1,151 @@
+"""The smallest real search, end to end: ``python tune/search.py --smoke`` on the offline benchmark.
+
+Real components only: a local Ray cluster started by the command, Ray Train runs of the tiny
+config (a few iterations, small images), a SQLite Optuna study, a SQLite MLflow store read back
+with ``MlflowClient``.
+
+The three trials are the search space's seed points, chosen so that each outcome is certain:
+
+1. the paper's setting: trains and completes (two evaluations);
+2. ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 1.0``: the model keeps no detection, its first evaluation
+   has no AP, which ranks last, so ASHA (grace period one evaluation) stops it there → PRUNED;
+3. ``SOLVER.BASE_LR 1e5``: the loss becomes NaN at once, detectron2 raises → FAIL, and the search
+   goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+optuna = pytest.importorskip("optuna")
+mlflow = pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPACE = """
+params:
+  alpha: {low: 0.0, high: 8.0}
+  MODEL.ROI_HEADS.SCORE_THRESH_TEST: {choices: [0.0001, 1.0]}
+  SOLVER.BASE_LR: {choices: [0.02, 100000.0]}
+fixed: {gamma: 12.0, mu: 0.8}
+seed_points:
+  - {alpha: 4.0, MODEL.ROI_HEADS.SCORE_THRESH_TEST: 0.0001, SOLVER.BASE_LR: 0.02}
+  - {alpha: 2.0, MODEL.ROI_HEADS.SCORE_THRESH_TEST: 1.0, SOLVER.BASE_LR: 0.02}
+  - {alpha: 6.0, MODEL.ROI_HEADS.SCORE_THRESH_TEST: 0.0001, SOLVER.BASE_LR: 100000.0}
+"""
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``tune/search.py`` in a subprocess (its own session, so nothing it starts outlives it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The offline benchmark where the project keeps it (generated once, shared by the tests).
+    env.setdefault("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tune/search.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Runs the smoke search once for the tests of this module."""
+    work = tmp_path_factory.mktemp("smoke")
+    (work / "space.yaml").write_text(SPACE)
+    proc = run_cli(
+        ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke"],
+        cwd=work,
+        timeout=900,
+    )
+    (work / "stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"work": work, "runs": work / "runs", "stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_ranked_table_and_best_config(smoke):
+    out = smoke["stdout"]
+    header = next(line for line in out.splitlines() if line.startswith("| rank"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:4] == ["rank", "trial", "status", "alpha"]
+    assert {"gamma", "mu", "AP", "APr", "APc", "APf"} <= set(columns)
+    rows = [line for line in out.splitlines() if re.match(r"^\| \d+ ", line)]
+    statuses = [row.split("|")[3].strip() for row in rows]
+    assert statuses == ["complete", "pruned", "failed"]  # best first, then stopped, then failed
+    assert "Best configuration" in out and "alpha = 4.0000" in out
+    uri = f"sqlite:///{smoke['runs'].resolve()}/mlflow.db"
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    assert (smoke["runs"] / "ray_results/smoke/ranked_trials.csv").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_study_holds_complete_pruned_and_failed(smoke):
+    url = f"sqlite:///{smoke['runs'].resolve()}/optuna.db"
+    (summary,) = optuna.get_all_study_summaries(storage=url)
+    study = optuna.load_study(study_name=summary.study_name, storage=url)
+    states = {round(t.params["alpha"], 1): t for t in study.trials}
+    assert set(states) == {4.0, 2.0, 6.0}
+    assert states[4.0].state == optuna.trial.TrialState.COMPLETE
+    assert sorted(states[4.0].intermediate_values) == [1, 2]
+    assert states[4.0].value == pytest.approx(states[4.0].intermediate_values[2])
+    assert states[2.0].state == optuna.trial.TrialState.PRUNED
+    assert states[6.0].state == optuna.trial.TrialState.FAIL
+    assert all(t.user_attrs.get("experiment") == "smoke" for t in study.trials)
+
+
+@pytest.mark.slow
+def test_mlflow_runs_read_back(smoke):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{smoke['runs'].resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("eqlv2-search")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space/alpha"] == "uniform[0, 8]"
+    assert parent.data.params["space/gamma"] == "fixed 12.0"
+    assert parent.data.metrics["trials_complete"] == 1 and parent.data.metrics["trials_pruned"] == 1
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"ranked_trials.csv", "best_config.json", "summary.txt", "optuna"} <= parent_files
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "optuna")] == ["optuna/optuna_history.png"]
+
+    by_alpha = {round(float(r.data.params["alpha"]), 1): r for r in children}
+    assert set(by_alpha) == {4.0, 2.0, 6.0}
+    assert all(r.info.status != "RUNNING" for r in children)
+    done, stopped, failed = by_alpha[4.0], by_alpha[2.0], by_alpha[6.0]
+    assert (done.info.status, done.data.tags["trial_status"]) == ("FINISHED", "completed")
+    assert (stopped.info.status, stopped.data.tags["trial_status"]) == ("KILLED", "stopped_early")
+    assert (failed.info.status, failed.data.tags["trial_status"]) == ("FAILED", "failed")
+    assert re.search(r"FloatingPointError|NaN|infinite", failed.data.tags["error"])
+    assert done.data.tags["tune_trial_id"] and done.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    params = done.data.params
+    assert params["gamma"] == "12.0" and params["mu"] == "0.8" and params["alpha"] == "4.0"
+    assert params["datasets"] == "lvis" and params["seed"] == "42"
+    assert params["config/lvis"].endswith("mask_rcnn_tiny_synthetic_lvis.yaml")
+    losses = client.get_metric_history(done.info.run_id, "lvis/total_loss")
+    assert len({m.step for m in losses}) >= 2
+    ap = client.get_metric_history(done.info.run_id, "lvis/AP")
+    assert sorted(m.step for m in ap) == [6, 12]
+    for name in ("lvis/lr", "lvis/APr", "lvis/grad/ratio_mean_r", "lvis/grad/ratio_mean_f", "objective"):
+        assert name in done.data.metrics, name
+
+    grads = {a.path for a in client.list_artifacts(done.info.run_id, "gradient_statistics/lvis")}
+    assert {
+        "gradient_statistics/lvis/iter_0000006.csv",
+        "gradient_statistics/lvis/iter_0000012.csv",
+        "gradient_statistics/lvis/ratio_iter_0000012.png",
+    } <= grads
+    table = Path(client.download_artifacts(done.info.run_id, "gradient_statistics/lvis/iter_0000012.csv", str(smoke["work"])))
+    header, *rows = table.read_text().splitlines()
+    assert header == "category,name,group,train_count,pos_grad,neg_grad,ratio,q,r"
+    assert len(rows) == 60 and {row.split(",")[2] for row in rows} == {"r", "c", "f"}
+    norms = {a.path for a in client.list_artifacts(done.info.run_id, "weight_norms")}
+    assert norms == {"weight_norms/lvis.csv", "weight_norms/lvis.png"}
