@@ -1,11 +1,12 @@
 """Training speed of the tiny config: plain detectron2 versus Ray Train, and 2-worker scaling.
 
-Three trainings of ``configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml`` on the generated benchmark,
+Four trainings of ``configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml`` on the generated benchmark,
 in one run, each for ``--iters`` iterations with the same global batch (``SOLVER.IMS_PER_BATCH``,
 default 4) and no evaluation:
 
 1. plain: ``EQLv2Trainer`` in this process exactly as ``train/train_net.py`` runs it
-   (``--threads`` torch threads, default 1);
+   (``--threads`` torch threads, default 1), once before and once after the Ray runs (their
+   mean is used, so that a load that drifts during the run affects both sides alike);
 2. Ray, 1 worker x ``--threads`` threads (``build_torch_trainer``, what ``train/ray_train.py``
    runs);
 3. Ray, 2 workers x 1 thread (DDP over gloo, each worker half the batch).
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from detectron2.engine import HookBase
@@ -83,7 +85,7 @@ def overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
-def plain_speed(args: argparse.Namespace, work: Path) -> float:
+def plain_speed(args: argparse.Namespace, work: Path, name: str) -> float:
     """Iterations per second of the plain trainer, set up as ``train/train_net.py`` does."""
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_setup
@@ -91,9 +93,10 @@ def plain_speed(args: argparse.Namespace, work: Path) -> float:
     from eqlv2.engine import EQLv2Trainer, setup_cfg
 
     torch.set_num_threads(args.threads)
-    cfg = setup_cfg(CONFIG, overrides(args, str(work / "plain")))
+    cfg = setup_cfg(CONFIG, overrides(args, str(work / name)))
     DatasetCatalog.get(cfg.DATASETS.TRAIN[0])  # generate the benchmark data before timing
-    default_setup(cfg, argparse.Namespace(config_file=CONFIG, eval_only=False))
+    if not name.endswith("second"):  # loggers once
+        default_setup(cfg, argparse.Namespace(config_file=CONFIG, eval_only=False))
     trainer = EQLv2Trainer(cfg)
     hook = SpeedHook(args.warmup)
     trainer.register_hooks([hook])
@@ -131,30 +134,42 @@ def main() -> int:
         return 2
     import ray
 
-    figures: dict[str, float | int | list[float]] = {
+    figures: dict[str, Any] = {
         "iterations": args.iters, "warmup": args.warmup, "ims_per_batch": args.batch,
         "load_average_before": list(os.getloadavg()),
     }  # fmt: skip
     single = f"ray_1_worker_{args.threads}_thread"
+    plain = f"plain_{args.threads}_thread"
+    loads: dict[str, float] = {}
+
+    def timed(key: str, run) -> None:
+        loads[key] = os.getloadavg()[0]
+        figures[key] = run()
+
     with tempfile.TemporaryDirectory(prefix="eqlv2-ray-overhead-") as tmp:
         work = Path(tmp)
-        figures[f"plain_{args.threads}_thread"] = plain_speed(args, work)
+        # plain, Ray..., plain again: the mean of the two plain runs evens out a load that drifts.
+        timed(f"{plain}_first", lambda: plain_speed(args, work, "plain_first"))
         ray.init(address="local", num_cpus=2, dashboard_port=free_port(), log_to_driver=False)
         try:
-            figures[single] = ray_speed(args, work, 1, args.threads)
+            timed(single, lambda: ray_speed(args, work, 1, args.threads))
             if args.threads != 1:
-                figures["ray_1_worker_1_thread"] = ray_speed(args, work, 1, 1)
-            figures["ray_2_workers_1_thread"] = ray_speed(args, work, 2, 1)
+                timed("ray_1_worker_1_thread", lambda: ray_speed(args, work, 1, 1))
+            timed("ray_2_workers_1_thread", lambda: ray_speed(args, work, 2, 1))
         finally:
             ray.shutdown()
+        timed(f"{plain}_second", lambda: plain_speed(args, work, "plain_second"))
+    figures[plain] = (figures[f"{plain}_first"] + figures[f"{plain}_second"]) / 2
+    figures["load_average_at_start_of_each"] = loads
     figures["load_average_after"] = list(os.getloadavg())
-    figures["overhead_ratio"] = figures[single] / figures[f"plain_{args.threads}_thread"]
+    figures["overhead_ratio"] = figures[single] / figures[plain]
     figures["scaling_ratio"] = figures["ray_2_workers_1_thread"] / figures["ray_1_worker_1_thread"]
 
     print(f"\ntiny config, {args.iters} iterations ({args.warmup} untimed), {args.batch} images per iteration")
     for key, value in figures.items():
         if key.startswith(("plain_", "ray_")):
-            print(f"  {key:<24} {value:6.3f} it/s")
+            load = f"  (load {loads[key]:.1f} at its start)" if key in loads else "  (mean of the two)"
+            print(f"  {key:<24} {value:6.3f} it/s{load}")
     print(
         f"Ray 1 worker / plain ({args.threads} thread(s) each): {figures['overhead_ratio']:.3f} "
         f"(target >= {TARGET_OVERHEAD})"

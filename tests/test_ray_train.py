@@ -152,6 +152,16 @@ def test_evaluation_results_are_flattened_with_paper_columns():
     assert two["a_val/APr"] == 0.5 and two["b_val/AP5"] == 6.0
 
 
+def test_scalars_of_all_workers_are_averaged_where_present():
+    from eqlv2.cluster.reporting import _mean_over_workers
+
+    rank0 = {"total_loss": 2.0, "fast_rcnn/cls_accuracy": 0.5, "lr": 0.01}
+    rank1 = {"fast_rcnn/cls_accuracy": 0.7, "lr": 0.01, "time": 3.0}
+    assert _mean_over_workers([rank0, rank1]) == pytest.approx(
+        {"total_loss": 2.0, "fast_rcnn/cls_accuracy": 0.6, "lr": 0.01, "time": 3.0}
+    )
+
+
 # --------------------------------------------------------------------------- two workers
 MAX_ITER = 6
 

@@ -34,6 +34,20 @@ def _states(url: str) -> list:
         return []
 
 
+def _running_runs(runs: Path) -> int:
+    """Trial runs RUNNING in the search's MLflow store."""
+    from mlflow import MlflowClient
+
+    if not (runs / "mlflow.db").exists():
+        return 0
+    client = MlflowClient(f"sqlite:///{runs.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("eqlv2-search")
+    if experiment is None:
+        return 0
+    found = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    return sum(1 for run in found if "tune_trial_id" in run.data.tags)
+
+
 @pytest.mark.slow
 def test_killed_driver_then_resume_finishes_the_search(tmp_path):
     runs = tmp_path / "runs"
@@ -53,11 +67,12 @@ def test_killed_driver_then_resume_finishes_the_search(tmp_path):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             trials = _states(url) if (runs / "optuna.db").exists() else []
             states = [t.state.name for t in trials]
-            second_dirs = list((runs / "ray_results/resumable").glob("run_trial_*_2_*"))
-            if states == ["COMPLETE", "RUNNING"] and second_dirs:
-                time.sleep(6)  # > the 2 s experiment checkpoint period: Tune has recorded trial 2
+            if states == ["COMPLETE", "RUNNING"] and _running_runs(runs) == 1:
+                # The second trial is training (its MLflow run is open) and Tune has recorded it
+                # (experiment checkpoints every 2 s).
+                time.sleep(6)
                 break
-            time.sleep(2)
+            time.sleep(3)
         else:
             pytest.fail("the first trial did not complete in time")
         os.kill(first.pid, signal.SIGKILL)  # the driver only; its Ray cluster shares its fate

@@ -395,9 +395,11 @@ class MlflowTrainingHook(HookBase):
         self._seen_eval = id(results)
         step = self._step()
         try:
-            from eqlv2.evaluation import summary
+            # The same flat metrics rank 0 reports to Ray Train (hence to Tune): detectron2's
+            # results flattened (bbox/AP, ...) and the paper's columns (AP, APr, ... / AP1..AP5).
+            from eqlv2.cluster.reporting import evaluation_metrics
 
-            flat = summary(results)
+            flat = evaluation_metrics(results)
         except Exception as error:
             logger.warning("Could not summarise evaluation results for MLflow: %s", error)
             flat = {}

@@ -184,7 +184,10 @@ def best_config_text(record: TrialRecord | None, settings: TrialSettings) -> str
     if record is None:
         return "No trial completed: no best configuration."
     values = ", ".join(f"{name} = {_number(value, 4)}" for name, value in record.params.items())
-    lines = [f"Best configuration (trial {record.trial_id}, objective {settings.objective.text} = {_number(record.objective, 4)}):"]
+    what = settings.objective.text
+    if len(settings.datasets) > 1:
+        what = f"mean over {', '.join(settings.dataset_names)} of {what}"
+    lines = [f"Best configuration (trial {record.trial_id}, objective {what} = {_number(record.objective, 4)}):"]
     lines.append(f"  {values}")
     overrides = " ".join(settings.space.config_overrides(record.params))
     for spec in settings.datasets:
