@@ -18,7 +18,9 @@ Ray Train (target >= 0.9), and (3)/(2) with one thread, the scaling from one to 
 this 2-core machine (target >= 1.6; with ``--threads 2`` a 1 worker x 1 thread run is added for
 it). One thread is the default because on a machine whose cores other processes also use,
 multi-threaded OpenMP kernels slow down far more than single-threaded ones, which would swamp
-the overheads measured here. The load average is printed with the figures.
+the overheads measured here. The load average at the start of each training and the CPU
+seconds rank 0's process used per iteration (which other processes do not change much) are
+printed with the figures.
 
 Usage: ``python benchmarks/ray_overhead.py [--iters 30] [--warmup 5] [--threads 1] [--json out.json]``
 """
@@ -43,24 +45,30 @@ CONFIG = str(ROOT / "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml")
 TARGET_OVERHEAD = 0.9
 TARGET_SCALING = 1.6
 SPEED_KEY = "benchmark/iterations_per_second"
+CPU_KEY = "benchmark/cpu_seconds_per_iteration"
 
 
 class SpeedHook(HookBase):
-    """Measures iterations per second after ``warmup`` iterations and puts it in the storage
-    (so that the last Ray report carries it) and in :attr:`speed`."""
+    """Measures iterations per second after ``warmup`` iterations, and the CPU seconds the
+    process used per iteration (all its threads), and puts both in the storage (so that the
+    last Ray report carries them) and in :attr:`speed` / :attr:`cpu_per_iteration`."""
 
     def __init__(self, warmup: int, cfg=None, trainer=None) -> None:
         self._warmup = warmup
-        self._start: float | None = None
+        self._start: tuple[float, float] | None = None
         self.speed: float | None = None
+        self.cpu_per_iteration: float | None = None
 
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if done == self._warmup:
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), time.process_time())
         elif done == self.trainer.max_iter and self._start is not None:
-            self.speed = (done - self._warmup) / (time.perf_counter() - self._start)
+            iterations = done - self._warmup
+            self.speed = iterations / (time.perf_counter() - self._start[0])
+            self.cpu_per_iteration = (time.process_time() - self._start[1]) / iterations
             self.trainer.storage.put_scalar(SPEED_KEY, self.speed, smoothing_hint=False)
+            self.trainer.storage.put_scalar(CPU_KEY, self.cpu_per_iteration, smoothing_hint=False)
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,8 +93,9 @@ def overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
-def plain_speed(args: argparse.Namespace, work: Path, name: str) -> float:
-    """Iterations per second of the plain trainer, set up as ``train/train_net.py`` does."""
+def plain_speed(args: argparse.Namespace, work: Path, name: str) -> tuple[float, float]:
+    """(iterations per second, CPU seconds per iteration) of the plain trainer, set up as
+    ``train/train_net.py`` does."""
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_setup
 
@@ -102,11 +111,12 @@ def plain_speed(args: argparse.Namespace, work: Path, name: str) -> float:
     trainer.register_hooks([hook])
     trainer.resume_or_load(resume=False)
     trainer.train()
-    return float(hook.speed)
+    return float(hook.speed), float(hook.cpu_per_iteration)
 
 
-def ray_speed(args: argparse.Namespace, work: Path, num_workers: int, threads: int) -> float:
-    """Iterations per second of ``build_torch_trainer`` with ``num_workers`` x ``threads``."""
+def ray_speed(args: argparse.Namespace, work: Path, num_workers: int, threads: int) -> tuple[float, float]:
+    """(iterations per second, rank 0's CPU seconds per iteration) of ``build_torch_trainer``
+    with ``num_workers`` x ``threads``."""
     from eqlv2.cluster import build_torch_trainer
 
     name = f"ray_{num_workers}w{threads}t"
@@ -115,7 +125,8 @@ def ray_speed(args: argparse.Namespace, work: Path, num_workers: int, threads: i
         storage_path=str(work / "storage"), name=name, cpus_per_worker=threads,
         extra_hooks=[functools.partial(SpeedHook, args.warmup)],
     )  # fmt: skip
-    return float(trainer.fit().metrics[SPEED_KEY])
+    metrics = trainer.fit().metrics
+    return float(metrics[SPEED_KEY]), float(metrics[CPU_KEY])
 
 
 def free_port() -> int:
@@ -142,9 +153,11 @@ def main() -> int:
     plain = f"plain_{args.threads}_thread"
     loads: dict[str, float] = {}
 
+    cpu: dict[str, float] = {}
+
     def timed(key: str, run) -> None:
         loads[key] = os.getloadavg()[0]
-        figures[key] = run()
+        figures[key], cpu[key] = run()
 
     with tempfile.TemporaryDirectory(prefix="eqlv2-ray-overhead-") as tmp:
         work = Path(tmp)
@@ -161,6 +174,7 @@ def main() -> int:
         timed(f"{plain}_second", lambda: plain_speed(args, work, "plain_second"))
     figures[plain] = (figures[f"{plain}_first"] + figures[f"{plain}_second"]) / 2
     figures["load_average_at_start_of_each"] = loads
+    figures["cpu_seconds_per_iteration_rank0"] = cpu
     figures["load_average_after"] = list(os.getloadavg())
     figures["overhead_ratio"] = figures[single] / figures[plain]
     figures["scaling_ratio"] = figures["ray_2_workers_1_thread"] / figures["ray_1_worker_1_thread"]
@@ -168,8 +182,11 @@ def main() -> int:
     print(f"\ntiny config, {args.iters} iterations ({args.warmup} untimed), {args.batch} images per iteration")
     for key, value in figures.items():
         if key.startswith(("plain_", "ray_")):
-            load = f"  (load {loads[key]:.1f} at its start)" if key in loads else "  (mean of the two)"
-            print(f"  {key:<24} {value:6.3f} it/s{load}")
+            if key in loads:
+                note = f"  {cpu[key]:.3f} CPU s/it on rank 0, load {loads[key]:.1f} at its start"
+            else:
+                note = "  (mean of the two)"
+            print(f"  {key:<24} {value:6.3f} it/s{note}")
     print(
         f"Ray 1 worker / plain ({args.threads} thread(s) each): {figures['overhead_ratio']:.3f} "
         f"(target >= {TARGET_OVERHEAD})"

@@ -100,8 +100,9 @@ def test_stopped_trial_is_pruned_and_error_fails(ray_local, tmp_path):  # noqa: 
     assert late.state == TrialState.COMPLETE and late.value == 1.0
     assert "error" in crashed.user_attrs[REASON_ATTR]
     assert all(t.user_attrs[EXPERIMENT_ATTR] == "exp-fixed" for t in trials)
-    # A second search on the same study does not queue the seed points again.
-    assert pending_seed_points(optuna.load_study(study_name="fixed", storage=url), seeds) == []
+    # A second search on the same study does not queue the seed points it holds again; a failed
+    # one may be tried again.
+    assert pending_seed_points(optuna.load_study(study_name="fixed", storage=url), seeds) == [{"alpha": 7.0}]
     assert finished_trial_summary(study, complete.number)["metrics"] == {"objective": 10.0}
 
 
@@ -187,3 +188,22 @@ def test_janitor_releases_placement_groups_of_dead_creators(ray_local):  # noqa:
     assert release_orphaned_placement_groups() == 1
     assert orphaned_placement_groups() == []
     ray.util.remove_placement_group(mine)
+
+
+def test_multi_objective_trials(tmp_path):
+    """One objective per dataset: complete trials get both values, stopped ones are pruned."""
+    url, storage, _ = _study(tmp_path, "unused")
+    study = optuna.create_study(storage=storage, study_name="mo", directions=["maximize", "maximize"])
+    searcher = TrialStateOptunaSearch(
+        SPACE.optuna_distributions(), ["lvis/objective", "openimages/objective"], ["max", "max"],
+        points_to_evaluate=[{"alpha": 4.0}], study_name="mo", storage=storage, experiment="exp-mo",
+    )  # fmt: skip
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"lvis/objective": 1.0, "openimages/objective": 2.0, STEP_KEY: 1})
+    searcher.on_trial_complete("a", {"lvis/objective": 3.0, "openimages/objective": 4.0, COMPLETION_KEY: 1})
+    searcher.suggest("b")
+    searcher.on_trial_complete("b", {"lvis/objective": 0.5, "openimages/objective": math.nan, STEP_KEY: 1})
+    done, stopped = optuna.load_study(study_name="mo", storage=url).trials
+    assert done.state == TrialState.COMPLETE and done.values == [3.0, 4.0]
+    assert stopped.state == TrialState.PRUNED
+    assert [t.number for t in study.best_trials] == [0]

@@ -116,8 +116,9 @@ def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def pending_seed_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """The seed points the study does not hold yet (in any state, queued ones included)."""
-    trials = study.get_trials(deepcopy=False)
+    """The seed points the study does not hold yet: not complete, pruned, running or queued (a
+    failed attempt, e.g. one orphaned by a killed driver, does not count)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
     pending = []
     for point in points:
         if any(_same_params(trial.params, point) for trial in trials):

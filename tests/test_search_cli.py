@@ -1,0 +1,76 @@
+"""The command line of ``tune/search.py``: its options and its early, named errors (no Ray)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("optuna")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("search_cli", ROOT / "tune/search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_lists_the_options():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tune/search.py"), "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    for option in (
+        "--search-space", "--datasets", "--config-file", "--num-trials", "--concurrency",
+        "--workers-per-trial", "--use-gpu", "--scheduler", "--metric", "--multi-objective",
+        "--storage-path", "--mlflow-uri", "--optuna-storage", "--resume", "--smoke", "KEY VALUE",
+    ):  # fmt: skip
+        assert option in out, option
+
+
+def test_options_and_overrides_are_parsed():
+    cli = _cli()
+    options = cli.options_from_args(
+        ["--datasets", "lvis,openimages", "--metric", "0.5*AP+0.5*AP1", "--num-trials", "6",
+         "--config-file", "lvis=a.yaml", "SOLVER.MAX_ITER", "50"]
+    )  # fmt: skip
+    assert options.datasets == ("lvis", "openimages")
+    assert options.config_files == ("lvis=a.yaml",) and options.opts == ("SOLVER.MAX_ITER", "50")
+    assert options.num_trials == 6 and options.metric == "0.5*AP+0.5*AP1"
+    assert cli.options_from_args(["--smoke"]).num_trials == 3
+    assert cli.options_from_args(["--smoke", "--num-trials", "2"]).num_trials == 2
+    with pytest.raises(SystemExit):
+        cli.options_from_args(["SOLVER.MAX_ITER"])  # not a KEY VALUE pair
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--metric", "APr", "--datasets", "lvis,openimages"], "openimages does not report"),
+        (["--datasets", "coco"], "unknown dataset"),
+        (["--multi-objective"], "at least two --datasets"),
+        (["--search-space", "nowhere.yaml"], "search-space file not found"),
+        (["SOLVER.NO_SUCH_KEY", "1"], "bad config or override"),
+    ],
+)
+def test_bad_options_fail_before_anything_starts(tmp_path, monkeypatch, argv, message):
+    import ray
+
+    # run_search pins the dataset roots in the environment: restored after the test.
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.environ.get("DETECTRON2_DATASETS", str(ROOT / "datasets")))
+    monkeypatch.setenv(
+        "EQLV2_SYNTHETIC_ROOT", os.environ.get("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
+    )
+    from eqlv2.search.runner import run_search
+
+    options = _cli().options_from_args([*argv, "--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=message):
+        run_search(options)
+    assert not ray.is_initialized()
