@@ -140,3 +140,27 @@ def test_trial_overrides_of_the_space_file():
         parse_search_space({"params": {"alpha": {"low": 0, "high": 8}}, "trial_overrides": {"MODEL.EQLV2.ALPHA": 1}})
     with pytest.raises(SearchSpaceError, match="not a detectron2 config key"):
         parse_search_space({"params": {"alpha": {"low": 0, "high": 8}}, "trial_overrides": {"max_iter": 1}})
+
+
+def test_reports_are_translated_for_tune():
+    """What a trial reports to Tune: prefixed metrics, evaluations counted from the iteration,
+    the per-dataset and combined objectives (NaN until a dataset has been evaluated)."""
+    import math
+
+    from eqlv2.search.trial import ReportTranslator, combine_objectives
+
+    lvis, openimages = dataset_specs(["lvis", "openimages"])
+    objective = parse_objective("AP")
+    first = ReportTranslator(lvis, ["lvis", "openimages"], objective, {}, 0, (80, 40))
+    early = first({"iteration": 20, "total_loss": 2.5})
+    assert early["lvis/total_loss"] == 2.5 and early["eval_step"] == 0 and math.isnan(early["objective"])
+    evaluated = first({"iteration": 40, "total_loss": 2.0, "AP": 3.0, "APr": 1.0})
+    assert evaluated["eval_step"] == 1 and evaluated["objective"] == 3.0
+    assert evaluated["lvis/objective"] == 3.0 and math.isnan(evaluated["openimages/objective"])
+    assert first({"iteration": 60, "total_loss": 1.9})["objective"] == 3.0  # until the next evaluation
+    # The second dataset's run: the first one's final objective is known, evaluations add up.
+    second = ReportTranslator(openimages, ["lvis", "openimages"], objective, {"lvis": 4.0}, 2, (80, 40))
+    result = second({"iteration": 40, "AP": 2.0, "AP1": 0.5})
+    assert result["eval_step"] == 3 and result["objective"] == 3.0 and result["dataset"] == "openimages"
+    assert result["openimages/AP1"] == 0.5
+    assert math.isnan(combine_objectives({"a": None, "b": float("nan")}))

@@ -190,6 +190,8 @@ def best_config_text(record: TrialRecord | None, settings: TrialSettings) -> str
     lines = [f"Best configuration (trial {record.trial_id}, objective {what} = {_number(record.objective, 4)}):"]
     lines.append(f"  {values}")
     overrides = " ".join(settings.space.config_overrides(record.params))
+    if settings.opts:
+        lines.append(f"  (its trials also ran with: {' '.join(settings.opts)})")
     for spec in settings.datasets:
         lines.append(
             f"  train it: python train/train_net.py --config-file {spec.config_file} {overrides}"
@@ -218,6 +220,7 @@ def write_reports(records: Sequence[TrialRecord], settings: TrialSettings, folde
             "objective": best.objective,
             "metric": settings.objective.text,
             "config_overrides": settings.space.config_overrides(best.params),
+            "trial_overrides": list(settings.opts),
             "metrics": {k: v for k, v in best.metrics.items() if isinstance(v, int | float) and "/" in k},
         }
     paths["best"].write_text(json.dumps(payload, indent=2, default=str) + "\n")

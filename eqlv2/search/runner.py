@@ -183,6 +183,13 @@ def _workers_per_trial(options: SearchOptions, cluster: dict[str, float]) -> int
     return workers
 
 
+def _absolute_sqlite(uri: str | None) -> str | None:
+    """``sqlite:///relative.db`` made absolute: Ray workers run in other folders."""
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{_absolute(uri[len('sqlite:///'):])}"
+    return uri
+
+
 def _space_path(value: str) -> Path:
     """The search-space file: as given, else relative to the repository (``configs/search/...``
     works from any directory)."""
@@ -380,8 +387,12 @@ def run_search(options: SearchOptions) -> SearchOutcome:
             dataset, path = specs[0].name, entry
         baselines[dataset] = tuple(read_gradient_ratio(path))
 
-    tracking_uri = state.get("tracking_uri") or options.mlflow_uri or default_tracking_uri(where["results_dir"])
-    optuna_url = state.get("optuna_storage") or storage_url(options.optuna_storage, where["results_dir"] / "optuna.db")
+    tracking_uri = state.get("tracking_uri") or _absolute_sqlite(options.mlflow_uri) or default_tracking_uri(
+        where["results_dir"]
+    )
+    optuna_url = state.get("optuna_storage") or storage_url(
+        _absolute_sqlite(options.optuna_storage), where["results_dir"] / "optuna.db"
+    )
     study_name = state.get("study_name") or _study_name(options, space_file, objective)
 
     started_ray = False

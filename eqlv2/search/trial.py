@@ -40,7 +40,7 @@ from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SearchReportCallback", "TrialFailedError", "combine_objectives", "run_trial"]
+__all__ = ["ReportTranslator", "SearchReportCallback", "TrialFailedError", "combine_objectives", "run_trial"]
 
 NAN = float("nan")
 
@@ -55,8 +55,8 @@ def combine_objectives(per_dataset: Mapping[str, float | None]) -> float:
     return sum(known) / len(known) if known else NAN
 
 
-class SearchReportCallback(TuneReportCallback):
-    """Forwards rank 0's Ray Train reports to Tune in the search's vocabulary (module docstring).
+class ReportTranslator:
+    """Turns rank 0's Ray Train reports of one training run into the search's Tune results.
 
     Args:
         dataset: the dataset of this training run.
@@ -65,7 +65,7 @@ class SearchReportCallback(TuneReportCallback):
         finished: final objectives of the datasets already trained in this trial.
         eval_offset: evaluations done by those earlier runs.
         schedule: ``(max_iter, eval_period)`` of this run, to count its evaluations from the
-            reported iteration.
+            reported iteration (right also when the run resumed from a checkpoint).
     """
 
     def __init__(
@@ -77,7 +77,6 @@ class SearchReportCallback(TuneReportCallback):
         eval_offset: int,
         schedule: tuple[int, int],
     ) -> None:
-        super().__init__()
         self._dataset = dataset
         self._all = list(all_datasets)
         self._objective = objective
@@ -87,8 +86,8 @@ class SearchReportCallback(TuneReportCallback):
         self._evals = 0
         self._current: float | None = None
 
-    def transform(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """The Tune result for one rank-0 report."""
+    def __call__(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The Tune result for one rank-0 report (see the module docstring)."""
         name = self._dataset.name
         out: dict[str, Any] = {}
         for key, value in metrics.items():
@@ -112,11 +111,23 @@ class SearchReportCallback(TuneReportCallback):
             out["iteration"] = metrics["iteration"]
         return out
 
+
+class SearchReportCallback(TuneReportCallback):
+    """Forwards rank 0's Ray Train reports to Tune, translated by :class:`ReportTranslator`.
+
+    Runs in the Ray Train controller; must be created inside the Tune trial (it connects to the
+    trial's result queue).
+    """
+
+    def __init__(self, dataset: DatasetSpec, translator: ReportTranslator) -> None:
+        super().__init__()
+        self._name = dataset.name
+        self._translate = translator
+
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        rank0 = dict(metrics[0]) if metrics else {}
-        result = self.transform(rank0)
+        result = self._translate(dict(metrics[0]) if metrics else {})
         if checkpoint is not None:
-            result[f"{self._dataset.name}/checkpoint_path"] = checkpoint.path
+            result[f"{self._name}/checkpoint_path"] = checkpoint.path
         self._training_actor_item_queue.put(result)
 
 
@@ -211,9 +222,8 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             f"{trial_dir}/{spec.name}",
         ]
         schedule = settings.schedules.get(spec.name, (1, 0))
-        callback = SearchReportCallback(
-            spec, settings.dataset_names, settings.objective, finished, evals, schedule
-        )
+        translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
+        callback = SearchReportCallback(spec, translator)
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
@@ -257,7 +267,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         evals += settings.evaluations(spec.name)
 
     final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})
-    final["objective"] = combine_objectives(finished)
+    # Final objective: every dataset must have one (else NaN, and the study records a failure).
+    complete = all(v is not None for v in finished.values())
+    final["objective"] = combine_objectives(finished) if complete else NAN
     final[STEP_KEY] = evals
     final[COMPLETION_KEY] = 1
     if mlflow is not None:
