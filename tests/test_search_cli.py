@@ -44,6 +44,8 @@ def test_options_and_overrides_are_parsed():
     assert options.datasets == ("lvis", "openimages")
     assert options.config_files == ("lvis=a.yaml",) and options.opts == ("SOLVER.MAX_ITER", "50")
     assert options.num_trials == 6 and options.metric == "0.5*AP+0.5*AP1"
+    later = cli.options_from_args(["SOLVER.MAX_ITER", "6", "MODEL.X", "-1", "--resume"])
+    assert later.opts == ("SOLVER.MAX_ITER", "6", "MODEL.X", "-1") and later.resume  # options may follow
     assert cli.options_from_args(["--smoke"]).num_trials == 3
     assert cli.options_from_args(["--smoke", "--num-trials", "2"]).num_trials == 2
     with pytest.raises(SystemExit):

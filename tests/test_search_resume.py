@@ -1,6 +1,6 @@
 """Killing the search driver and running the same command with ``--resume`` finishes the search.
 
-A real smoke search of two trials (FIFO: both must complete) is started with ``tune/search.py``;
+A real search of two tiny trials (FIFO: both must complete) is started with ``tune/search.py``;
 once the first trial is complete and the second has started, the driver is killed with SIGKILL
 (its Ray cluster dies with it). ``--resume`` with the same arguments must then finish the search
 without training the first trial again and without queuing the seed point a second time, and
@@ -51,9 +51,12 @@ def _running_runs(runs: Path) -> int:
 @pytest.mark.slow
 def test_killed_driver_then_resume_finishes_the_search(tmp_path):
     runs = tmp_path / "runs"
+    # Two trials of 6 iterations and one evaluation each, one Ray Train worker: the smallest
+    # search with a finished trial and one to interrupt.
     args = [
         sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "2", "--scheduler", "fifo",
-        "--results-dir", str(runs), "--name", "resumable",
+        "--workers-per-trial", "1", "--results-dir", str(runs), "--name", "resumable",
+        "SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "MODEL.EQLV2.LOG_PERIOD", "3",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The offline benchmark where the project keeps it (generated once, shared by the tests).

@@ -105,15 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted search (same arguments): the Tune experiment "
                        "and the study, without re-running finished trials")
     where.add_argument("-v", "--verbose", action="store_true", help="show the trials' training logs")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides for every trial")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="config overrides for every trial (options may follow them)")
     return parser
 
 
 def options_from_args(argv: list[str]) -> SearchOptions:
     """Parses ``argv`` into :class:`SearchOptions`."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
     smoke = args.smoke
