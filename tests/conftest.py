@@ -104,3 +104,16 @@ def handful_lvis(tmp_path_factory) -> dict[str, str]:
         register_lvis_json(name, str(json_file), str(image_root) + os.sep)
         names[split] = name
     return names
+
+
+@pytest.fixture()
+def cleanup_names():
+    """A list a test appends dataset names to; they are removed from detectron2's catalogs after."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    names: list[str] = []
+    yield names
+    for name in names:
+        if name in DatasetCatalog:
+            DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -78,16 +78,6 @@ def write_lvis(root: Path, split: str = "train", frequency: dict[int, str] | Non
     return path
 
 
-@pytest.fixture()
-def cleanup_names():
-    names: list[str] = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog:
-            DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
 def test_frequency_group_thresholds():
     assert [frequency_group(n) for n in (0, 1, 10, 11, 100, 101, 5000)] == list("rrrccff")
 

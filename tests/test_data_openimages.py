@@ -70,16 +70,6 @@ def write_openimages(root: Path, split: str = "train") -> OpenImagesFiles:
     return files
 
 
-@pytest.fixture()
-def cleanup_names():
-    names: list[str] = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog:
-            DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
 def test_loader_builds_standard_dicts(tmp_path):
     files = write_openimages(tmp_path)
     dicts = load_openimages(tmp_path, "train")

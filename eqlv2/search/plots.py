@@ -92,12 +92,7 @@ def plot_gradient_ratio(
     ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_weight_norms(
@@ -121,12 +116,7 @@ def plot_weight_norms(
     ax.set_xlim(-0.5, len(order) - 0.5)
     if groups is not None:
         ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _save_optuna_figure(ax_or_fig, path: Path) -> Path:
@@ -192,3 +182,13 @@ def plot_optuna_importance(study, path: str | Path, target_name: str = "objectiv
         plt.close("all")
         return None
     return _save_optuna_figure(figure, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lays out ``fig``, writes it to ``path`` (creating its folder), closes it; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
