@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
+from .modeling.roi_heads import classification_losses
 from .statistics import GradientStatistics, summarize
 
 __all__ = ["GradientStatisticsHook"]
@@ -20,7 +21,8 @@ class GradientStatisticsHook(HookBase):
 
     The summaries (see :func:`eqlv2.statistics.summarize`) go into detectron2's ``EventStorage``
     under ``eqlv2/...`` (``eqlv2/stage{k}/...`` for cascade heads with several losses), so every
-    event writer (console, JSON, TensorBoard, and the project's MLflow writer) sees them.
+    event writer sees them: detectron2's console, JSON and TensorBoard writers, and in a search
+    :class:`eqlv2.search.mlflow_worker.MlflowEventWriter`.
     :meth:`snapshots` returns the full per-category arrays for other code to log.
     """
 
@@ -36,8 +38,6 @@ class GradientStatisticsHook(HookBase):
         self._groups = list(frequency_groups) if frequency_groups is not None else None
 
     def _losses(self) -> list:
-        from eqlv2.modeling.roi_heads import classification_losses
-
         return [
             loss
             for loss in classification_losses(self.trainer.model)

@@ -248,7 +248,7 @@ import json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from detectron2.utils import comm
-from eqlv2.cluster.distributed import WorkerPlacement, setup_detectron2_comm
+from eqlv2.raytrain.distributed import WorkerPlacement, setup_detectron2_comm
 
 rank, world_size, store, nodes, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size)

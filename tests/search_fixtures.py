@@ -7,13 +7,15 @@ Import the fixtures into a test module (``from search_fixtures import ray_local`
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray cluster of 2 CPUs without dashboard, for one test module."""
+    """A local Ray cluster of 2 CPUs for one test module, its dashboard on a free loopback port
+    (it serves the State API Ray Train's placement-group cleaner needs, as in a search)."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -25,9 +27,13 @@ def ray_local():
         os.environ["PYTHONPATH"] = os.pathsep.join([tests_dir, *[p for p in paths if p]])
     if ray.is_initialized():
         ray.shutdown()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
+        address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        log_to_driver=False, configure_logging=False,
+    )  # fmt: skip
     try:
         yield ray
     finally:

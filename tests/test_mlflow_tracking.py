@@ -13,32 +13,31 @@ pytest.importorskip("ray")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from eqlv2.search.mlflow_tracking import (  # noqa: E402
+from eqlv2.search.mlflow_client import (  # noqa: E402
     PARENT_TAG,
     STATUS_TAG,
     TRIAL_TAG,
     SafeMlflow,
-    close_stale_child_runs,
-    default_tracking_uri,
-    find_child_runs,
     prepare_tracking_store,
-    read_gradient_ratio,
     ui_command,
-    write_gradient_table,
 )
+from eqlv2.search.mlflow_driver import close_stale_child_runs  # noqa: E402
+from eqlv2.search.mlflow_worker import gradient_table, read_gradient_ratio  # noqa: E402
 from eqlv2.search.plots import (  # noqa: E402
     frequency_order,
-    plot_gradient_ratio,
-    plot_optuna_history,
-    plot_optuna_importance,
-    plot_weight_norms,
+    gradient_ratio_figure,
+    optuna_history_figure,
+    optuna_importance_figure,
+    save_figure,
+    weight_norms_figure,
 )
+from eqlv2.search.stores import sqlite_url  # noqa: E402
 from eqlv2.statistics import GradientStatistics  # noqa: E402
 
 
 @pytest.fixture()
 def store(tmp_path):
-    uri = default_tracking_uri(tmp_path)
+    uri = sqlite_url(tmp_path / "mlflow.db")
     experiment_id = prepare_tracking_store(uri, "test-search", tmp_path / "artifacts")
     return uri, experiment_id
 
@@ -64,12 +63,11 @@ def test_parent_and_child_runs_read_back(tmp_path, store):
     mlflow.log_params(child, {"gamma": 12.0, "mu": 0.8, "alpha": 4.0, "dataset": "lvis"})
     for step, value in ((10, 1.5), (20, 1.2)):
         mlflow.log_metrics(child, {"lvis/total_loss": value, "lvis/AP": float("nan"), "flag": True}, step)
-    table = write_gradient_table(
-        tmp_path / "g.csv",
+    table = gradient_table(
         GradientStatistics(*(np.arange(3.0) + i for i in range(5))),
         {"names": ["a", "b", "c"], "counts": [30, 5, 1], "groups": ["f", "c", "r"]},
     )
-    mlflow.log_artifact(child, table, "gradient_statistics/lvis")
+    mlflow.log_text(child, table, "gradient_statistics/lvis/g.csv")
     mlflow.terminate(child, "FINISHED")
 
     client = MlflowClient(uri)
@@ -80,7 +78,7 @@ def test_parent_and_child_runs_read_back(tmp_path, store):
     assert [(m.step, m.value) for m in history] == [(10, 1.5), (20, 1.2)]
     assert "lvis/AP" not in run.data.metrics  # NaN is not logged
     assert [a.path for a in client.list_artifacts(child, "gradient_statistics/lvis")] == ["gradient_statistics/lvis/g.csv"]
-    assert [r.info.run_id for r in find_child_runs(mlflow, experiment_id, parent, "abc123")] == [child]
+    assert [r.info.run_id for r in mlflow.find_child_runs(experiment_id, parent, "abc123")] == [child]
 
     assert close_stale_child_runs(mlflow, experiment_id, parent, "interrupted") == 1
     assert client.get_run(stale).info.status == "KILLED"
@@ -93,7 +91,7 @@ def test_unreachable_server_only_warns(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     mlflow = SafeMlflow("http://127.0.0.1:9", retry_after=60)  # nothing listens on port 9
-    with caplog.at_level(logging.WARNING, logger="eqlv2.search.mlflow_tracking"):
+    with caplog.at_level(logging.WARNING, logger="eqlv2.search.mlflow_client"):
         assert mlflow.create_run("0", "trial") is None
         mlflow.log_metrics("run", {"lvis/AP": 1.0}, step=5)  # skipped while the server is down
         mlflow.terminate("run", "FINISHED")
@@ -108,16 +106,19 @@ def test_unreachable_server_only_warns(monkeypatch, caplog):
 def test_plots_and_tables(tmp_path):
     counts = [5, 200, 40, 1]
     assert list(frequency_order(counts)) == [1, 2, 0, 3]
-    ratio = plot_gradient_ratio(
-        [0.2, 0.9, 0.5, 0.05], counts, tmp_path / "ratio.png", groups=["r", "f", "c", "r"], baseline_ratio=[0.1, 0.8, 0.3, 0.01]
+    ratio = save_figure(
+        gradient_ratio_figure([0.2, 0.9, 0.5, 0.05], counts, groups=["r", "f", "c", "r"], baseline_ratio=[0.1, 0.8, 0.3, 0.01]),
+        tmp_path / "ratio.png",
     )
-    norms = plot_weight_norms([1.0, 2.0, 1.5, 0.5], counts, tmp_path / "norms.png", groups=["r", "f", "c", "r"])
+    norms = save_figure(weight_norms_figure([1.0, 2.0, 1.5, 0.5], counts, groups=["r", "f", "c", "r"]), tmp_path / "norms.png")
     for path in (ratio, norms):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = write_gradient_table(
-        tmp_path / "g.csv",
-        GradientStatistics(*(np.array([1.0, 2.0]) for _ in range(5))),
-        {"names": ["x", "y"], "counts": [3, 1], "groups": None},
+    table = tmp_path / "g.csv"
+    table.write_text(
+        gradient_table(
+            GradientStatistics(*(np.array([1.0, 2.0]) for _ in range(5))),
+            {"names": ["x", "y"], "counts": [3, 1], "groups": None},
+        )
     )
     with open(table) as handle:
         rows = list(csv.DictReader(handle))
@@ -130,7 +131,7 @@ def test_optuna_plots(tmp_path):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    assert plot_optuna_history(study, tmp_path / "h.png") is None  # nothing complete yet
+    assert optuna_history_figure(study) is None  # nothing complete yet
     study.optimize(lambda t: t.suggest_float("gamma", 4, 16) - t.suggest_float("alpha", 0, 8) / 4, n_trials=6)
-    assert plot_optuna_history(study, tmp_path / "h.png").is_file()
-    assert plot_optuna_importance(study, tmp_path / "i.png").is_file()
+    assert save_figure(optuna_history_figure(study), tmp_path / "h.png").is_file()
+    assert save_figure(optuna_importance_figure(study), tmp_path / "i.png").is_file()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 
 import pytest
 
@@ -23,7 +22,7 @@ from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from search_fixtures import ray_local  # noqa: E402,F401
 
-from eqlv2.search.optuna_bookkeeping import (  # noqa: E402
+from eqlv2.search.optuna_study import (  # noqa: E402
     COMPLETION_KEY,
     EXPERIMENT_ATTR,
     REASON_ATTR,
@@ -33,10 +32,10 @@ from eqlv2.search.optuna_bookkeeping import (  # noqa: E402
     finished_trial_summary,
     open_storage,
     pending_seed_points,
-    storage_url,
 )
 from eqlv2.search.scheduling import build_scheduler  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
+from eqlv2.search.stores import store_url  # noqa: E402
 
 SPACE = parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}})
 
@@ -68,7 +67,7 @@ def _run(searcher, tmp_path, name, num_samples):
 
 
 def _study(tmp_path, name):
-    url = storage_url(None, tmp_path / "optuna.db")
+    url = store_url(None, tmp_path / "optuna.db")
     storage = open_storage(url)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     return url, storage, study
@@ -154,40 +153,6 @@ def test_non_finite_final_objective_fails_and_restore_fails_orphans(tmp_path):
     live = optuna.load_study(study_name="direct", storage=url).trials[states["t-live"].number]
     assert live.state == TrialState.COMPLETE and live.value == 7.0
     pickle.dumps(restored)  # Tune checkpoints the searcher by pickling it
-
-
-@pytest.mark.slow
-def test_janitor_releases_placement_groups_of_dead_creators(ray_local):  # noqa: F811
-    """A stopped trial's Ray Train controller dies with its placement group still reserved."""
-    import ray
-    from ray.util.placement_group import placement_group
-
-    from eqlv2.search.placement_groups import (
-        orphaned_placement_groups,
-        release_orphaned_placement_groups,
-    )
-
-    @ray.remote(num_cpus=0)
-    class Controller:
-        def reserve(self):
-            group = placement_group([{"CPU": 1}])
-            ray.get(group.ready())
-            return group.id.hex()
-
-    controller = Controller.remote()
-    reserved = ray.get(controller.reserve.remote())
-    mine = placement_group([{"CPU": 0.5}])  # the driver's own: never touched
-    ray.get(mine.ready())
-    assert orphaned_placement_groups() == []
-    ray.kill(controller)
-    for _ in range(50):
-        if orphaned_placement_groups():
-            break
-        time.sleep(0.2)
-    assert orphaned_placement_groups() == [reserved]
-    assert release_orphaned_placement_groups() == 1
-    assert orphaned_placement_groups() == []
-    ray.util.remove_placement_group(mine)
 
 
 def test_multi_objective_trials(tmp_path):

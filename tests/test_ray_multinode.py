@@ -16,7 +16,7 @@ import pytest
 import torch
 from ray_fixtures import TINY, RecordingHook, free_port, pickle_by_value, tiny_opts, write_handful
 
-from eqlv2.cluster.ray_train import build_torch_trainer
+from eqlv2.raytrain.launch import build_torch_trainer
 
 
 @pytest.fixture(scope="module")

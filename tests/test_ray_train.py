@@ -34,24 +34,24 @@ from ray_fixtures import (
     write_handful,
 )
 
-from eqlv2.cluster import ray_train
-from eqlv2.cluster.checks import (
+from eqlv2.losses import EQLv2Loss
+from eqlv2.losses import eqlv2 as eqlv2_module
+from eqlv2.raytrain import launch
+from eqlv2.raytrain.checks import (
     ClusterConnectionError,
     InsufficientResourcesError,
     UnknownDatasetError,
     check_cluster_resources,
     check_ray_address,
 )
-from eqlv2.cluster.distributed import (
+from eqlv2.raytrain.distributed import (
     WorkerPlacement,
     _ranks_per_node,
     ddp_device_ids,
     ddp_device_ids_fix,
 )
-from eqlv2.cluster.ray_train import build_torch_trainer, default_run_name
-from eqlv2.cluster.reporting import evaluation_metrics, paper_columns
-from eqlv2.losses import EQLv2Loss
-from eqlv2.losses import eqlv2 as eqlv2_module
+from eqlv2.raytrain.launch import build_torch_trainer, default_run_name
+from eqlv2.raytrain.report_hook import evaluation_metrics, paper_columns
 
 
 # --------------------------------------------------------------------------- fast unit tests
@@ -88,7 +88,7 @@ def test_unreachable_ray_address_fails_within_seconds(monkeypatch):
 
 
 def test_missing_config_and_unknown_dataset_fail_before_ray_starts(tmp_path):
-    with mock.patch.object(ray_train, "connect_ray") as connect:
+    with mock.patch.object(launch, "connect_ray") as connect:
         with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
             build_torch_trainer(str(tmp_path / "nowhere.yaml"), [], num_workers=1)
         with pytest.raises(UnknownDatasetError, match="no_such_dataset"):
@@ -133,6 +133,20 @@ def test_ddp_gets_no_device_ids_for_a_cpu_model():
     assert defaults.create_ddp_model is original
 
 
+def test_detectron2_local_group_global_exists():
+    """Guards the one private detectron2 API used (``comm._LOCAL_PROCESS_GROUP``, set by
+    ``setup_detectron2_comm``): it must still be what ``get_local_process_group`` returns."""
+    from detectron2.utils import comm
+
+    assert hasattr(comm, "_LOCAL_PROCESS_GROUP")
+    saved = comm._LOCAL_PROCESS_GROUP
+    try:
+        comm._LOCAL_PROCESS_GROUP = marker = object()
+        assert comm.get_local_process_group() is marker
+    finally:
+        comm._LOCAL_PROCESS_GROUP = saved
+
+
 def test_evaluation_results_are_flattened_with_paper_columns():
     results = {
         "bbox": {"AP": 10.0, "APr": 1.0, "APc": 2.0, "APf": 3.0},
@@ -153,7 +167,7 @@ def test_evaluation_results_are_flattened_with_paper_columns():
 
 
 def test_scalars_of_all_workers_are_averaged_where_present():
-    from eqlv2.cluster.reporting import _mean_over_workers
+    from eqlv2.raytrain.report_hook import _mean_over_workers
 
     rank0 = {"total_loss": 2.0, "fast_rcnn/cls_accuracy": 0.5, "lr": 0.01}
     rank1 = {"fast_rcnn/cls_accuracy": 0.7, "lr": 0.01, "time": 3.0}
@@ -278,8 +292,6 @@ def test_reports_carry_training_and_evaluation_metrics_with_checkpoints(two_work
     assert {"model.pth", "metadata.json", "config.yaml"} <= {p.name for p in checkpoint_dir.iterdir()}
     metadata = json.loads((checkpoint_dir / "metadata.json").read_text())
     assert metadata["iteration"] == MAX_ITER and metadata["world_size"] == 2
-    (stats,) = metadata["eqlv2_statistics"]
-    assert stats["neg_grad"] == two_workers["ranks"][0]["end"]["neg_grad"].tolist()
     state = torch.load(checkpoint_dir / "model.pth", weights_only=False)
     assert state["iteration"] == state["trainer"]["iteration"] == MAX_ITER - 1
     assert "optimizer" in state["trainer"]["_trainer"] and "LRScheduler" in state["trainer"]["hooks"]
@@ -343,10 +355,12 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):  
     assert restored["start_iter"] in (2, 4), restored
     checkpoint = Path(restored["checkpoint"])
     assert checkpoint.name == f"checkpoint_{restored['start_iter']:07d}"
-    (saved,) = json.loads((checkpoint / "metadata.json").read_text())["eqlv2_statistics"]
-    assert restored["statistics"]["pos_grad"].tolist() == saved["pos_grad"]
-    assert restored["statistics"]["neg_grad"].tolist() == saved["neg_grad"]
-    assert restored["statistics"]["num_updates"] == saved["num_updates"] == restored["start_iter"]
+    # The statistics the restart began with are those the checkpoint's model holds.
+    model = torch.load(checkpoint / "model.pth", weights_only=False)["model"]
+    saved = {k.rsplit(".", 1)[1]: torch.as_tensor(v) for k, v in model.items() if ".classification_loss." in k}
+    assert torch.equal(restored["statistics"]["pos_grad"], saved["pos_grad"])
+    assert torch.equal(restored["statistics"]["neg_grad"], saved["neg_grad"])
+    assert restored["statistics"]["num_updates"] == int(saved["num_updates"]) == restored["start_iter"]
     iterations = [r["metrics"][0]["iteration"] for r in read_reports(tmp_path / "reports.jsonl")]
     after_restart = list(range(restored["start_iter"] + 2, 9, 2))
     assert iterations[-len(after_restart) :] == after_restart, iterations

@@ -70,7 +70,7 @@ def test_bad_options_fail_before_anything_starts(tmp_path, monkeypatch, argv, me
     monkeypatch.setenv(
         "EQLV2_SYNTHETIC_ROOT", os.environ.get("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
     )
-    from eqlv2.search.runner import run_search
+    from eqlv2.search.driver import run_search
 
     options = _cli().options_from_args([*argv, "--results-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match=message):

@@ -61,7 +61,7 @@ def smoke(tmp_path_factory):
     proc = run_cli(
         ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke"],
         cwd=work,
-        timeout=900,
+        timeout=1800,  # a hung search fails; a loaded 2-core machine may need 15+ min
     )
     (work / "stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -24,7 +24,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eqlv2.search.runner import SearchOptions, run_search  # noqa: E402
+from eqlv2.search.options import SearchOptions  # noqa: E402
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _positive(text: str) -> int:
@@ -47,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to search")
     what.add_argument("--search-space", default="configs/search/default.yaml", metavar="YAML",
                       help="search-space file (default: %(default)s; see configs/search/)")
-    what.add_argument("--datasets", default="lvis", metavar="NAMES",
+    what.add_argument("--datasets", type=_names, default="lvis", metavar="NAMES",
                       help="comma-separated: lvis, openimages or lvis,openimages (each trial trains "
                       "on each, same gamma/mu/alpha; objective = mean). Default: %(default)s")
-    what.add_argument("--config-file", action="append", default=[], metavar="[NAME=]YAML",
+    what.add_argument("--config-file", dest="config_files", action="append", default=[], metavar="[NAME=]YAML",
                       help="detectron2 config of a dataset (repeatable; NAME=PATH with several "
                       "datasets). Default: the tiny configs in configs/tiny/")
     what.add_argument("--metric", default="AP", metavar="EXPR",
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "0.5*AP+0.5*APr (default: %(default)s)")
     what.add_argument("--multi-objective", action="store_true",
                       help="one Optuna objective per dataset (Pareto front reported) instead of the mean")
-    what.add_argument("--num-trials", type=_positive, default=4, help="trials to run (default: %(default)s)")
+    what.add_argument("--num-trials", type=_positive, default=None, help="trials to run (default: 4; 3 with --smoke)")
     what.add_argument("--seed", type=int, default=42, help="sampler and detectron2 seed (default: %(default)s)")
     what.add_argument("--smoke", action="store_true",
                       help="the smallest real search (tests): 3 trials of 12 iterations, small "
@@ -116,40 +120,7 @@ def options_from_args(argv: list[str]) -> SearchOptions:
     args = parser.parse_intermixed_args(argv)
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
-    smoke = args.smoke
-    return SearchOptions(
-        search_space=args.search_space,
-        datasets=tuple(d.strip() for d in args.datasets.split(",") if d.strip()),
-        config_files=tuple(args.config_file),
-        opts=tuple(args.opts),
-        num_trials=3 if smoke and "--num-trials" not in argv else args.num_trials,
-        concurrency=args.concurrency,
-        workers_per_trial=args.workers_per_trial,
-        cpus_per_worker=args.cpus_per_worker,
-        use_gpu=args.use_gpu,
-        scheduler=args.scheduler,
-        grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor,
-        sampler=args.sampler,
-        metric=args.metric,
-        multi_objective=args.multi_objective,
-        results_dir=args.results_dir,
-        storage_path=args.storage_path,
-        name=args.name,
-        mlflow_uri=args.mlflow_uri,
-        mlflow_experiment=args.mlflow_experiment,
-        optuna_storage=args.optuna_storage,
-        study_name=args.study_name,
-        resume=args.resume,
-        smoke=smoke,
-        seed=args.seed,
-        max_failures=args.max_failures,
-        ray_address=args.ray_address,
-        num_cpus=args.num_cpus,
-        baseline_gradients=tuple(args.baseline_gradients),
-        verbose=args.verbose,
-        argv=tuple(argv),
-    )
+    return SearchOptions.from_namespace(args, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("ray", "mlflow", "alembic", "optuna", "detectron2", "fvcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     options = options_from_args(argv)
+    # Imported once the arguments are read: Ray, detectron2 and MLflow take seconds to import,
+    # which --help and a bad flag should not wait for.
+    from eqlv2.search.driver import run_search
+
     outcome = run_search(options)
     return 0 if outcome.best is not None else 1
 

@@ -1,18 +1,17 @@
 """Hyper-parameter search of EQL v2 with Ray Tune + Optuna, tracked in MLflow (``tune/search.py``).
 
-Needs the ``cluster`` extra (Ray, Optuna, MLflow). The rest of :mod:`eqlv2` never imports this
-package. Modules, one job each:
+Needs the ``cluster`` extra (Ray, Optuna, MLflow); the rest of :mod:`eqlv2` never imports this
+package. Modules by the process that runs them (the picture is in the README's Layout section):
 
-* :mod:`~eqlv2.search.space` — the search space from a YAML file of ``configs/search/``;
-* :mod:`~eqlv2.search.settings` — datasets, the objective (``AP``, ``APr``, weighted mixes) and the
-  picklable settings every trial gets;
-* :mod:`~eqlv2.search.optuna_bookkeeping` — the study in its database, seed points, and
-  ``TrialStateOptunaSearch`` (stopped trials PRUNED, errors FAIL, orphans of a killed driver FAIL);
-* :mod:`~eqlv2.search.scheduling` — ASHA on the intermediate objective;
-* :mod:`~eqlv2.search.trial` — the Tune trainable: one Ray Train run per dataset per trial;
-* :mod:`~eqlv2.search.mlflow_tracking` — parent / child runs, the rank-0 training hook, closing runs;
-* :mod:`~eqlv2.search.placement_groups` — releasing the Ray resources of trials stopped early;
-* :mod:`~eqlv2.search.report` — the ranked table and the best configuration;
-* :mod:`~eqlv2.search.plots` — gradient-ratio, weight-norm and Optuna figures;
-* :mod:`~eqlv2.search.runner` — the driver, :func:`~eqlv2.search.runner.run_search`.
+* driver: :mod:`~eqlv2.search.driver` (:func:`~eqlv2.search.driver.run_search`, a pipeline of
+  named steps), :mod:`~eqlv2.search.options`, :mod:`~eqlv2.search.space`,
+  :mod:`~eqlv2.search.settings`, :mod:`~eqlv2.search.stores` (store URLs),
+  :mod:`~eqlv2.search.optuna_study` (the study's only writer), :mod:`~eqlv2.search.scheduling`
+  (ASHA), :mod:`~eqlv2.search.mlflow_driver` (parent run, every trial run's final state),
+  :mod:`~eqlv2.search.ranking` (the ranked table);
+* trial process: :mod:`~eqlv2.search.trial` (the trainable: one Ray Train run per dataset);
+* rank-0 Ray Train worker: :mod:`~eqlv2.search.mlflow_worker` (metrics and artifacts of a
+  trial run);
+* everywhere: :mod:`~eqlv2.search.mlflow_client` (MLflow calls that never raise) and
+  :mod:`~eqlv2.search.plots`.
 """

@@ -1,6 +1,8 @@
 """Figures of a search: gradient ratios (paper Fig. 1-2), classifier weight norms (Fig. 3), Optuna.
 
-Every function writes one file and returns its path; matplotlib runs headless (Agg).
+Each function returns a matplotlib ``Figure`` (``None`` when there is nothing to draw), which the
+tracking code hands to ``MlflowClient.log_figure``; :func:`save_figure` writes one to a file.
+The trial figures are built without pyplot (no global state in a training process).
 """
 
 from __future__ import annotations
@@ -15,15 +17,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from optuna.visualization.matplotlib import (  # noqa: E402
+    plot_optimization_history,
+    plot_param_importances,
+    plot_pareto_front,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "frequency_order",
-    "plot_gradient_ratio",
-    "plot_weight_norms",
-    "plot_optuna_history",
-    "plot_optuna_importance",
+    "gradient_ratio_figure",
+    "optuna_history_figure",
+    "optuna_importance_figure",
+    "save_figure",
+    "weight_norms_figure",
 ]
 
 _GROUP_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
@@ -43,152 +53,111 @@ def _shade_groups(ax, groups: Sequence[str] | None, order: np.ndarray) -> None:
     start = 0
     for index in range(1, len(labels) + 1):
         if index == len(labels) or labels[index] != labels[start]:
-            group = str(labels[start])
-            ax.axvspan(
-                start - 0.5,
-                index - 0.5,
-                color=_GROUP_COLOURS.get(group, "#888888"),
-                alpha=0.08,
-                lw=0,
-            )
+            colour = _GROUP_COLOURS.get(str(labels[start]), "#888888")
+            ax.axvspan(start - 0.5, index - 0.5, color=colour, alpha=0.08, lw=0)
             start = index
     for group, name in _GROUP_NAMES.items():
         if group in labels:
             ax.plot([], [], color=_GROUP_COLOURS[group], alpha=0.3, lw=8, label=name)
 
 
-def plot_gradient_ratio(
+def _category_axes(counts: Sequence[float], groups: Sequence[str] | None, title: str, ylabel: str):
+    """A figure whose x axis is the categories sorted by training frequency (head on the left)."""
+    order = frequency_order(counts)
+    figure = Figure(figsize=(8, 3.6), dpi=100)
+    ax = figure.subplots()
+    _shade_groups(ax, groups, order)
+    ax.set_xlabel("category index, sorted by training frequency")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    return figure, ax, order
+
+
+def gradient_ratio_figure(
     ratio: Sequence[float],
     counts: Sequence[float],
-    path: str | Path,
     *,
     groups: Sequence[str] | None = None,
     baseline_ratio: Sequence[float] | None = None,
     title: str = "Accumulated positive/negative gradient ratio",
-    label: str = "EQL v2",
-    baseline_label: str = "baseline",
-) -> Path:
-    """Ratio of accumulated positive to negative gradients per category, categories sorted by
-    training frequency (head on the left), as in the paper's Figures 1-2.
+) -> Figure:
+    """Ratio of accumulated positive to negative gradients per category, as in Figures 1-2.
 
     Args:
         ratio: ``(C,)`` ratio of the trial.
-        counts: ``(C,)`` training instance (or image) counts used to sort the categories.
-        path: PNG file to write.
+        counts: ``(C,)`` training instance (or image) counts that sort the categories.
         groups: ``(C,)`` frequency group of each category, shaded in the background.
         baseline_ratio: ``(C,)`` ratio of a baseline model, drawn for comparison when given.
     """
-    ratio = np.asarray(ratio, dtype=float)
-    order = frequency_order(counts)
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-    _shade_groups(ax, groups, order)
+    figure, ax, order = _category_axes(counts, groups, title, "pos / neg gradient")
     x = np.arange(len(order))
     if baseline_ratio is not None:
-        ax.plot(x, np.asarray(baseline_ratio, dtype=float)[order], color="#7f7f7f", lw=1.2, label=baseline_label)
-    ax.plot(x, ratio[order], color="#2ca02c", lw=1.5, label=label)
-    ax.set_xlabel("category index, sorted by training frequency")
-    ax.set_ylabel("pos / neg gradient")
-    ax.set_title(title)
-    ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.plot(x, np.asarray(baseline_ratio, dtype=float)[order], color="#7f7f7f", lw=1.2, label="baseline")
+    ax.plot(x, np.asarray(ratio, dtype=float)[order], color="#2ca02c", lw=1.5, label="EQL v2")
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper right", fontsize=8)
-    return _save(fig, path)
+    figure.tight_layout()
+    return figure
 
 
-def plot_weight_norms(
-    norms: Sequence[float],
-    counts: Sequence[float],
-    path: str | Path,
-    *,
-    groups: Sequence[str] | None = None,
-    title: str = "Classifier weight norms",
-) -> Path:
-    """L2 norm of each category's classifier weight vector, categories sorted by training
-    frequency, as in the paper's Figure 3."""
-    norms = np.asarray(norms, dtype=float)
-    order = frequency_order(counts)
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-    _shade_groups(ax, groups, order)
-    ax.bar(np.arange(len(order)), norms[order], width=1.0, color="#1f77b4")
-    ax.set_xlabel("category index, sorted by training frequency")
-    ax.set_ylabel("||w_j||")
-    ax.set_title(title)
-    ax.set_xlim(-0.5, len(order) - 0.5)
+def weight_norms_figure(
+    norms: Sequence[float], counts: Sequence[float], *, groups: Sequence[str] | None = None, title: str = "Classifier weight norms"
+) -> Figure:
+    """L2 norm of each category's ``(C,)`` classifier weight vector, as in Figure 3."""
+    figure, ax, order = _category_axes(counts, groups, title, "||w_j||")
+    ax.bar(np.arange(len(order)), np.asarray(norms, dtype=float)[order], width=1.0, color="#1f77b4")
     if groups is not None:
         ax.legend(loc="upper right", fontsize=8)
-    return _save(fig, path)
+    figure.tight_layout()
+    return figure
 
 
-def _save_optuna_figure(ax_or_fig, path: Path) -> Path:
-    fig = ax_or_fig.figure if hasattr(ax_or_fig, "figure") and not hasattr(ax_or_fig, "savefig") else ax_or_fig
-    if isinstance(fig, np.ndarray):  # some Optuna plots return an array of axes
-        fig = fig.flat[0].figure
-    fig.set_size_inches(8, 4.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def _optuna_figure(draw, *args, **kwargs):
+    """The figure of one of Optuna's matplotlib plots (taken out of pyplot's registry)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        drawn = draw(*args, **kwargs)
+    figure = (np.ravel(drawn)[0] if isinstance(drawn, np.ndarray) else drawn).figure
+    plt.close(figure)
+    figure.set_size_inches(8, 4.5)
+    figure.tight_layout()
+    return figure
 
 
-def plot_optuna_history(study, path: str | Path, target_name: str = "objective") -> Path | None:
-    """Optuna's optimisation history (value per trial and the best so far) as a PNG.
+def _complete_trials(study: optuna.Study) -> list:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
-    Returns None, with a log line, when the study has no complete trial.
-    """
-    import optuna
-    from optuna.visualization.matplotlib import plot_optimization_history
 
-    path = Path(path)
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+def optuna_history_figure(study: optuna.Study, target_name: str = "objective") -> Figure | None:
+    """Optuna's optimisation history (the Pareto front for several objectives); None, with a
+    log line, when the study has no complete trial."""
+    if not _complete_trials(study):
         logger.info("No complete trial: no optimisation history plot")
         return None
     if len(study.directions) > 1:
-        from optuna.visualization.matplotlib import plot_pareto_front
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            figure = plot_pareto_front(study)
-        return _save_optuna_figure(figure, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        figure = plot_optimization_history(study, target_name=target_name)
-    return _save_optuna_figure(figure, path)
+        return _optuna_figure(plot_pareto_front, study)
+    return _optuna_figure(plot_optimization_history, study, target_name=target_name)
 
 
-def plot_optuna_importance(study, path: str | Path, target_name: str = "objective") -> Path | None:
-    """Optuna's hyper-parameter importance (fANOVA) as a PNG.
-
-    Returns None, with a log line, when the study cannot support it (fewer than two complete
-    trials, or a single searched parameter).
-    """
-    import optuna
-    from optuna.visualization.matplotlib import plot_param_importances
-
-    path = Path(path)
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) < 2:
-        logger.info("Fewer than two complete trials: no parameter-importance plot")
+def optuna_importance_figure(study: optuna.Study, target_name: str = "objective", min_trials: int = 2) -> Figure | None:
+    """Optuna's hyper-parameter importance (fANOVA); None, with a log line, with fewer than
+    ``min_trials`` complete trials or when the study cannot support it (one searched parameter)."""
+    if len(_complete_trials(study)) < min_trials:
+        logger.info("Fewer than %d complete trials: no parameter-importance plot", min_trials)
         return None
+    target = (lambda trial: trial.values[0]) if len(study.directions) > 1 else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if len(study.directions) > 1:
-                figure = plot_param_importances(study, target=lambda t: t.values[0], target_name=target_name)
-            else:
-                figure = plot_param_importances(study, target_name=target_name)
+        return _optuna_figure(plot_param_importances, study, target=target, target_name=target_name)
     except (RuntimeError, ValueError) as error:
         logger.info("No parameter-importance plot: %s", error)
         plt.close("all")
         return None
-    return _save_optuna_figure(figure, path)
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Lays out ``fig``, writes it to ``path`` (creating its folder), closes it; returns the path."""
-    fig.tight_layout()
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Writes ``figure`` to ``path`` (creating its folder); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    figure.savefig(path)
     return path

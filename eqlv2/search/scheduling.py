@@ -1,7 +1,7 @@
 """Early stopping of the search: ASHA on the intermediate objective, or none.
 
 ASHA's time attribute is the number of evaluations a trial has done
-(:data:`~eqlv2.search.optuna_bookkeeping.STEP_KEY`), its metric the intermediate objective. An
+(:data:`~eqlv2.search.optuna_study.STEP_KEY`), its metric the intermediate objective. An
 evaluation without a finite objective (a model that detects nothing gets a NaN AP from the LVIS
 evaluator) ranks last: Ray's ASHA would otherwise never stop such a trial, since ``NaN < cutoff``
 is false. And no decision is taken at a trial's last evaluation: stopping it there saves nothing
@@ -15,7 +15,7 @@ import math
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from .optuna_bookkeeping import STEP_KEY
+from .optuna_study import STEP_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +31,21 @@ class NonFiniteLastASHA(ASHAScheduler):
         kwargs: :class:`ray.tune.schedulers.ASHAScheduler`'s arguments.
     """
 
-    def __init__(self, last_step: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._last_step = int(last_step)
-
-    def _worst(self) -> float:
-        return -math.inf if self._metric_op > 0 else math.inf
+    def __init__(self, last_step: int, *, time_attr: str, metric: str, mode: str, **kwargs) -> None:
+        super().__init__(time_attr=time_attr, metric=metric, mode=mode, **kwargs)
+        self.last_step = int(last_step)
+        self.step_key = time_attr
+        self.worst = -math.inf if mode == "max" else math.inf
 
     def _fixed(self, result: dict) -> dict:
-        value = result.get(self._metric)
-        if isinstance(value, int | float) and not math.isfinite(float(value)) and not math.isinf(float(value)):
-            result = dict(result)
-            result[self._metric] = self._worst()
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isnan(float(value)):
+            result = {**result, self.metric: self.worst}
         return result
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        step = result.get(self._time_attr)
-        if isinstance(step, int | float) and step >= self._last_step:
+        step = result.get(self.step_key)
+        if isinstance(step, int | float) and step >= self.last_step:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, self._fixed(result))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 logger = logging.getLogger(__name__)
 
@@ -112,35 +113,11 @@ class ParamSpec:
 
     def optuna_distribution(self):
         """The matching ``optuna.distributions`` object."""
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
         if self.kind == "categorical":
             return CategoricalDistribution(list(self.choices))
         if self.kind == "int":
-            return IntDistribution(
-                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
-            )
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
-
-    def tune_domain(self):
-        """The matching Ray Tune sampling domain (for ``param_space`` displays and other searchers)."""
-        from ray import tune
-
-        if self.kind == "categorical":
-            return tune.choice(list(self.choices))
-        if self.kind == "int":
-            if self.log:
-                return tune.lograndint(int(self.low), int(self.high) + 1)
-            return tune.randint(int(self.low), int(self.high) + 1)
-        if self.log:
-            return tune.loguniform(float(self.low), float(self.high))
-        if self.step:
-            return tune.quniform(float(self.low), float(self.high), float(self.step))
-        return tune.uniform(float(self.low), float(self.high))
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``uniform[4, 16]``."""
@@ -184,10 +161,6 @@ class SearchSpace:
     def optuna_distributions(self) -> dict[str, Any]:
         """``{name: optuna distribution}`` of the searched parameters."""
         return {name: spec.optuna_distribution() for name, spec in self.params.items()}
-
-    def tune_space(self) -> dict[str, Any]:
-        """``{name: ray.tune domain}`` of the searched parameters."""
-        return {name: spec.tune_domain() for name, spec in self.params.items()}
 
     def complete(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """A trial's full assignment: the sampled values plus the fixed ones.
@@ -300,6 +273,47 @@ def _parse_param(name: str, entry: Any) -> ParamSpec:
     return ParamSpec(name, "float", low, high, log, step)
 
 
+def _parse_seed_points(points: Any, params: Mapping[str, ParamSpec], fixed: Mapping[str, Any], where: str) -> list[dict]:
+    """The distinct seed points, each a full assignment of the searched parameters, in range.
+
+    A seed point may name fixed parameters too (e.g. the paper's full setting while alpha is
+    fixed): those are dropped.
+    """
+    seeds: list[dict] = []
+    for index, point in enumerate(points):
+        if not isinstance(point, Mapping):
+            raise SearchSpaceError(f"seed_points[{index}] must be a mapping{where}")
+        seed = {}
+        for name, spec in params.items():
+            if name not in point:
+                raise SearchSpaceError(f"seed_points[{index}] lacks searched parameter {name!r}{where}")
+            if not spec.contains(point[name]):
+                raise SearchSpaceError(f"seed_points[{index}].{name}={point[name]!r} is outside {spec.describe()}{where}")
+            value = point[name]
+            seed[name] = value if spec.kind == "categorical" else (int(value) if spec.kind == "int" else float(value))
+        extra = set(point) - set(params) - set(fixed)
+        if extra:
+            raise SearchSpaceError(f"seed_points[{index}] names unknown parameters {sorted(extra)}{where}")
+        if seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def _parse_trial_overrides(raw: Any, names: list[str], where: str) -> list[str]:
+    """``KEY VALUE`` overrides from a mapping of config keys (none of them a parameter's)."""
+    if not isinstance(raw, Mapping):
+        raise SearchSpaceError(f"trial_overrides must be a mapping of config keys to values{where}")
+    overrides: list[str] = []
+    for key, value in raw.items():
+        key = str(key)
+        if "." not in key or key.upper() != key:
+            raise SearchSpaceError(f"trial_overrides: {key!r} is not a detectron2 config key{where}")
+        if key in {config_key(name) for name in names}:
+            raise SearchSpaceError(f"trial_overrides: {key} is a searched or fixed parameter{where}")
+        overrides += [key, _yaml_value_text(value)]
+    return overrides
+
+
 def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> SearchSpace:
     """Validates a search-space mapping (the parsed YAML file).
 
@@ -331,40 +345,8 @@ def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> Se
             f"nothing to search{where}: every parameter is fixed. Train the fixed setting with "
             "train/ray_train.py, or give at least one parameter a range"
         )
-    seeds = []
-    for index, point in enumerate(data.get("seed_points") or []):
-        if not isinstance(point, Mapping):
-            raise SearchSpaceError(f"seed_points[{index}] must be a mapping{where}")
-        # A seed point may name fixed parameters too (e.g. the paper's full setting while alpha
-        # is fixed); those are dropped, the searched ones must all be given and in range.
-        seed = {}
-        for name, spec in params.items():
-            if name not in point:
-                raise SearchSpaceError(f"seed_points[{index}] lacks searched parameter {name!r}{where}")
-            if not spec.contains(point[name]):
-                raise SearchSpaceError(
-                    f"seed_points[{index}].{name}={point[name]!r} is outside {spec.describe()}{where}"
-                )
-            value = point[name]
-            seed[name] = value if spec.kind == "categorical" else (
-                int(value) if spec.kind == "int" else float(value)
-            )
-        extra = set(point) - set(params) - set(fixed)
-        if extra:
-            raise SearchSpaceError(f"seed_points[{index}] names unknown parameters {sorted(extra)}{where}")
-        if seed not in seeds:
-            seeds.append(seed)
-    raw_overrides = data.get("trial_overrides") or {}
-    if not isinstance(raw_overrides, Mapping):
-        raise SearchSpaceError(f"trial_overrides must be a mapping of config keys to values{where}")
-    overrides: list[str] = []
-    for key, value in raw_overrides.items():
-        key = str(key)
-        if "." not in key or key.upper() != key:
-            raise SearchSpaceError(f"trial_overrides: {key!r} is not a detectron2 config key{where}")
-        if key in {config_key(name) for name in list(params) + list(fixed)}:
-            raise SearchSpaceError(f"trial_overrides: {key} is a searched or fixed parameter{where}")
-        overrides += [key, _yaml_value_text(value)]
+    seeds = _parse_seed_points(data.get("seed_points") or [], params, fixed, where)
+    overrides = _parse_trial_overrides(data.get("trial_overrides") or {}, list(params) + list(fixed), where)
     return SearchSpace(
         params=params, fixed=fixed, seed_points=tuple(seeds), trial_overrides=tuple(overrides), source=source
     )

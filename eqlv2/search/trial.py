@@ -1,41 +1,40 @@
-"""The Ray Tune trainable of the search: one Ray Train run per dataset per trial.
+"""The Ray Tune trainable of the search (runs in the trial process): one Ray Train run per dataset.
 
 ``Tuner(TorchTrainer(...))`` does not work with Ray Train V2 (ray 2.60): the trainable is a function
-that builds a ``TorchTrainer`` (:func:`eqlv2.cluster.ray_train.build_torch_trainer`) per dataset and
+that builds a ``TorchTrainer`` (:func:`eqlv2.raytrain.build_torch_trainer`) per dataset and
 ``fit()``s it, with :class:`SearchReportCallback` forwarding rank 0's reports to Tune.
 
 Every result a trial reports to Tune carries:
 
 * ``dataset`` and the rank-0 metrics prefixed with it (``lvis/total_loss``, ``lvis/AP``, ...);
-* :data:`~eqlv2.search.optuna_bookkeeping.STEP_KEY` (``eval_step``): evaluations done so far by the
+* :data:`~eqlv2.search.optuna_study.STEP_KEY` (``eval_step``): evaluations done so far by the
   trial, all datasets together (ASHA's time attribute, Optuna's step);
 * ``<dataset>/objective`` for every dataset (NaN until it has been evaluated) and ``objective``,
   the mean of those known — the same datasets are known at the same step in every trial, so ASHA
   compares like with like;
-* after the last run only, :data:`~eqlv2.search.optuna_bookkeeping.COMPLETION_KEY` = 1 with the
+* after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY` = 1 with the
   final metrics of every dataset.
+
+The trial creates its MLflow run and reports what happens to it (a failure is a
+:class:`TrialFailedError`); it never writes the run's final state: the driver does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import traceback
 from collections.abc import Mapping
 from typing import Any
 
+import optuna
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from .mlflow_tracking import (
-    PARENT_TAG,
-    SEARCH_TAG,
-    STATUS_TAG,
-    TRIAL_TAG,
-    MlflowHookFactory,
-    SafeMlflow,
-)
-from .optuna_bookkeeping import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
+from eqlv2.raytrain.launch import build_torch_trainer
+
+from .mlflow_client import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow
+from .mlflow_worker import TrialRunHooks
+from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
@@ -119,16 +118,13 @@ class SearchReportCallback(TuneReportCallback):
     trial's result queue).
     """
 
-    def __init__(self, dataset: DatasetSpec, translator: ReportTranslator) -> None:
+    def __init__(self, translator: ReportTranslator) -> None:
         super().__init__()
-        self._name = dataset.name
         self._translate = translator
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        result = self._translate(dict(metrics[0]) if metrics else {})
-        if checkpoint is not None:
-            result[f"{self._name}/checkpoint_path"] = checkpoint.path
-        self._training_actor_item_queue.put(result)
+        translated = self._translate(dict(metrics[0]) if metrics else {})
+        super().after_report(run_context, [translated], checkpoint)
 
 
 def _trial_params(settings: TrialSettings, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,8 +144,6 @@ def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, 
     if number is None or not settings.optuna_storage or not settings.study_name:
         return None
     try:
-        import optuna
-
         study = optuna.load_study(study_name=settings.study_name, storage=settings.optuna_storage)
         return finished_trial_summary(study, int(number))
     except Exception as error:
@@ -166,116 +160,83 @@ def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, f
     return out
 
 
+def _start_run(settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any]) -> str | None:
+    """Creates the trial's child run (RUNNING) with its params; None when not tracked."""
+    if not (settings.tracking_uri and settings.experiment_id):
+        return None
+    mlflow = SafeMlflow(settings.tracking_uri)
+    label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, "optuna_trial_number": number}
+    if settings.parent_run_id:
+        tags[PARENT_TAG] = settings.parent_run_id
+    run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
+    mlflow.log_params(run_id, _trial_params(settings, values))
+    return run_id
+
+
+def _train(settings: TrialSettings, spec: DatasetSpec, opts: list[str], callback, hooks: list, trial_dir: str) -> dict:
+    """One Ray Train run; its final report. Raises :class:`TrialFailedError` naming the cause."""
+    try:
+        trainer = build_torch_trainer(
+            spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
+            storage_path=f"{trial_dir}/ray_train", name=spec.name, max_failures=settings.max_failures,
+            callbacks=[callback], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker, checkpoints_to_keep=1,
+        )  # fmt: skip
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as error:  # reported to Tune (hence to the driver), which records the failure
+        message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
+        logger.error("%s", message)
+        raise TrialFailedError(message) from error
+    return dict(result.metrics or {})
+
+
+def _report_recorded(done: Mapping[str, Any], trial_id: str, number: Any) -> None:
+    """Reports what the study recorded for a trial that finished before the driver was killed."""
+    logger.info("Trial %s (Optuna #%s) already %s in the study: not trained again", trial_id, number, done["state"])
+    if done["state"] == "FAIL":
+        raise TrialFailedError(f"trial already failed in the Optuna study (#{number})")
+    result = {STEP_KEY: 0, **done["metrics"]}
+    if done["state"] == "COMPLETE":
+        result[COMPLETION_KEY] = 1
+    tune.report(result)
+
+
 def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """One trial: train on each dataset with the trial's parameters; report to Tune.
 
     Raises:
         TrialFailedError: a training run failed (Tune marks the trial ERROR, the study FAIL).
     """
-    from eqlv2.cluster.ray_train import build_torch_trainer
-
     context = tune.get_context()
-    trial_id = context.get_trial_id()
-    trial_dir = context.get_trial_dir()
+    trial_id, trial_dir = context.get_trial_id(), context.get_trial_dir()
     number = config.get(TRIAL_NUMBER_KEY)
     values = settings.space.complete(config)
-
     done = _already_finished(settings, number)
     if done is not None:
-        # The driver was killed after this trial finished but before Tune saved that: report
-        # what the study recorded instead of training again.
-        logger.info("Trial %s (Optuna #%s) already %s in the study: not trained again", trial_id, number, done["state"])
-        if done["state"] == "FAIL":
-            raise TrialFailedError(f"trial already failed in the Optuna study (#{number})")
-        result = dict(done["metrics"])
-        result.setdefault(STEP_KEY, 0)
-        if done["state"] == "COMPLETE":
-            result[COMPLETION_KEY] = 1
-        tune.report(result)
-        return
-
-    mlflow = SafeMlflow(settings.tracking_uri) if settings.tracking_uri else None
-    run_id = None
-    if mlflow is not None and settings.experiment_id:
-        label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        tags = {
-            TRIAL_TAG: trial_id,
-            STATUS_TAG: "running",
-            SEARCH_TAG: settings.search_name,
-            "optuna_trial_number": str(number),
-        }
-        if settings.parent_run_id:
-            tags[PARENT_TAG] = settings.parent_run_id
-        run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
-        mlflow.log_params(run_id, _trial_params(settings, values))
-
+        return _report_recorded(done, trial_id, number)
+    run_id = _start_run(settings, trial_id, number, values)
     finished: dict[str, float | None] = {}
     final: dict[str, Any] = {}
     evals = 0
     for spec in settings.datasets:
-        opts = [
-            *settings.opts,
-            *settings.space.config_overrides(values),
-            "SEED",
-            str(settings.seed),
-            "OUTPUT_DIR",
-            f"{trial_dir}/{spec.name}",
-        ]
+        opts = [*settings.opts, *settings.space.config_overrides(values), "SEED", str(settings.seed)]
+        opts += ["OUTPUT_DIR", f"{trial_dir}/{spec.name}"]
         schedule = settings.schedules.get(spec.name, (1, 0))
         translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
-        callback = SearchReportCallback(spec, translator)
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
-            hooks.append(
-                MlflowHookFactory(settings.tracking_uri, run_id, spec.name, settings.log_period, baseline)
-            )
-        try:
-            trainer = build_torch_trainer(
-                spec.config_file,
-                opts,
-                settings.num_workers,
-                use_gpu=settings.use_gpu,
-                storage_path=f"{trial_dir}/ray_train",
-                name=spec.name,
-                max_failures=settings.max_failures,
-                callbacks=[callback],
-                extra_hooks=hooks,
-                cpus_per_worker=settings.cpus_per_worker,
-                checkpoints_to_keep=1,
-            )
-            result = trainer.fit()
-            error = getattr(result, "error", None)
-            if error is not None:
-                raise error
-        except Exception as error:
-            message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
-            logger.error("Trial %s: %s", trial_id, message)
-            if mlflow is not None:
-                mlflow.set_tags(run_id, {STATUS_TAG: "failed", "error": message[:4000]})
-                mlflow.log_text(run_id, traceback.format_exc(), "error.txt")
-                mlflow.terminate(run_id, "FAILED")
-            raise TrialFailedError(message) from error
-        metrics = dict(getattr(result, "metrics", None) or {})
+            hooks = TrialRunHooks(settings.tracking_uri, run_id, spec.name, settings.log_period, baseline).factories()
+        metrics = _train(settings, spec, opts, SearchReportCallback(translator), hooks, trial_dir)
         found = _final_metrics(spec, metrics)
         if not found:
             logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))
         finished[spec.name] = settings.objective.value(found)
-        for key, value in metrics.items():  # the run's final report: losses, lr, evaluation
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                final[f"{spec.name}/{key}"] = value
+        final.update({f"{spec.name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
         evals += settings.evaluations(spec.name)
-
     final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})
     # Final objective: every dataset must have one (else NaN, and the study records a failure).
-    complete = all(v is not None for v in finished.values())
-    final["objective"] = combine_objectives(finished) if complete else NAN
-    final[STEP_KEY] = evals
-    final[COMPLETION_KEY] = 1
-    if mlflow is not None:
-        # The training metrics are in the run already (the rank-0 hook): add the objectives, by
-        # evaluation count like the driver does for trials stopped early.
-        objectives = {k: v for k, v in final.items() if k == "objective" or k.endswith("/objective")}
-        mlflow.log_metrics(run_id, objectives, step=evals)
-        mlflow.warn_dropped(f"trial {trial_id}")
-    tune.report(final)
+    final["objective"] = combine_objectives(finished) if all(v is not None for v in finished.values()) else NAN
+    tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})

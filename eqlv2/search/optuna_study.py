@@ -3,7 +3,8 @@
 Ray 2.60's :class:`ray.tune.search.optuna.OptunaSearch` tells Optuna ``COMPLETE`` for every trial
 that ends with a result, including trials the scheduler (ASHA) stopped early: the study then holds
 a truncated intermediate value as if it were a final one, and TPE models it as such.
-:class:`TrialStateOptunaSearch` fixes that:
+:class:`TrialStateOptunaSearch`, a Tune ``Searcher`` on Optuna's ask-and-tell interface, and the
+only writer of the study's trials (it runs in the driver), records instead:
 
 * a trial is ``COMPLETE`` only when its last result carries the completion marker
   (:data:`COMPLETION_KEY`, reported by the trainable after its last training run);
@@ -16,22 +17,20 @@ a truncated intermediate value as if it were a final one, and TPE models it as s
   that a resumed search can tell its own orphaned trials (asked, then the driver was killed) and
   mark them ``FAIL`` instead of leaving them ``RUNNING`` forever.
 
-The study lives in a real database (:func:`storage_url`: a SQLite file by default, any SQLAlchemy
-URL otherwise) and is loaded when it exists, so a resumed or repeated search continues it.
+The study lives in a real database (a SQLite file by default, any SQLAlchemy URL otherwise) and is loaded when it exists, so a resumed or repeated search continues it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
+import pickle
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ __all__ = [
     "finished_trial_summary",
     "open_storage",
     "pending_seed_points",
-    "storage_url",
 ]
 
 #: Result key (value 1) the trainable reports once, after its last training run: the trial is
@@ -65,20 +63,6 @@ REASON_ATTR = "fail_reason"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def storage_url(value: str | None, default_path: str | os.PathLike) -> str:
-    """A SQLAlchemy URL for the study: ``value`` if it is a URL, else a SQLite file (absolute).
-
-    Args:
-        value: an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``), a file path, or None.
-        default_path: the SQLite file used when ``value`` is None.
-    """
-    if value and "://" in value:
-        return value
-    path = Path(value or default_path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The RDB storage at ``url`` (tables created on first use)."""
     kwargs: dict[str, Any] = {}
@@ -88,7 +72,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, **kwargs)
 
 
-def build_sampler(name: str, seed: int | None, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     """Optuna sampler by name: ``tpe`` (default; multi-objective TPE when needed), ``random``,
     ``nsga2`` (multi-objective)."""
     name = name.lower()
@@ -129,7 +113,7 @@ def pending_seed_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]
 
 
 def fail_orphaned_trials(
-    study: optuna.Study, experiment: str, keep_numbers: set[int], reason: str
+    study: optuna.Study, storage: optuna.storages.BaseStorage, experiment: str, keep_numbers: set[int], reason: str
 ) -> list[int]:
     """Marks ``FAIL`` the ``RUNNING`` trials of ``experiment`` not in ``keep_numbers``.
 
@@ -140,10 +124,12 @@ def fail_orphaned_trials(
         The numbers of the trials marked.
     """
     marked = []
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(EXPERIMENT_ATTR) != experiment or trial.number in keep_numbers:
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, REASON_ATTR, reason)
         study.tell(trial.number, state=TrialState.FAIL)
         marked.append(trial.number)
     if marked:
@@ -170,17 +156,17 @@ def _finite(value: Any) -> bool:
         return False
 
 
-class TrialStateOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that records early-stopped trials as ``PRUNED`` and errors as ``FAIL``.
+class TrialStateOptunaSearch(Searcher):
+    """A Tune searcher over an Optuna study that records stopped trials ``PRUNED`` and errors ``FAIL``.
 
     Args:
         space: ``{name: optuna distribution}``.
         metric: result key to optimise, or one key per objective (multi-objective).
         mode: ``"max"``/``"min"`` (or one per objective).
-        points_to_evaluate: seed points; pass only those the study lacks
-            (:func:`pending_seed_points`).
+        points_to_evaluate: seed points, queued in the study (Optuna's ``enqueue_trial``); pass
+            only those the study lacks (:func:`pending_seed_points`).
         sampler: the Optuna sampler.
-        study_name: name of the study in ``storage``.
+        study_name: name of the study in ``storage`` (created if missing).
         storage: the study's database (:func:`open_storage`).
         experiment: name of the Tune experiment, stored on each Optuna trial.
         record_keys: result keys saved with a finished trial (user attribute
@@ -200,88 +186,69 @@ class TrialStateOptunaSearch(OptunaSearch):
         experiment: str,
         record_keys: Sequence[str] = (),
     ) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._space = dict(space)
+        self._storage = storage
         self._experiment_name = experiment
         self._record_keys = list(record_keys)
+        modes = mode if isinstance(mode, list) else [mode]
+        self.study = optuna.create_study(
+            storage=storage, study_name=study_name, sampler=sampler, load_if_exists=True,
+            directions=["maximize" if m == "max" else "minimize" for m in modes],
+        )  # fmt: skip
+        for point in points_to_evaluate or []:
+            self.study.enqueue_trial(point)
+        self._live: dict[str, optuna.Trial] = {}
         self._last_steps: dict[str, int] = {}
-        super().__init__(
-            space=space,
-            metric=metric,
-            mode=mode,
-            points_to_evaluate=points_to_evaluate,
-            sampler=sampler,
-            study_name=study_name,
-            storage=storage,
-        )
-
-    @property
-    def study(self) -> optuna.Study:
-        """The Optuna study."""
-        return self._ot_study
 
     def suggest(self, trial_id: str) -> dict | None:
-        new = trial_id not in self._ot_trials
-        config = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        if new:
-            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-            ot_trial.set_user_attr(EXPERIMENT_ATTR, self._experiment_name)
-        if config is not None:
-            config = dict(config)
-            config[TRIAL_NUMBER_KEY] = ot_trial.number
-        return config
+        trial = self.study.ask(self._space)
+        trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        trial.set_user_attr(EXPERIMENT_ATTR, self._experiment_name)
+        self._live[trial_id] = trial
+        return {**trial.params, TRIAL_NUMBER_KEY: trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or trial_id in self._completed_trials:
-            return  # Optuna keeps no intermediate values of multi-objective studies
-        self._report_intermediate(trial_id, result)
+        if not isinstance(self.metric, list):  # Optuna keeps no intermediate values of several objectives
+            self._report_intermediate(trial_id, result)
 
     def _report_intermediate(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        if trial_id not in self._ot_trials or STEP_KEY not in result:
+        if trial_id not in self._live or STEP_KEY not in result:
             return
         value = result.get(self.metric)
         step = int(result[STEP_KEY])
         if step <= 0 or step <= self._last_steps.get(trial_id, 0) or not _finite(value):
             return
-        self._ot_trials[trial_id].report(float(value), step)
+        self._live[trial_id].report(float(value), step)
         self._last_steps[trial_id] = step
 
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        if trial_id in self._completed_trials:
-            logger.debug("Trial %s already told to Optuna", trial_id)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self._live:
+            logger.debug("Trial %s is not a live trial of this searcher (told already?)", trial_id)
             return
-        if trial_id not in self._ot_trials:
-            logger.warning("Trial %s finished but was never suggested by Optuna", trial_id)
-            return
-        ot_trial = self._ot_trials[trial_id]
+        trial = self._live[trial_id]
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [result.get(key) for key in metrics] if result else None
         state, reason = self._outcome(result, values, error)
         try:
             if result and self._record_keys:
                 recorded = {k: result[k] for k in self._record_keys if k in result and _finite(result[k])}
-                ot_trial.set_user_attr(RESULT_ATTR, recorded)
+                trial.set_user_attr(RESULT_ATTR, recorded)
             if reason:
-                ot_trial.set_user_attr(REASON_ATTR, reason)
+                trial.set_user_attr(REASON_ATTR, reason)
             if state == TrialState.PRUNED and result and not isinstance(self.metric, list):
                 # The result that made the scheduler stop the trial never reached
                 # on_trial_result: record it so the pruned value is the one the decision saw.
                 self._report_intermediate(trial_id, result)
-            if state == TrialState.COMPLETE:
-                told = [float(v) for v in values]
-                self._ot_study.tell(ot_trial.number, told if len(told) > 1 else told[0], state=state)
-            else:
-                self._ot_study.tell(ot_trial.number, state=state)
-            logger.info("Optuna trial %d (Tune %s): %s", ot_trial.number, trial_id, state.name)
+            told = [float(v) for v in values] if state == TrialState.COMPLETE else None
+            self.study.tell(trial.number, told if told is None or len(told) > 1 else told[0], state=state)
+            logger.info("Optuna trial %d (Tune %s): %s", trial.number, trial_id, state.name)
         except Exception as exc:  # the database may be unreachable: keep the search going
             logger.warning("Could not record trial %s in the Optuna study: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        del self._live[trial_id]
 
     @staticmethod
-    def _outcome(
-        result: Mapping[str, Any] | None, values: list | None, error: bool
-    ) -> tuple[TrialState, str | None]:
+    def _outcome(result: Mapping[str, Any] | None, values: list | None, error: bool) -> tuple[TrialState, str | None]:
         if error:
             return TrialState.FAIL, "the trial raised an error (see the Tune and MLflow logs)"
         if not result or not result.get(COMPLETION_KEY):
@@ -290,21 +257,18 @@ class TrialStateOptunaSearch(OptunaSearch):
             return TrialState.FAIL, f"non-finite objective {values}"
         return TrialState.COMPLETE, None
 
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump({"live": self._live, "last_steps": self._last_steps}, handle)
+
     def restore(self, checkpoint_path: str) -> None:
-        """Restores the searcher, then fails this experiment's orphaned ``RUNNING`` trials."""
-        super().restore(checkpoint_path)
-        self.__dict__.setdefault("_last_steps", {})
-        live = {
-            trial.number
-            for trial_id, trial in self._ot_trials.items()
-            if trial_id not in self._completed_trials
-        }
+        """Restores the live trials, then fails this experiment's orphaned ``RUNNING`` trials."""
+        with open(checkpoint_path, "rb") as handle:
+            state = pickle.load(handle)
+        self._live, self._last_steps = state["live"], state["last_steps"]
+        live = {trial.number for trial in self._live.values()}
+        reason = "asked by a search driver that stopped before recording the trial"
         try:
-            fail_orphaned_trials(
-                self._ot_study,
-                self._experiment_name,
-                live,
-                "asked by a search driver that stopped before recording the trial",
-            )
+            fail_orphaned_trials(self.study, self._storage, self._experiment_name, live, reason)
         except Exception as exc:
             logger.warning("Could not check the Optuna study for orphaned trials: %s", exc)

@@ -7,7 +7,6 @@ early those of its last evaluation).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -16,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from tabulate import tabulate
 
-from .optuna_bookkeeping import COMPLETION_KEY, TRIAL_NUMBER_KEY
+from .optuna_study import COMPLETION_KEY, TRIAL_NUMBER_KEY
 from .settings import TrialSettings
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ __all__ = [
     "format_table",
     "ranked_rows",
     "records_from_results",
+    "search_metrics",
     "write_reports",
 ]
 
@@ -205,10 +206,7 @@ def write_reports(records: Sequence[TrialRecord], settings: TrialSettings, folde
     folder.mkdir(parents=True, exist_ok=True)
     headers, rows = ranked_rows(records, settings)
     paths = {"csv": folder / "ranked_trials.csv", "md": folder / "ranked_trials.md", "best": folder / "best_config.json"}
-    with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(headers)
-        writer.writerows(rows)
+    pd.DataFrame(rows, columns=headers).to_csv(paths["csv"], index=False)
     paths["md"].write_text(format_table(records, settings) + "\n")
     best = best_record(records)
     payload: Mapping[str, Any] = {}
@@ -225,3 +223,17 @@ def write_reports(records: Sequence[TrialRecord], settings: TrialSettings, folde
         }
     paths["best"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return paths
+
+
+def search_metrics(records: Sequence[TrialRecord], settings: TrialSettings) -> tuple[dict[str, float], dict[str, Any]]:
+    """The search's outcome as parent-run metrics (trial counts, the best trial's objective and
+    paper metrics as ``best/<dataset>/<metric>``) and tags (the best trial and its parameters)."""
+    metrics: dict[str, Any] = {f"trials_{s}": sum(r.status == s for r in records) for s in ("complete", "pruned", "failed")}
+    best = best_record(records)
+    if best is None:
+        return metrics, {}
+    metrics["best_objective"] = best.objective
+    for spec in settings.datasets:
+        for name in spec.metrics:
+            metrics[f"best/{spec.name}/{name}"] = best.metrics.get(f"{spec.name}/{name}")
+    return metrics, {"best_trial": best.trial_id, **{f"best_{k}": v for k, v in best.params.items()}}

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import detectron2.engine.defaults as defaults
 import torch
 import torch.distributed as dist
 from detectron2.utils import comm
@@ -51,7 +52,7 @@ class WorkerPlacement:
     @classmethod
     def from_ray_context(cls) -> WorkerPlacement:
         """The placement of the calling Ray Train worker."""
-        import ray.train
+        import ray.train  # lazily: this module also serves plain torch.distributed processes
 
         context = ray.train.get_context()
         return cls(
@@ -120,8 +121,10 @@ def setup_detectron2_comm(placement: WorkerPlacement | None = None) -> dict[int,
         group = dist.new_group(ranks)
         if node == placement.node_rank:
             local_group = group
-    # detectron2 keeps the group in a module global; create_local_process_group() cannot be used
-    # because it assumes equally many workers per node with contiguous ranks.
+    # Private detectron2 API: detectron2 keeps the group in this module global and has no public
+    # setter; its create_local_process_group() assumes equally many workers per node with
+    # contiguous ranks, which Ray does not guarantee. Guarded by
+    # tests/test_ray_train.py::test_detectron2_local_group_global_exists.
     comm._LOCAL_PROCESS_GROUP = local_group
     if comm.get_local_rank() != placement.local_rank or comm.get_local_size() != placement.local_world_size:
         raise RuntimeError(
@@ -154,8 +157,6 @@ def ddp_device_ids_fix() -> Iterator[None]:
     that Ray exposes under other indices. The patch passes :func:`ddp_device_ids` instead and is
     undone on exit.
     """
-    import detectron2.engine.defaults as defaults
-
     original = defaults.create_ddp_model
 
     def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs):

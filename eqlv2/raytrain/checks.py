@@ -20,7 +20,9 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+import ray
 from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 
 __all__ = [
     "ClusterConnectionError",
@@ -53,8 +55,6 @@ def check_datasets(cfg: CfgNode) -> None:
     Checks ``DATASETS.TRAIN`` and ``DATASETS.TEST`` against detectron2's ``DatasetCatalog``
     (registration is lazy: nothing is loaded).
     """
-    from detectron2.data import DatasetCatalog
-
     known = list(DatasetCatalog.keys())
     problems = []
     for key in ("TRAIN", "TEST"):
@@ -120,8 +120,6 @@ def connect_ray(address: str | None = None, **init_kwargs) -> None:
             instance, as ``ray.init`` decides).
         init_kwargs: further ``ray.init`` arguments.
     """
-    import ray
-
     if ray.is_initialized():
         return
     check_ray_address(address)
@@ -129,8 +127,6 @@ def connect_ray(address: str | None = None, **init_kwargs) -> None:
 
 
 def _node_resources() -> list[dict[str, float]]:
-    import ray
-
     return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
 
 

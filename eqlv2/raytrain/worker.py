@@ -1,0 +1,122 @@
+"""What each Ray Train worker runs: one detectron2 :class:`~eqlv2.engine.EQLv2Trainer`, DDP over Ray.
+
+* DDP over the process group Ray Train created (gloo on CPU, nccl on GPU), detectron2's ``comm``
+  set up from Ray's node and local ranks (:mod:`eqlv2.raytrain.distributed`);
+* detectron2's distributed ``TrainingSampler``, evaluation gathered on rank 0, and the EQL v2
+  statistics all-reduced at every step (``EQLv2Loss`` does it when ``torch.distributed`` is up);
+* reports and checkpoints through :class:`~eqlv2.raytrain.report_hook.RayReportHook`, which
+  replaces detectron2's ``PeriodicCheckpointer``; the latest checkpoint is restored on a restart
+  or on a second ``fit()`` of the same run.
+
+Only rank 0 writes files: the detectron2 output folder and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray.train
+import torch
+from detectron2.config import CfgNode
+from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+from eqlv2.engine import EQLv2Trainer, setup_cfg
+
+from .checkpoints import restore_checkpoint
+from .distributed import WorkerPlacement, ddp_device_ids_fix, setup_detectron2_comm
+from .report_hook import RayReportHook
+
+__all__ = ["HookFactory", "RayEQLv2Trainer", "train_loop_per_worker"]
+
+logger = logging.getLogger(__name__)
+
+#: ``(cfg, trainer) -> HookBase | None``; must be picklable (Ray ships it to the workers).
+HookFactory = Callable[[CfgNode, EQLv2Trainer], HookBase | None]
+
+
+class RayEQLv2Trainer(EQLv2Trainer):
+    """:class:`EQLv2Trainer` for a Ray Train worker.
+
+    DDP gets correct ``device_ids`` for CPU models; detectron2's ``PeriodicCheckpointer`` is
+    replaced by a :class:`RayReportHook` (last); hooks from factories are added before it:
+    ``all_rank_hooks`` on every worker, ``extra_hooks`` on rank 0 only.
+    """
+
+    def __init__(
+        self, cfg: CfgNode, extra_hooks: Sequence[HookFactory] = (), all_rank_hooks: Sequence[HookFactory] = ()
+    ) -> None:
+        self._factories = list(all_rank_hooks) + (list(extra_hooks) if comm.is_main_process() else [])
+        with ddp_device_ids_fix():
+            super().__init__(cfg)
+
+    def build_hooks(self) -> list[HookBase]:
+        hook_list = [hook for hook in super().build_hooks() if not isinstance(hook, hooks.PeriodicCheckpointer)]
+        hook_list += [hook for hook in (factory(self.cfg, self) for factory in self._factories) if hook is not None]
+        return [*hook_list, RayReportHook(self.cfg)]
+
+
+def _set_threads(cpus_per_worker: float) -> int:
+    threads = max(1, int(cpus_per_worker))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _setup_logging(output_dir: str, rank: int) -> None:
+    """detectron2-style loggers; only rank 0 logs to the console and to ``output_dir/log.txt``."""
+    output = output_dir if rank == 0 else None
+    setup_logger(output, distributed_rank=rank, name="fvcore")
+    setup_logger(output, distributed_rank=rank, name="eqlv2")
+    setup_logger(output, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+
+
+def _worker_cfg(config_yaml: str) -> CfgNode:
+    """The driver's full config, through :func:`setup_cfg` (which registers the datasets)."""
+    with tempfile.TemporaryDirectory(prefix="eqlv2-config-") as directory:
+        path = os.path.join(directory, "config.yaml")
+        with open(path, "w") as f:
+            f.write(config_yaml)
+        return setup_cfg(path)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Trains on one Ray Train worker (the function given to ``TorchTrainer``).
+
+    Args:
+        config: built by :func:`eqlv2.raytrain.launch.build_torch_trainer`: ``config_yaml`` (the
+            full config, paths absolute, ``OUTPUT_DIR`` and ``MODEL.DEVICE`` set),
+            ``cpus_per_worker``, ``extra_hooks`` (factories, rank 0 only) and ``all_rank_hooks``.
+    """
+    threads = _set_threads(config.get("cpus_per_worker", 1))
+    placement = WorkerPlacement.from_ray_context()
+    setup_detectron2_comm(placement)
+    cfg = _worker_cfg(config["config_yaml"])
+    rank = comm.get_rank()
+    if rank == 0:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    _setup_logging(cfg.OUTPUT_DIR, rank)
+    logger.info(
+        "Worker %d/%d (node %d, local rank %d), %d thread(s), output %s",
+        rank, comm.get_world_size(), placement.node_rank, placement.local_rank, threads, cfg.OUTPUT_DIR,
+    )  # fmt: skip
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    trainer = RayEQLv2Trainer(cfg, config.get("extra_hooks") or (), config.get("all_rank_hooks") or ())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS, if any
+    else:
+        metadata = restore_checkpoint(trainer, checkpoint)
+        if trainer.start_iter >= trainer.max_iter:
+            logger.info("The run finished already (iteration %d); reporting its final metrics", trainer.start_iter)
+            ray.train.report(metadata.get("metrics", {}) if rank == 0 else {"iteration": metadata.get("iteration")})
+            return
+    trainer.train()

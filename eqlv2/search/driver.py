@@ -1,0 +1,543 @@
+"""The search driver: Ray Tune + Optuna over EQL v2's hyper-parameters, tracked in MLflow.
+
+:func:`run_search` (what ``tune/search.py`` runs) is a pipeline of named steps:
+
+1. :func:`plan_search` — read and check every input, fix every location (absolute: Ray workers
+   run elsewhere) and name; a bad option stops here, before anything starts;
+2. :func:`prepare_datasets` — build each dataset's config once and generate the data it uses;
+3. :func:`ray_cluster` — start Ray (loopback only) or join ``--ray-address``;
+4. :func:`open_tracking` — the MLflow store and the search's parent run;
+5. :func:`trial_settings` and :func:`record_search` — what every trial gets; the search's
+   state file (what ``--resume`` reads) and its settings in MLflow;
+6. :func:`build_tuner` — a new Tune experiment, or the interrupted one restored;
+7. ``tuner.fit()``, then :func:`report_outcome` — the ranked table, the best configuration, the
+   reports, and the parent run closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import socket
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from detectron2.data import DatasetCatalog
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
+from eqlv2.engine import setup_cfg
+from eqlv2.raytrain.launch import pin_dataset_roots
+
+from .mlflow_client import ui_command
+from .mlflow_driver import SearchTracking
+from .mlflow_worker import read_gradient_ratio
+from .options import SearchOptions
+from .optuna_study import (
+    STEP_KEY,
+    TrialStateOptunaSearch,
+    build_sampler,
+    fail_orphaned_trials,
+    open_storage,
+    pending_seed_points,
+)
+from .ranking import (
+    TrialRecord,
+    best_config_text,
+    best_record,
+    format_table,
+    records_from_results,
+    search_metrics,
+    write_reports,
+)
+from .scheduling import build_scheduler
+from .settings import (
+    DatasetSpec,
+    Objective,
+    TrialSettings,
+    dataset_specs,
+    parse_objective,
+    repository_root,
+)
+from .space import SearchSpace, load_search_space
+from .stores import store_url
+from .trial import run_trial
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SMOKE_OVERRIDES", "SearchOutcome", "SearchPlan", "run_search"]
+
+#: Overrides of ``--smoke``: the smallest real search (a few iterations, small images, two
+#: evaluations per run so that ASHA has an intermediate result to act on).
+SMOKE_OVERRIDES: tuple[str, ...] = (
+    "SOLVER.MAX_ITER", "12",
+    "SOLVER.STEPS", "(10,)",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "TEST.EVAL_PERIOD", "6",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)",
+    "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "96",
+    "INPUT.MAX_SIZE_TEST", "160",
+    "MODEL.EQLV2.LOG_PERIOD", "6",
+)  # fmt: skip
+
+#: The search's state in its Tune folder (written once, by the driver): what ``--resume`` reads.
+STATE_FILE = "eqlv2_search.json"
+#: The latest search of a Tune storage folder (``--resume`` without ``--name``).
+LATEST_FILE = "latest_search.json"
+#: Custom resource a Ray cluster started here offers for the trials' driver functions: a trial
+#: takes one, no CPU, so its Ray Train workers can have every core (Ray's advice for Tune + Train).
+TRIAL_RESOURCE = "eqlv2_trial"
+
+
+@dataclass
+class SearchPlan:
+    """Everything fixed before Ray starts: inputs checked, locations absolute, names chosen."""
+
+    options: SearchOptions
+    name: str
+    results_dir: Path
+    storage_path: Path
+    space_file: Path
+    space: SearchSpace
+    objective: Objective
+    specs: tuple[DatasetSpec, ...]
+    opts: tuple[str, ...]
+    tracking_uri: str
+    optuna_url: str
+    study_name: str
+    parent_run_id: str | None = None  # of the search being resumed
+    schedules: dict[str, tuple[int, int]] = field(default_factory=dict)
+    baselines: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def experiment_path(self) -> Path:
+        """The Tune experiment folder."""
+        return self.storage_path / self.name
+
+
+@dataclass
+class SearchOutcome:
+    """What a search produced: the Tune experiment, the ranked ``table`` and its ``records``, the
+    ``best`` record (None if no trial completed), MLflow's ids (None if not tracked), the study
+    and the written ``report_paths``."""
+
+    name: str
+    experiment_path: str
+    table: str
+    best: TrialRecord | None
+    records: list = field(default_factory=list)
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    optuna_storage: str | None = None
+    study_name: str | None = None
+    report_paths: dict = field(default_factory=dict)
+
+
+def run_search(options: SearchOptions) -> SearchOutcome:
+    """Runs (or resumes) a search; returns its outcome. See the module docstring.
+
+    Raises:
+        SystemExit: a bad option, with a message naming it.
+    """
+    _configure_libraries()
+    plan = plan_search(options)
+    prepare_datasets(plan)
+    with ray_cluster(options, plan.env):
+        tracking = open_tracking(plan)
+        settings = trial_settings(plan, tracking)
+        record_search(plan, settings, tracking)
+        tuner = build_tuner(plan, settings, tracking)
+        _announce(plan, settings)
+        results = tuner.fit()
+        return report_outcome(plan, settings, tracking, results)
+
+
+def _configure_libraries() -> None:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter shows chosen columns
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+# --- 1. the plan ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes ``data`` atomically (a reader never sees half a file)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(partial, path)
+
+
+def _search_name(options: SearchOptions, storage_path: Path) -> str:
+    """``--name``, the latest search's on ``--resume``, else a new time-stamped one."""
+    name = options.name
+    if options.resume and not name:
+        name = _read_json(storage_path / LATEST_FILE).get("name")
+        if not name:
+            raise SystemExit(f"--resume: no search to resume in {storage_path} (give --name)")
+    name = name or "eqlv2_search_" + time.strftime("%Y%m%d_%H%M%S")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise SystemExit(f"--name {name!r}: use letters, digits and _ . + - only")
+    if (storage_path / name).exists() and not options.resume:
+        raise SystemExit(f"experiment {storage_path / name} exists: add --resume to continue it, or give another --name")
+    return name
+
+
+def _space_path(value: str) -> Path:
+    """The search-space file: as given, else relative to the repository (``configs/search/...``
+    works from any directory)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists() and (repository_root() / path).exists():
+        path = repository_root() / path
+    return path.resolve()
+
+
+def _study_name(options: SearchOptions, space_file: Path, objective: Objective) -> str:
+    kind = "mo" if options.multi_objective else objective.slug
+    suffix = "_smoke" if options.smoke else ""
+    return options.study_name or f"eqlv2_{'+'.join(options.datasets)}_{kind}_{space_file.stem}{suffix}"
+
+
+def plan_search(options: SearchOptions) -> SearchPlan:
+    """Checks the inputs and fixes locations and names (those of the search resumed, if so)."""
+    results_dir = Path(options.results_dir).expanduser().resolve()
+    storage_path = Path(options.storage_path).expanduser().resolve() if options.storage_path else results_dir / "ray_results"
+    storage_path.mkdir(parents=True, exist_ok=True)
+    name = _search_name(options, storage_path)
+    state = _read_json(storage_path / name / STATE_FILE) if options.resume else {}
+    space_file = _space_path(options.search_space)
+    try:
+        space = load_search_space(space_file)
+        objective = parse_objective(options.metric)
+        specs = dataset_specs(options.datasets, options.config_files)
+        objective.check(specs)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(str(error)) from error
+    if options.multi_objective and len(specs) < 2:
+        raise SystemExit("--multi-objective needs at least two --datasets")
+    return SearchPlan(
+        options=options,
+        name=name,
+        results_dir=results_dir,
+        storage_path=storage_path,
+        space_file=space_file,
+        space=space,
+        objective=objective,
+        specs=specs,
+        # Later overrides win: the space file's trial budget, then --smoke's, then the command line's.
+        opts=space.trial_overrides + (SMOKE_OVERRIDES if options.smoke else ()) + options.opts,
+        tracking_uri=state.get("tracking_uri") or store_url(options.mlflow_uri, results_dir / "mlflow.db", False),
+        optuna_url=state.get("optuna_storage") or store_url(options.optuna_storage, results_dir / "optuna.db"),
+        study_name=state.get("study_name") or _study_name(options, space_file, objective),
+        parent_run_id=state.get("parent_run_id"),
+    )
+
+
+# --- 2. datasets ----------------------------------------------------------------------------------
+
+
+def prepare_datasets(plan: SearchPlan) -> None:
+    """Prepares datasets and base checkpoints, once, before any trial: builds each config (a bad
+    config or override stops here), generates the data the configs use, and reads the baseline
+    gradient statistics the plots compare with."""
+    plan.env = pin_dataset_roots()
+    logger.info("Building configs and generating the data they use (once)")
+    for spec in plan.specs:
+        try:
+            cfg = setup_cfg(spec.config_file, list(plan.opts))
+            for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+                start = time.perf_counter()
+                count = len(DatasetCatalog.get(name))
+                logger.info("Dataset %s: %d images (%.1f s)", name, count, time.perf_counter() - start)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"bad config or override: {error}") from error
+        plan.schedules[spec.name] = (int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
+    for entry in plan.options.baseline_gradients:
+        dataset, _, path = entry.partition("=")
+        if not path:
+            dataset, path = plan.specs[0].name, entry
+        plan.baselines[dataset] = tuple(read_gradient_ratio(path))
+
+
+# --- 3. Ray ---------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
+    """Ray for the search: the running one, ``--ray-address``, or a new local instance (shut
+    down at the end) whose dashboard, on a free loopback port, serves the State API that Ray
+    Train's own placement-group cleaner needs to release the workers of stopped trials."""
+    if ray.is_initialized():
+        yield
+        return
+    if options.ray_address:
+        ray.init(address=options.ray_address, runtime_env={"env_vars": env}, log_to_driver=options.verbose)
+    else:
+        ray.init(
+            address="local",  # a new instance, never another user's running cluster
+            num_cpus=options.num_cpus,
+            resources={TRIAL_RESOURCE: 1000},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
+            configure_logging=True,
+            logging_level=logging.WARNING,
+            log_to_driver=options.verbose,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- 4-5. tracking, settings, state ---------------------------------------------------------------
+
+
+def open_tracking(plan: SearchPlan) -> SearchTracking | None:
+    """The MLflow store and the search's parent run (reopened on resume); None if unreachable."""
+    artifacts = plan.results_dir / "mlartifacts"
+    return SearchTracking.open(plan.tracking_uri, plan.options.mlflow_experiment, artifacts, plan.name, plan.parent_run_id)
+
+
+def _workers_per_trial(options: SearchOptions, cluster: dict[str, float]) -> int:
+    if options.workers_per_trial:
+        return options.workers_per_trial
+    per_trial = max(1, int(cluster.get("CPU", 1)) // max(1, options.concurrency))
+    workers = max(1, min(2, per_trial // max(1, options.cpus_per_worker)))
+    if options.use_gpu:
+        workers = max(1, min(workers, int(cluster.get("GPU", 1)) // max(1, options.concurrency)))
+    return workers
+
+
+def _opt_value(opts: Sequence[str], key: str, default: Any) -> Any:
+    values = [opts[i + 1] for i in range(0, len(opts) - 1, 2) if opts[i] == key]
+    return values[-1] if values else default
+
+
+def trial_settings(plan: SearchPlan, tracking: SearchTracking | None) -> TrialSettings:
+    """What every trial of the search gets (picklable)."""
+    options = plan.options
+    return TrialSettings(
+        space=plan.space,
+        datasets=plan.specs,
+        objective=plan.objective,
+        opts=plan.opts,
+        multi_objective=options.multi_objective,
+        num_workers=_workers_per_trial(options, ray.cluster_resources()),
+        use_gpu=options.use_gpu,
+        cpus_per_worker=options.cpus_per_worker,
+        max_failures=options.max_failures,
+        seed=options.seed,
+        tracking_uri=tracking.tracking_uri if tracking else None,
+        experiment_id=tracking.experiment_id if tracking else None,
+        parent_run_id=tracking.parent_run_id if tracking else None,
+        search_name=plan.name,
+        optuna_storage=plan.optuna_url,
+        study_name=plan.study_name,
+        log_period=int(_opt_value(plan.opts, "MODEL.EQLV2.LOG_PERIOD", 20)),
+        baseline_ratios=plan.baselines,
+        schedules=plan.schedules,
+    )
+
+
+def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
+    options = plan.options
+    return {
+        **{f"space/{k}": v for k, v in plan.space.describe().items()},
+        "search_space_file": str(plan.space_file),
+        "datasets": ",".join(settings.dataset_names),
+        **{f"config/{s.name}": s.config_file for s in plan.specs},
+        "overrides": " ".join(plan.opts) or "-",
+        "metric": plan.objective.text,
+        "workers_per_trial": settings.num_workers,
+        "optuna_storage": plan.optuna_url,
+        "study_name": plan.study_name,
+        "tune_storage": str(plan.storage_path),
+        **{key: getattr(options, key) for key in ("multi_objective", "num_trials", "concurrency", "use_gpu")},
+        **{key: getattr(options, key) for key in ("scheduler", "sampler", "seed", "smoke")},
+    }
+
+
+def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> None:
+    """Writes the search's state file (the only writer: this driver) and, for a new search, its
+    settings, search space and command line on the parent run."""
+    plan.experiment_path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "name": plan.name,
+        "tracking_uri": settings.tracking_uri,
+        "experiment_id": settings.experiment_id,
+        "parent_run_id": settings.parent_run_id,
+        "optuna_storage": plan.optuna_url,
+        "study_name": plan.study_name,
+        "argv": list(plan.options.argv),
+        "options": asdict(plan.options),
+    }
+    _write_json(plan.experiment_path / STATE_FILE, state)
+    _write_json(plan.storage_path / LATEST_FILE, {"name": plan.name})
+    if tracking is not None and plan.parent_run_id is None:
+        command = shlex.join(["python", "tune/search.py", *plan.options.argv]) + "\n"
+        tracking.log_start(_parent_params(plan, settings), {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
+
+
+# --- 6. the Tune experiment -----------------------------------------------------------------------
+
+
+def _trial_resources() -> dict[str, float]:
+    """What the trial function itself reserves: no CPU. Tune needs a non-empty request: the custom
+    resource of a cluster started here, else one byte of memory."""
+    if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
+        return {TRIAL_RESOURCE: 1}
+    logger.info("The Ray cluster has no %r resource: trials reserve 1 byte of memory, no CPU", TRIAL_RESOURCE)
+    return {"memory": 1}
+
+
+def _reporter(settings: TrialSettings) -> tune.CLIReporter:
+    metric_columns = {"eval_step": "evals", "objective": "objective"}
+    for spec in settings.datasets:
+        metric_columns[f"{spec.name}/iteration"] = f"{spec.name} iter"
+        metric_columns[f"{spec.name}/total_loss"] = f"{spec.name} loss"
+    return tune.CLIReporter(
+        metric_columns=metric_columns,
+        parameter_columns={name: name for name in settings.space.names},
+        max_report_frequency=60,
+        max_progress_rows=30,
+        print_intermediate_tables=True,
+        sort_by_metric=False,
+    )
+
+
+def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.Study) -> TrialStateOptunaSearch:
+    metric: Any = settings.objective_keys() if settings.multi_objective else "objective"
+    mode: Any = ["max"] * len(metric) if settings.multi_objective else "max"
+    record_keys = ["objective", *settings.objective_keys(), STEP_KEY] + [f"{s.name}/{m}" for s in plan.specs for m in s.metrics]
+    return TrialStateOptunaSearch(
+        plan.space.optuna_distributions(), metric, mode,
+        points_to_evaluate=pending_seed_points(study, plan.space.seed_points) or None,
+        sampler=build_sampler(plan.options.sampler, plan.options.seed),
+        study_name=plan.study_name, storage=storage, experiment=plan.name, record_keys=record_keys,
+    )  # fmt: skip
+
+
+def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner:
+    """The interrupted Tune experiment restored (``--resume``), else a new one."""
+    options, path = plan.options, str(plan.experiment_path)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+    if options.resume and tune.Tuner.can_restore(path):
+        logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    storage = open_storage(plan.optuna_url)
+    directions = ["maximize"] * (len(plan.specs) if settings.multi_objective else 1)
+    study = optuna.create_study(storage=storage, study_name=plan.study_name, load_if_exists=True, directions=directions)
+    if options.resume:
+        logger.warning("No Tune state in %s yet: starting the search there afresh", path)
+        fail_orphaned_trials(study, storage, plan.name, set(), "asked by a search driver that was interrupted")
+    total_evals = sum(settings.evaluations(s.name) for s in plan.specs)
+    try:
+        scheduler = build_scheduler(options.scheduler, total_evals, options.grace_period, options.reduction_factor)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=options.concurrency)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=str(plan.storage_path),
+            callbacks=[tracking] if tracking else [],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            progress_reporter=_reporter(settings),
+            verbose=1,
+        ),
+    )
+
+
+def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
+    options = plan.options
+    print(
+        f"\nSearch {plan.name}: {options.num_trials} trial(s) of {', '.join(settings.dataset_names)}, "
+        f"{settings.num_workers} Ray Train worker(s) per trial, concurrency {options.concurrency}, "
+        f"{options.scheduler} scheduler, metric {plan.objective.text}; study {plan.study_name!r}\n",
+        flush=True,
+    )
+
+
+# --- 7. the outcome -------------------------------------------------------------------------------
+
+
+def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTracking | None) -> None:
+    print("\nRanked trials (best first; stopped early and failed trials last):\n", flush=True)
+    print(f"{table}\n\n{best_text}\n")
+    print(f"Ray Tune results: {plan.experiment_path}")
+    print(f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}")
+    if tracking is not None:
+        print(f"MLflow runs:      {tracking.tracking_uri}")
+        print(f"Open the MLflow UI with:\n  {ui_command(tracking.tracking_uri)}", flush=True)
+    else:
+        print("MLflow: not tracked (the store was unreachable at start)", flush=True)
+
+
+def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
+    """Ranks the trials, writes the reports, closes the parent run and prints the summary."""
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
+    records = records_from_results(list(results), settings, study)
+    table, best = format_table(records, settings), best_record(records)
+    best_text = best_config_text(best, settings)
+    if settings.multi_objective:
+        front = sorted(r.trial_id for r in records if r.pareto)
+        best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
+    paths = write_reports(records, settings, plan.experiment_path)
+    interrupted = any(r.status == "running" for r in records)
+    if tracking is not None:
+        tracking.close_open_runs({r.trial_id: r.status for r in records})
+        tracking.log_optuna_figures(study, settings.objective.text)
+        metrics, tags = search_metrics(records, settings)
+        texts = {"summary.txt": table + "\n\n" + best_text + "\n"}
+        tracking.finish(list(paths.values()), texts, metrics, tags, interrupted)
+    if interrupted:
+        best_text += "\n\nThe search was interrupted: continue it with the same command and --resume."
+    _print_summary(plan, table, best_text, tracking)
+    return SearchOutcome(
+        name=plan.name,
+        experiment_path=str(plan.experiment_path),
+        table=table,
+        best=best,
+        records=records,
+        tracking_uri=tracking.tracking_uri if tracking else None,
+        parent_run_id=tracking.parent_run_id if tracking else None,
+        experiment_id=tracking.experiment_id if tracking else None,
+        optuna_storage=plan.optuna_url,
+        study_name=plan.study_name,
+        report_paths={k: str(v) for k, v in paths.items()},
+    )

@@ -1,0 +1,180 @@
+"""The driver's MLflow writer: the search's parent run, and the final state of every trial run.
+
+Layout of one search in MLflow (experiment ``eqlv2-search`` by default):
+
+* one **parent run** per search (tags ``kind=search``, ``search_name``): the search space and
+  settings as params; at the end the ranked table, the best configuration, Optuna's figures;
+* one **child run** per trial attempt, created by the trial process (tags
+  ``mlflow.parentRunId``, ``tune_trial_id``; params ``gamma``, ``mu``, ``alpha``, ...), filled by
+  its rank-0 workers (:mod:`eqlv2.search.mlflow_worker`).
+
+:class:`SearchTracking` is the only writer of a trial run's final state, because only the driver
+knows why a trial ended: completed (``FINISHED``, tag ``trial_status=completed``), stopped by the
+scheduler (``KILLED``, ``stopped_early``), failed (``FAILED``, ``failed``, the error as tag and
+``error.txt``), or cut short by an interrupted driver (``KILLED``, ``interrupted``). A trial
+process that is stopped while it still reports cannot change that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from .mlflow_client import SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow, prepare_tracking_store
+from .plots import optuna_history_figure, optuna_importance_figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SearchTracking", "close_stale_child_runs"]
+
+#: Final state of a trial run by the trial's status in the search: (tag trial_status, run status).
+FINAL_STATES = {
+    "complete": ("completed", "FINISHED"),
+    "pruned": ("stopped_early", "KILLED"),
+    "failed": ("failed", "FAILED"),
+    "running": ("interrupted", "KILLED"),
+}
+_OPEN = ("RUNNING", "SCHEDULED")
+
+
+def _error_text(trial) -> str:
+    error = trial.get_error()
+    if error is not None:
+        return str(error)
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()[-20000:]
+    return "unknown error (see the Ray Tune trial folder)"
+
+
+def error_summary(text: str) -> str:
+    """The message of the trial's own error (``TrialFailedError``), else the last line of ``text``."""
+    marker = "TrialFailedError: "
+    if marker in text:
+        return text[text.rindex(marker) + len(marker) :].strip()[:4000]
+    lines = text.strip().splitlines()
+    return lines[-1][:4000] if lines else text
+
+
+def close_stale_child_runs(mlflow: SafeMlflow, experiment_id: str, parent_run_id: str, status: str) -> int:
+    """Closes ``KILLED`` (tag ``trial_status=status``) the child runs left open by an interrupted
+    driver; returns how many."""
+    closed = 0
+    for run in mlflow.find_child_runs(experiment_id, parent_run_id):
+        if run.info.status in _OPEN:
+            mlflow.set_tags(run.info.run_id, {STATUS_TAG: status})
+            mlflow.terminate(run.info.run_id, "KILLED")
+            closed += 1
+    if closed:
+        logger.info("Closed %d trial run(s) left open by the interrupted search", closed)
+    return closed
+
+
+class SearchTracking(Callback):
+    """Tune callback on the driver, and the driver's only MLflow writer (see the module docstring).
+
+    Args:
+        tracking_uri: the store.
+        experiment_id: the search's experiment.
+        parent_run_id: the search's parent run.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.mlflow = SafeMlflow(tracking_uri)
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, artifact_root: Path, name: str, parent_run_id: str | None) -> SearchTracking | None:
+        """The tracking of search ``name``: its parent run created, or reopened on resume (the
+        runs its interrupted trials left open closed); None when the store is unreachable."""
+        try:
+            experiment_id = prepare_tracking_store(uri, experiment, artifact_root)
+        except Exception as error:  # the never-raise guard: an untracked search still runs
+            logger.warning(
+                "MLflow tracking store %s is unreachable (%s: %s): this search is NOT tracked in MLflow; "
+                "results stay in the Tune folder and the Optuna study.",
+                uri, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "",
+            )  # fmt: skip
+            return None
+        mlflow = SafeMlflow(uri)
+        if parent_run_id:
+            mlflow.call("reopening the parent run", lambda c: c.update_run(parent_run_id, status="RUNNING"))
+            close_stale_child_runs(mlflow, experiment_id, parent_run_id, "interrupted")
+        else:
+            parent_run_id = mlflow.create_run(experiment_id, name, {SEARCH_TAG: name, "kind": "search"})
+        return cls(uri, experiment_id, parent_run_id) if parent_run_id else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "mlflow"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.mlflow = SafeMlflow(self.tracking_uri)
+
+    def _close(self, run_id: str, status: str, metrics: Mapping[str, Any], error: str | None) -> None:
+        tag, run_status = FINAL_STATES[status]
+        tags = {STATUS_TAG: tag}
+        if error is not None:
+            tags["error"] = error_summary(error)
+            self.mlflow.log_text(run_id, error, "error.txt")
+        self.mlflow.set_tags(run_id, tags)
+        step = metrics.get("eval_step", 0)
+        objectives = {k: v for k, v in metrics.items() if k == "objective" or k.endswith("/objective")}
+        self.mlflow.log_metrics(run_id, objectives, int(step) if isinstance(step, int | float) and math.isfinite(step) else 0)
+        self.mlflow.terminate(run_id, run_status)
+
+    def _close_trial(self, trial, status: str, error: str | None = None) -> None:
+        runs = self.mlflow.find_child_runs(self.experiment_id, self.parent_run_id, trial.trial_id)
+        for run in runs:
+            if run.info.status in _OPEN:
+                self._close(run.info.run_id, status, dict(trial.last_result or {}), error)
+        if not runs:
+            logger.info("No MLflow run found for trial %s (%s)", trial.trial_id, status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._close_trial(trial, "complete" if (trial.last_result or {}).get("trial_complete") else "pruned")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._close_trial(trial, "failed", _error_text(trial))
+
+    def close_open_runs(self, statuses: Mapping[str, str]) -> None:
+        """Closes the runs still open, by their trial's status (``statuses``: Tune trial id →
+        status); a run whose create call was in flight when its trial ended is caught here."""
+        for run in self.mlflow.find_child_runs(self.experiment_id, self.parent_run_id):
+            if run.info.status in _OPEN:
+                status = statuses.get(run.data.tags.get(TRIAL_TAG, ""), "running")
+                self._close(run.info.run_id, status, {}, None if status != "failed" else "see the Ray Tune trial folder")
+
+    def log_start(self, params: Mapping[str, Any], files: Mapping[str, str]) -> None:
+        """The search's settings (params) and ``{artifact name: text}`` on the parent run."""
+        self.mlflow.log_params(self.parent_run_id, params)
+        for artifact_file, text in files.items():
+            self.mlflow.log_text(self.parent_run_id, text, artifact_file)
+
+    def log_optuna_figures(self, study, target_name: str, min_importance_trials: int = 2) -> None:
+        """Optuna's optimisation history and parameter importance on the parent run."""
+        for file, figure in (
+            ("optuna_param_importance.png", optuna_importance_figure(study, target_name, min_importance_trials)),
+            ("optuna_history.png", optuna_history_figure(study, target_name)),
+        ):
+            if figure is not None:
+                self.mlflow.log_figure(self.parent_run_id, figure, f"optuna/{file}")
+
+    def finish(self, files: Sequence[Path], texts: Mapping[str, str], metrics: Mapping[str, Any], tags: Mapping[str, Any], interrupted: bool) -> None:
+        """Logs the outcome on the parent run and closes it (``KILLED`` if the search was interrupted)."""
+        for path in files:
+            self.mlflow.log_artifact(self.parent_run_id, path)
+        for artifact_file, text in texts.items():
+            self.mlflow.log_text(self.parent_run_id, text, artifact_file)
+        self.mlflow.log_metrics(self.parent_run_id, metrics, step=0)
+        self.mlflow.set_tags(self.parent_run_id, {**tags, "search_status": "interrupted" if interrupted else "finished"})
+        self.mlflow.terminate(self.parent_run_id, "KILLED" if interrupted else "FINISHED")
+        self.mlflow.warn_dropped("search driver")

@@ -1,0 +1,194 @@
+"""A trial's MLflow run, written by the rank-0 Ray Train worker of each of its training runs.
+
+* :class:`MlflowEventWriter`, a detectron2 ``EventWriter`` (run by a ``PeriodicWriter`` every
+  ``MODEL.EQLV2.LOG_PERIOD`` iterations and after training): every scalar of the
+  ``EventStorage`` written since the last time (losses, ``lr``, ``eqlv2/...`` summaries, and the
+  results ``EvalHook`` put there, with the paper's columns ``AP``, ``APr``, ...) as
+  ``<dataset>/<name>`` at the step "iterations done";
+* :class:`TrialArtifactsHook`: after every evaluation the gradient statistics (per-category CSV
+  ``gradient_statistics/<dataset>/iter_XXXXXXX.csv``, the ratio figure, the per-group summaries
+  ``<dataset>/grad/...``); after training the classifier weight norms (``weight_norms/``).
+
+Neither writes the run's status: the driver alone does (:mod:`eqlv2.search.mlflow_driver`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from detectron2.engine import HookBase, PeriodicWriter
+from detectron2.utils.events import EventWriter, get_event_storage
+
+from eqlv2.data import category_statistics
+from eqlv2.modeling import EQLv2FastRCNNOutputLayers
+from eqlv2.raytrain.report_hook import evaluation_at, evaluation_metrics, is_evaluation_key
+from eqlv2.statistics import summarize
+
+from .mlflow_client import SafeMlflow
+from .plots import gradient_ratio_figure, weight_norms_figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MlflowEventWriter", "TrialArtifactsHook", "TrialRunHooks", "gradient_table", "read_gradient_ratio"]
+
+
+def category_csv(categories: Mapping[str, Any], columns: Mapping[str, Sequence[float]]) -> str:
+    """CSV with one row per category: index, name, group, training count, then ``columns``."""
+    count = len(categories["names"])
+    frame = pd.DataFrame(
+        {
+            "category": range(count),
+            "name": categories["names"],
+            "group": categories.get("groups") or [""] * count,
+            "train_count": categories["counts"],
+            **{name: [f"{float(v):.6g}" for v in values] for name, values in columns.items()},
+        }
+    )
+    return frame.to_csv(index=False)
+
+
+def gradient_table(stats, categories: Mapping[str, Any]) -> str:
+    """CSV of the per-category accumulated gradients, ratio, q and r."""
+    return category_csv(categories, stats.as_columns())
+
+
+def read_gradient_ratio(path: str) -> list[float]:
+    """The ``ratio`` column of a gradient-statistics CSV (e.g. a baseline's, for the plots)."""
+    return [float(value) for value in pd.read_csv(path)["ratio"]]
+
+
+def classifier_weight_norms(model) -> list[float] | None:
+    """L2 norms of the C category rows of the (last) box classifier, or None if there is none."""
+    module = getattr(model, "module", model)
+    predictors = [m for m in module.modules() if isinstance(m, EQLv2FastRCNNOutputLayers)]
+    if not predictors:
+        return None
+    weight = predictors[-1].cls_score.weight.detach().float().cpu()
+    return [float(v) for v in weight[: predictors[-1].num_classes].norm(dim=1)]
+
+
+def category_table(dataset_name: str | None, num_classes: int) -> dict[str, list]:
+    """Names, training counts and frequency groups of the categories of ``dataset_name``."""
+    table: dict[str, Any] = {"names": [str(i) for i in range(num_classes)], "counts": [0.0] * num_classes, "groups": None}
+    try:
+        stats = category_statistics(dataset_name) if dataset_name else None
+    except (KeyError, ValueError, FileNotFoundError) as error:  # the plots go on without names
+        logger.warning("No category statistics for %s: %s", dataset_name, error)
+        stats = None
+    if stats is not None and len(stats.image_counts) == num_classes:
+        counts = stats.instance_counts if stats.instance_counts is not None else stats.image_counts
+        table = {"names": list(stats.class_names), "counts": [float(v) for v in counts], "groups": list(stats.frequency_groups)}
+    return table
+
+
+class MlflowEventWriter(EventWriter):
+    """Writes the ``EventStorage``'s new scalars to a trial's run (see the module docstring)."""
+
+    def __init__(self, mlflow: SafeMlflow, run_id: str, dataset: str, max_iter: int, test_datasets: Sequence[str]) -> None:
+        self._mlflow = mlflow
+        self._run_id = run_id
+        self._prefix = f"{dataset}/"
+        self._max_iter = int(max_iter)
+        self._tests = tuple(test_datasets)
+        self._last_write = -1
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        new = {key: (value, at) for key, (value, at) in storage.latest().items() if at > self._last_write}
+        for iteration in sorted({at for _, at in new.values()}):
+            scalars = {k: v for k, (v, at) in new.items() if at == iteration and not is_evaluation_key(k, self._tests)}
+            scalars.update(evaluation_metrics(evaluation_at(storage, iteration, self._tests)))
+            step = min(iteration + 1, self._max_iter)  # iterations done
+            self._mlflow.log_metrics(self._run_id, {self._prefix + k: v for k, v in scalars.items()}, step)
+            self._last_write = iteration
+
+    def close(self) -> None:
+        self._mlflow.warn_dropped(f"trial run {self._run_id} ({self._prefix[:-1]})")
+
+
+class TrialArtifactsHook(HookBase):
+    """Logs the gradient statistics after every evaluation and the weight norms after training."""
+
+    def __init__(self, mlflow: SafeMlflow, run_id: str, dataset: str, cfg, baseline_ratio: Sequence[float] | None) -> None:
+        self._mlflow = mlflow
+        self._run_id = run_id
+        self._dataset = dataset
+        self._eval_period = int(cfg.TEST.EVAL_PERIOD)
+        self._train_dataset = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
+        self._baseline = baseline_ratio
+        self._categories: dict[str, list] | None = None
+
+    def _categories_for(self, num_classes: int) -> dict[str, list]:
+        if self._categories is None or len(self._categories["names"]) != num_classes:
+            self._categories = category_table(self._train_dataset, num_classes)
+        return self._categories
+
+    def _log_gradient_statistics(self, step: int) -> None:
+        tracker = getattr(self.trainer, "gradient_statistics", None)
+        snapshots = tracker.snapshots() if tracker is not None else []
+        folder = f"gradient_statistics/{self._dataset}"
+        for stage, stats in enumerate(snapshots):
+            suffix = "" if len(snapshots) == 1 else f"_stage{stage}"
+            categories = self._categories_for(len(stats.ratio))
+            self._mlflow.log_metrics(self._run_id, summarize(stats, categories["groups"], prefix=f"{self._dataset}/grad/"), step)
+            self._mlflow.log_text(self._run_id, gradient_table(stats, categories), f"{folder}/iter_{step:07d}{suffix}.csv")
+            figure = gradient_ratio_figure(
+                stats.ratio, categories["counts"], groups=categories["groups"], baseline_ratio=self._baseline,
+                title=f"{self._dataset}: pos/neg gradient ratio at iteration {step}",
+            )  # fmt: skip
+            self._mlflow.log_figure(self._run_id, figure, f"{folder}/ratio_iter_{step:07d}{suffix}.png")
+
+    def _log_weight_norms(self) -> None:
+        norms = classifier_weight_norms(self.trainer.model)
+        if norms is None:
+            return
+        categories = self._categories_for(len(norms))
+        table = category_csv(categories, {"weight_norm": norms})
+        self._mlflow.log_text(self._run_id, table, f"weight_norms/{self._dataset}.csv")
+        title = f"{self._dataset}: classifier weight norms of the final model"
+        figure = weight_norms_figure(norms, categories["counts"], groups=categories["groups"], title=title)
+        self._mlflow.log_figure(self._run_id, figure, f"weight_norms/{self._dataset}.png")
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if self._eval_period > 0 and done % self._eval_period == 0 and done < self.trainer.max_iter:
+            self._log_gradient_statistics(done)
+
+    def after_train(self) -> None:
+        if self.trainer.iter >= self.trainer.max_iter:  # training completed
+            self._log_gradient_statistics(self.trainer.max_iter)
+            self._log_weight_norms()
+
+
+@dataclass(frozen=True)
+class TrialRunHooks:
+    """Picklable factories of the rank-0 hooks that write one training run into a trial's run.
+
+    Attributes:
+        tracking_uri: the MLflow tracking URI (absolute for SQLite).
+        run_id: the trial's child run.
+        dataset: short dataset name (``lvis``, ``openimages``): the metric prefix.
+        period: iterations between two writes of the training scalars.
+        baseline_ratio: ``(C,)`` gradient ratio of a baseline model for the plots, or None.
+    """
+
+    tracking_uri: str
+    run_id: str
+    dataset: str
+    period: int = 20
+    baseline_ratio: tuple[float, ...] | None = None
+
+    def writer(self, cfg, trainer) -> PeriodicWriter:
+        writer = MlflowEventWriter(SafeMlflow(self.tracking_uri), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
+        return PeriodicWriter([writer], period=max(1, int(self.period)))
+
+    def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
+        return TrialArtifactsHook(SafeMlflow(self.tracking_uri), self.run_id, self.dataset, cfg, self.baseline_ratio)
+
+    def factories(self) -> list:
+        """The factories for ``build_torch_trainer(extra_hooks=...)``."""
+        return [self.writer, self.artifacts]

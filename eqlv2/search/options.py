@@ -1,0 +1,62 @@
+"""The options of a search: the command line of ``tune/search.py``, field for field.
+
+``tune/search.py`` names each argparse destination after a field of :class:`SearchOptions`, so
+:meth:`SearchOptions.from_namespace` takes the parsed arguments as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+__all__ = ["SearchOptions"]
+
+
+@dataclass
+class SearchOptions:
+    """What to search, how to run it and where results go (see ``tune/search.py --help``)."""
+
+    search_space: str = "configs/search/default.yaml"
+    datasets: tuple[str, ...] = ("lvis",)
+    config_files: tuple[str, ...] = ()
+    opts: tuple[str, ...] = ()
+    num_trials: int | None = None  # default: 3 with --smoke, else 4
+    concurrency: int = 1
+    workers_per_trial: int | None = None
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    sampler: str = "tpe"
+    metric: str = "AP"
+    multi_objective: bool = False
+    results_dir: str = "eqlv2_runs"
+    storage_path: str | None = None
+    name: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "eqlv2-search"
+    optuna_storage: str | None = None
+    study_name: str | None = None
+    resume: bool = False
+    smoke: bool = False
+    seed: int = 42
+    max_failures: int = 0
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    baseline_gradients: tuple[str, ...] = ()
+    verbose: bool = False
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            if item.type.startswith("tuple"):
+                setattr(self, item.name, tuple(getattr(self, item.name)))
+        if self.num_trials is None:
+            self.num_trials = 3 if self.smoke else 4
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace, argv: Sequence[str] = ()) -> SearchOptions:
+        """The options of parsed arguments whose destinations are this class's field names."""
+        return cls(**vars(args), argv=tuple(argv))

@@ -1,0 +1,137 @@
+"""One writer per record: a trial's final MLflow state, and the Ray resources of a stopped trial.
+
+Real local Ray (Tune, Train V2), a real SQLite MLflow store read back with ``MlflowClient``.
+
+* The race of issue 13, made to happen on purpose: trial processes that report to Tune and write
+  their MLflow run (through the project's trial-side code: :func:`eqlv2.search.trial._start_run`
+  and the rank-0 :class:`~eqlv2.search.mlflow_worker.MlflowEventWriter`) as fast as they can are
+  stopped by Tune in the middle of that, or fail, several times over. The driver's
+  :class:`~eqlv2.search.mlflow_driver.SearchTracking` alone writes each run's final state: every
+  stopped trial ends ``KILLED``/``stopped_early`` without ``error.txt``, every failed one
+  ``FAILED``/``failed`` with it.
+* A trial that ASHA stops kills its Ray Train controller; Ray Train's own placement-group cleaner
+  (served by the dashboard's State API, which the search starts) releases its workers' group.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("optuna")
+pytest.importorskip("mlflow")
+
+import ray  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.train import RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
+from search_fixtures import ray_local  # noqa: E402,F401
+
+from eqlv2.search.mlflow_client import STATUS_TAG, TRIAL_TAG, SafeMlflow  # noqa: E402
+from eqlv2.search.mlflow_driver import SearchTracking  # noqa: E402
+from eqlv2.search.mlflow_worker import MlflowEventWriter  # noqa: E402
+from eqlv2.search.optuna_study import STEP_KEY  # noqa: E402
+from eqlv2.search.scheduling import build_scheduler  # noqa: E402
+from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
+from eqlv2.search.space import parse_search_space  # noqa: E402
+from eqlv2.search.trial import _start_run  # noqa: E402
+
+SPACE = parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}})
+STOP_AT = 4  # Tune stops a trial once it has reported this many results
+
+
+def reporting_trial(config, settings):
+    """Writes its run and reports to Tune without pause until stopped; fails at its 4th report
+    when ``config["fail"]``."""
+    trial_id = tune.get_context().get_trial_id()
+    run_id = _start_run(settings, trial_id, None, {"alpha": config["alpha"]})
+    writer = MlflowEventWriter(SafeMlflow(settings.tracking_uri), run_id, "lvis", 10_000, ())
+    with EventStorage() as storage:
+        for iteration in range(10_000):
+            storage.iter = iteration
+            storage.put_scalar("total_loss", 1.0 / (iteration + 1))
+            writer.write()
+            if config["fail"] and iteration == STOP_AT - 1:
+                raise RuntimeError("simulated training failure")
+            tune.report({"objective": float(iteration), STEP_KEY: iteration})
+
+
+@pytest.mark.slow
+def test_final_states_are_written_by_the_driver_alone(ray_local, tmp_path):  # noqa: F811
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = SearchTracking.open(uri, "race", tmp_path / "artifacts", "race", None)
+    settings = TrialSettings(
+        space=SPACE, datasets=dataset_specs(["lvis"]), objective=parse_objective("AP"), tracking_uri=uri,
+        experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, search_name="race",
+    )  # fmt: skip
+    fails = [False, True, False, False, True, False, False, True]
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(reporting_trial, settings=settings), {"cpu": 1}),
+        param_space={"fail": tune.grid_search(fails), "alpha": 1.0},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(
+            name="race", storage_path=str(tmp_path / "ray"), callbacks=[tracking], verbose=0,
+            stop={"training_iteration": STOP_AT},
+        ),
+    )  # fmt: skip
+    results = tuner.fit()
+    assert sorted(r.error is not None for r in results) == sorted(fails)
+    time.sleep(3)  # anything a stopped trial process still had in flight has landed by now
+    client = MlflowClient(uri)
+    runs = tracking.mlflow.find_child_runs(tracking.experiment_id, tracking.parent_run_id)
+    assert len(runs) == len(fails)
+    failed_by_trial = {r.metrics["trial_id"]: r.error is not None for r in results}
+    for run in runs:
+        run = client.get_run(run.info.run_id)
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if failed_by_trial[run.data.tags[TRIAL_TAG]]:
+            assert (run.info.status, run.data.tags[STATUS_TAG]) == ("FAILED", "failed")
+            assert "error.txt" in files and "simulated training failure" in run.data.tags["error"]
+        else:
+            assert (run.info.status, run.data.tags[STATUS_TAG]) == ("KILLED", "stopped_early")
+            assert "error.txt" not in files and "error" not in run.data.tags
+        assert len(client.get_metric_history(run.info.run_id, "lvis/total_loss")) >= STOP_AT - 1
+
+
+def asha_trial(config):
+    """A Ray Train run of one worker that reports ``config["value"]`` at three evaluations."""
+
+    def loop(loop_config):
+        for step in (1, 2, 3):
+            ray.train.report({"objective": loop_config["value"], STEP_KEY: step})
+            time.sleep(0.5)
+
+    context = tune.get_context()
+    TorchTrainer(
+        loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(name="train", storage_path=context.get_trial_dir(), callbacks=[TuneReportCallback()]),
+    ).fit()  # fmt: skip
+
+
+def _live_groups() -> list[dict]:
+    return [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+
+
+@pytest.mark.slow
+def test_placement_group_of_an_asha_stopped_trial_is_released(ray_local, tmp_path):  # noqa: F811
+    """The second trial lags at its first evaluation: ASHA stops it, which kills its Ray Train
+    controller while the worker still trains; the group of that worker must not stay reserved."""
+    scheduler = build_scheduler("asha", total_evaluations=3, grace_period=1, reduction_factor=2)
+    tuner = tune.Tuner(
+        tune.with_resources(asha_trial, {"cpu": 0, "memory": 1}),
+        param_space={"value": tune.grid_search([10.0, 1.0])},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path / "ray"), verbose=0),
+    )
+    results = tuner.fit()
+    last_steps = sorted(r.metrics[STEP_KEY] for r in results)
+    assert last_steps == [1, 3]  # one stopped at its first evaluation, one complete
+    deadline = time.monotonic() + 60
+    while _live_groups() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _live_groups() == []
