@@ -43,6 +43,10 @@ def add_eqlv2_config(cfg: CN) -> None:
     # Every LOG_PERIOD iterations the gradient-statistics hook writes summaries (mean positive /
     # negative ratio per frequency group, mean q and r) to detectron2's EventStorage. 0 disables it.
     cfg.MODEL.EQLV2.LOG_PERIOD = 20
+    # Loading weights in pickle format (.pkl: Detectron / Caffe2 model-zoo files) RUNS ANY CODE the
+    # file carries. Such files are refused unless this is True, except detectron2's own model zoo
+    # (detectron2://...). Set it only for files you trust. .pth files are loaded weights-only (no code).
+    cfg.MODEL.EQLV2.ALLOW_UNSAFE_PICKLED_WEIGHTS = False
 
     cfg.DATASETS.EQLV2 = CN()
     # A user's own LVIS-format dataset, registered as "<NAME>_train" / "<NAME>_val" before training:

@@ -416,7 +416,7 @@ def test_build_evaluator_by_evaluator_type(tmp_path, registered):
     cfg = get_cfg()
     add_eqlv2_config(cfg)
     cfg.TEST.EQLV2.LVIS_ENGINE = "lvis"
-    assert build_evaluator(cfg, registered)._engine_name == "lvis"
+    assert build_evaluator(cfg, registered).engine_name == "lvis"
     cfg.TEST.EQLV2.LVIS_ENGINE = "nope"
     with pytest.raises(ValueError, match="LVIS_ENGINE"):
         build_evaluator(cfg, registered)
@@ -432,3 +432,25 @@ def test_build_evaluator_by_evaluator_type(tmp_path, registered):
     MetadataCatalog.get("eqlv2_test_eval_unknown").set(evaluator_type="voc")
     with pytest.raises(NotImplementedError, match="voc"):
         build_evaluator(cfg, "eqlv2_test_eval_unknown")
+
+
+def test_scoring_goes_through_the_engine(tmp_path):
+    # Guards the override of detectron2's private LVISEvaluator._eval_predictions: without rare
+    # or common categories, the official API reports APr = APc = -100 through detectron2, the
+    # project's engines NaN. A NaN here shows that the engine scored the predictions.
+    gt = _tiny_gt()
+    gt["categories"][1]["frequency"] = "f"
+    path = tmp_path / "all_frequent.json"
+    path.write_text(json.dumps(gt))
+    name = "eqlv2_test_eval_lvis_all_frequent"
+    MetadataCatalog.get(name).set(json_file=str(path), evaluator_type="lvis")
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 90.0, 90.0]])
+    inst = Instances((100, 100), pred_boxes=Boxes(boxes), scores=torch.tensor([0.9, 0.8]))
+    inst.pred_classes = torch.tensor([0, 1])
+    for engine in ("fast", "lvis"):
+        evaluator = LVISEvaluator(name, distributed=False, engine=engine)
+        evaluator.reset()
+        evaluator.process([{"image_id": 1}], [{"instances": inst}])
+        out = evaluator.evaluate()["bbox"]
+        assert out["AP"] == pytest.approx(100.0) and out["APf"] == pytest.approx(100.0)
+        assert math.isnan(out["APr"]) and math.isnan(out["APc"]), engine

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,18 +16,19 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from eqlv2.data import DatasetFormatError
+from eqlv2.data.openimages_files import BBOX_COLUMNS, OpenImagesFiles
 from eqlv2.evaluation import OpenImagesEvaluator, build_evaluator
 from eqlv2.evaluation.openimages import (
     ClassHierarchy,
     OpenImagesDetections,
     OpenImagesGroundTruth,
+    OpenImagesSubmissionWriter,
     average_precision,
     evaluate_openimages,
-    frequency_groups,
+    evaluate_submission,
+    instance_count_groups,
     match_detections,
-)
-from eqlv2.evaluation.openimages_submission import (
-    OpenImagesSubmissionWriter,
     parse_submission,
     prediction_string,
     write_submission,
@@ -98,16 +101,16 @@ def test_unverified_class_is_ignored_and_negative_label_makes_false_positive():
     # Image b says nothing about dogs: its confident dog detection is ignored, AP(dog) = 1.
     gt = _gt(boxes, labels=[("b", "/m/person", True)])
     result = evaluate_openimages(gt, {"a": _dets(tp), "b": _dets(fp_on_b)})
-    assert result.ap_per_class[DOG] == pytest.approx(1.0)
+    assert result.ap_per_class[DOG] == pytest.approx(100.0)
     # Image b is verified to have no dog: the detection is a false positive ranked first, so
-    # precision is 1/2 at recall 1 and AP = 0.5.
+    # precision is 1/2 at recall 1 and AP = 0.5 (50 %).
     gt = _gt(boxes, labels=[("b", "/m/dog", False)])
     result = evaluate_openimages(gt, {"a": _dets(tp), "b": _dets(fp_on_b)})
-    assert result.ap_per_class[DOG] == pytest.approx(0.5)
+    assert result.ap_per_class[DOG] == pytest.approx(50.0)
     # A negative "animal" label also verifies dog (downward expansion).
     gt = _gt(boxes, labels=[("b", "/m/animal", False)])
     result = evaluate_openimages(gt, {"a": _dets(tp), "b": _dets(fp_on_b)})
-    assert result.ap_per_class[DOG] == pytest.approx(0.5)
+    assert result.ap_per_class[DOG] == pytest.approx(50.0)
 
 
 # --- matching -----------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def test_group_of_ap_end_to_end():
     # Ranking FP, TP, TP: precision 1/2 at recall 1/2 and 2/3 at recall 1; the envelope is 2/3
     # at both recall levels -> AP = 2/3.
     assert result.num_positives[CAT] == 2
-    assert result.ap_per_class[CAT] == pytest.approx(2 / 3)
+    assert result.ap_per_class[CAT] == pytest.approx(100 * 2 / 3)
     # Animal has the same boxes (expansion) but no detections: AP 0; dog has no positives: NaN.
     assert result.ap_per_class[ANIMAL] == 0.0 and math.isnan(result.ap_per_class[DOG])
 
@@ -204,12 +207,12 @@ def test_average_precision_of_a_known_ranking():
     assert math.isnan(average_precision(np.zeros(0), np.zeros(0), 0))
 
 
-def test_frequency_groups_split_sorted_classes():
+def test_instance_count_groups_split_sorted_classes():
     counts = [50, 3, 900, 7, 1, 300, 20, 5, 60, 2]
-    groups = frequency_groups(counts)
+    groups = instance_count_groups(counts)
     assert [g.tolist() for g in groups] == [[4, 9], [1, 7], [3, 6], [0, 8], [5, 2]]
-    assert [len(g) for g in frequency_groups(list(range(7)))] == [2, 2, 1, 1, 1]
-    assert [len(g) for g in frequency_groups(list(range(500)))] == [100] * 5
+    assert [len(g) for g in instance_count_groups(list(range(7)))] == [2, 2, 1, 1, 1]
+    assert [len(g) for g in instance_count_groups(list(range(500)))] == [100] * 5
 
 
 def test_mean_and_group_means_use_classes_with_positives():
@@ -231,10 +234,15 @@ def test_mean_and_group_means_use_classes_with_positives():
     counts = [10, 1, 2, 30, 40, 50, 3]  # rarest first: cat, dog, person, animal, vehicle, ...
     result = evaluate_openimages(gt, {"a": dets}, counts)
     ap = result.ap_per_class
+    # One unit: ap_per_class is in percent, as metrics.
     assert (
-        ap[CAT] == 1.0 and ap[DOG] == 0.0 and ap[PERSON] == pytest.approx(0.5) and ap[ANIMAL] == 0.0
+        ap[CAT] == 100.0
+        and ap[DOG] == 0.0
+        and ap[PERSON] == pytest.approx(50.0)
+        and ap[ANIMAL] == 0.0
     )
     assert result.metrics["AP"] == pytest.approx(100 * (1 + 0 + 0.5 + 0) / 4)
+    assert result.metrics["AP"] == pytest.approx(np.nanmean(ap))
     # 7 classes in 5 groups: [cat, dog], [person, animal], [vehicle], [car], [toy].
     assert result.metrics["AP1"] == pytest.approx(50.0)
     assert result.metrics["AP2"] == pytest.approx(25.0)
@@ -246,42 +254,49 @@ def test_expand_detections_option():
     dets = {"a": _dets((CAT, 0.9, 0.0, 0.0, 0.2, 0.2))}
     assert evaluate_openimages(gt, dets).ap_per_class[ANIMAL] == 0.0
     expanded = evaluate_openimages(gt, dets, hierarchy=H, expand_detections=True)
-    assert expanded.ap_per_class[ANIMAL] == 1.0 and expanded.ap_per_class[CAT] == 1.0
+    assert expanded.ap_per_class[ANIMAL] == 100.0 and expanded.ap_per_class[CAT] == 100.0
 
 
 # --- the detectron2 evaluator on files in the official formats ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openimages")
-    with open(root / "classes.csv", "w", newline="") as f:
+BOX_ROWS = [
+    ["img1", "xclick", "/m/cat", 1, 0.1, 0.3, 0.2, 0.4, 0, 0, 0, 0, 0],
+    ["img1", "xclick", "/m/car", 1, 0.5, 1.0, 0.5, 1.0, 0, 0, 1, 0, 0],
+    ["img2", "xclick", "/m/dog", 1, 0.0, 0.5, 0.0, 0.5, 0, 0, 0, 0, 0],
+]
+
+
+def _write_official_files(root, box_rows=BOX_ROWS) -> OpenImagesFiles:
+    """The validation files of the small hierarchy above, under their official names."""
+    files = OpenImagesFiles.at(root, "validation")
+    with open(files.classes_csv, "w", newline="") as f:
         csv.writer(f).writerows([(m, m.split("/")[-1].title()) for m in MIDS])
-    (root / "hierarchy.json").write_text(json.dumps(HIERARCHY))
-    with open(root / "bbox.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside".split(
-                ","
-            )
-        )
-        w.writerow(["img1", "xclick", "/m/cat", 1, 0.1, 0.3, 0.2, 0.4, 0, 0, 0, 0, 0])
-        w.writerow(["img1", "xclick", "/m/car", 1, 0.5, 1.0, 0.5, 1.0, 0, 0, 1, 0, 0])
-        w.writerow(["img2", "xclick", "/m/dog", 1, 0.0, 0.5, 0.0, 0.5, 0, 0, 0, 0, 0])
-    with open(root / "labels.csv", "w", newline="") as f:
+    with open(files.hierarchy_json, "w") as f:
+        json.dump(HIERARCHY, f)
+    with open(files.bbox_csv, "w", newline="") as f:
+        csv.writer(f).writerows([BBOX_COLUMNS, *box_rows])
+    with open(files.image_labels_csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["ImageID", "Source", "LabelName", "Confidence"])
         w.writerows([["img1", "verification", "/m/cat", 1], ["img2", "verification", "/m/cat", 0]])
+    return files
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> OpenImagesFiles:
+    return _write_official_files(tmp_path_factory.mktemp("openimages"))
+
+
+@pytest.fixture(scope="module")
+def registered(official):
     name = "eqlv2_test_eval_openimages"
     MetadataCatalog.get(name).set(
         evaluator_type="openimages",
-        classes_csv=str(root / "classes.csv"),
-        bbox_csv=str(root / "bbox.csv"),
-        image_labels_csv=str(root / "labels.csv"),
-        hierarchy_json=str(root / "hierarchy.json"),
         thing_mids=MIDS,
         thing_classes=[m.split("/")[-1] for m in MIDS],
         category_instance_counts=[10, 1, 2, 30, 40, 50, 3],
+        **official.metadata(),
     )
     return name
 
@@ -386,3 +401,137 @@ def test_prediction_string_format(tmp_path):
     (tmp_path / "bad.csv").write_text("ImageId,PredictionString\nx,/m/a 0.5 0.1 0.1\n")
     with pytest.raises(ValueError, match="multiple of 6"):
         parse_submission(str(tmp_path / "bad.csv"))
+
+
+# --- bad input: one test per failure (see the "Input checks" of eqlv2.evaluation.openimages.metric)
+
+
+def test_unknown_label_in_ground_truth_file_is_named(tmp_path):
+    files = _write_official_files(
+        tmp_path, [*BOX_ROWS, ["img3", "xclick", "/m/zebra", 1, 0, 0.5, 0, 0.5, 0, 0, 0, 0, 0]]
+    )
+    with pytest.raises(
+        DatasetFormatError,
+        match=r"detection-bbox.csv: line 5 \(ImageID img3\): unknown LabelName '/m/zebra'",
+    ):
+        OpenImagesGroundTruth.from_files(
+            MIDS, files.hierarchy_json, files.bbox_csv, files.image_labels_csv
+        )
+
+
+def test_unknown_label_in_ground_truth_rows_is_counted():
+    rows = [
+        ("a", "/m/zebra", 0.1, 0.1, 0.2, 0.2, False),
+        ("b", "/m/zebra", 0.1, 0.1, 0.2, 0.2, False),
+    ]
+    with pytest.raises(ValueError, match=r"2 ground-truth rows .* e\.g\. \['/m/zebra'\]"):
+        _gt(boxes=rows)
+
+
+def test_unknown_label_in_submission_is_counted(tmp_path, official):
+    sub = tmp_path / "sub.csv"
+    write_submission(
+        str(sub), {"img1": "/m/cat 0.9 0.1 0.2 0.3 0.4 /m/zebra 0.5 0 0 1 1 /m/yak 0.5 0 0 1 1"}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"sub.csv: 2 detections have 2 LabelNames that are not in the class list, e\.g\. \['/m/yak', '/m/zebra'\]",
+    ):
+        evaluate_submission(str(sub), official.root)
+
+
+@pytest.mark.parametrize("bad_class", [len(MIDS), 99, -1])
+def test_class_index_out_of_range_is_an_error(bad_class):
+    gt = _gt(boxes=[("a", "/m/cat", 0.0, 0.0, 0.2, 0.2, False)])
+    dets = _dets((CAT, 0.9, 0.0, 0.0, 0.2, 0.2), (bad_class, 0.8, 0.0, 0.0, 0.2, 0.2))
+    with pytest.raises(
+        ValueError,
+        match=rf"image a: 1 detections have class indices outside \[0, 7\), e\.g\. \[{bad_class}\]",
+    ):
+        evaluate_openimages(gt, {"a": dets})
+
+
+def test_mismatched_lengths_are_an_error_at_construction():
+    with pytest.raises(ValueError, match="differ in length: 3 boxes, 2 scores, 3 classes"):
+        OpenImagesDetections(np.zeros((3, 4)), np.zeros(2), np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match=r"boxes must be \(N, 4\), got shape \(6,\)"):
+        OpenImagesDetections(np.zeros(6), np.zeros(2), np.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match="class indices must be integers"):
+        OpenImagesDetections(np.zeros((1, 4)), np.zeros(1), np.array([1.5]))
+
+
+def test_image_ids_of_the_wrong_type_are_an_error():
+    gt = _gt(boxes=[("1", "/m/cat", 0.0, 0.0, 0.2, 0.2, False)])
+    with pytest.raises(TypeError, match="detections are keyed by int image ids .* strings"):
+        evaluate_openimages(gt, {1: _dets((CAT, 0.9, 0.0, 0.0, 0.2, 0.2))})
+
+
+def test_unknown_image_ids_are_counted_in_a_warning(caplog):
+    gt = _gt(boxes=[("a", "/m/cat", 0.0, 0.0, 0.2, 0.2, False)])
+    good = _dets((CAT, 0.9, 0.0, 0.0, 0.2, 0.2))
+    stray = _dets((CAT, 0.9, 0.0, 0.0, 0.2, 0.2), (DOG, 0.5, 0.0, 0.0, 0.2, 0.2))
+    with caplog.at_level("WARNING"):
+        result = evaluate_openimages(gt, {"a": good, "x": stray, "y": stray})
+    assert "2 of 3 images with detections (4 detections) have no ground truth" in caplog.text
+    assert result.ap_per_class[CAT] == 100.0  # the stray images do not count, as officially
+    with pytest.raises(ValueError, match="no detection is on an image of the ground truth"):
+        evaluate_openimages(gt, {"x": stray})
+
+
+@pytest.mark.parametrize(
+    "box", [(10.0, 20.0, 200.0, 220.0), (0.1, 0.1, 1.2, 0.5), (-0.2, 0, 0.5, 0.5)]
+)
+def test_unnormalized_boxes_are_an_error(box):
+    gt = _gt(boxes=[("a", "/m/cat", 0.0, 0.0, 0.2, 0.2, False)])
+    with pytest.raises(
+        ValueError, match=r"image a: 1 detection boxes are not normalized to \[0, 1\].*not pixels"
+    ):
+        evaluate_openimages(gt, {"a": _dets((CAT, 0.9, *box))})
+    # Rounding in the last digits is tolerated.
+    evaluate_openimages(gt, {"a": _dets((CAT, 0.9, -1e-4, 0.0, 1.0001, 0.2))})
+
+
+# --- offline evaluation of a Kaggle submission --------------------------------------------------
+
+SUBMISSION = {
+    "img1": "/m/cat 0.9 0.1 0.2 0.3 0.4 /m/car 0.8 0.6 0.6 0.8 0.8",
+    "img2": "/m/cat 0.95 0.6 0.6 0.9 0.9 /m/dog 0.5 0 0 0.5 0.5 /m/person 0.9 0.1 0.1 0.2 0.2",
+    "img9": "",
+}
+# The same detections by hand, for the reference computed without the submission code.
+HAND = {
+    "img1": _dets((CAT, 0.9, 0.1, 0.2, 0.3, 0.4), (CAR, 0.8, 0.6, 0.6, 0.8, 0.8)),
+    "img2": _dets(
+        (CAT, 0.95, 0.6, 0.6, 0.9, 0.9),
+        (DOG, 0.5, 0, 0, 0.5, 0.5),
+        (PERSON, 0.9, 0.1, 0.1, 0.2, 0.2),
+    ),
+}
+
+
+def test_submission_is_evaluated_with_the_official_class_list(tmp_path, official):
+    sub = tmp_path / "sub.csv"
+    write_submission(str(sub), SUBMISSION)
+    result = evaluate_submission(str(sub), official.root)
+    gt = _gt(
+        boxes=[(r[0], r[2], r[4], r[6], r[5], r[7], bool(r[10])) for r in BOX_ROWS],
+        labels=[("img1", "/m/cat", True), ("img2", "/m/cat", False)],
+    )
+    expected = evaluate_openimages(gt, HAND)
+    np.testing.assert_allclose(result.ap_per_class, expected.ap_per_class)
+    assert result.metrics["AP"] == pytest.approx(100 * (0 + 0.5 + 1 + 0 + 1 + 0) / 6)
+
+
+def test_command_line_evaluates_a_submission(tmp_path, official):
+    sub, out = tmp_path / "sub.csv", tmp_path / "metrics.json"
+    write_submission(str(sub), SUBMISSION)
+    command = [
+        sys.executable, "-m", "eqlv2.evaluation.openimages",
+        "--submission", str(sub), "--annotations-dir", official.root, "--output", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics == {"AP": pytest.approx(100 * 2.5 / 6)}
+    assert f"{metrics['AP']:.3f}" in done.stdout
+    assert "RuntimeWarning" not in done.stderr

@@ -30,6 +30,7 @@ from .frequency import (
 )
 from .lvis import load_lvis_dataset, register_lvis_json
 from .openimages import load_openimages, register_openimages
+from .preflight import check_dataset_files
 from .synthetic_plan import SyntheticSpec
 from .validation import DatasetFormatError
 
@@ -39,6 +40,7 @@ __all__ = [
     "DatasetFormatError",
     "SyntheticSpec",
     "category_statistics",
+    "check_dataset_files",
     "ensure_synthetic",
     "frequency_group",
     "frequency_groups",

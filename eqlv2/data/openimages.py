@@ -1,15 +1,6 @@
-"""OpenImages Challenge 2019 (object detection track): loader and registration.
+"""OpenImages Challenge 2019 (object detection track): dataset loader and registration.
 
-The official files, all in one folder ``root``::
-
-    challenge-2019-classes-description-500.csv            LabelName,DisplayName (no header)
-    challenge-2019-label500-hierarchy.json                {"LabelName": "/m/0bl9f", "Subcategory": [...]}
-    challenge-2019-{train,validation}-detection-bbox.csv  ImageID,Source,LabelName,Confidence,
-                                                          XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,
-                                                          IsGroupOf,IsDepiction,IsInside
-    challenge-2019-{train,validation}-detection-human-imagelabels.csv
-                                                          ImageID,Source,LabelName,Confidence
-    images/{train,validation}/<ImageID>.jpg
+The official files and their readers are in :mod:`eqlv2.data.openimages_files`.
 
 Dataset dicts follow detectron2's standard format: ``file_name``, ``image_id`` (the OpenImages
 ImageID string), ``height``, ``width``, ``annotations`` (``bbox`` in absolute XYXY pixels,
@@ -29,17 +20,12 @@ LVIS thresholds (1-10, 11-100, >100 training images) to its training image count
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
 import json
 import logging
 import os
 import tempfile
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -51,10 +37,26 @@ from .frequency import (
     register_statistics_provider,
     set_statistics_metadata,
 )
-from .validation import DatasetFormatError, check_csv_header, read_json, warn_skipped
+from .openimages_files import (
+    BBOX_COLUMNS,
+    CLASSES_CSV,
+    FLAG_KEYS,
+    HIERARCHY_JSON,
+    IMAGE_LABEL_COLUMNS,
+    ROOT_LABEL,
+    SPLITS,
+    OpenImagesFiles,
+    read_boxes,
+    read_classes,
+    read_hierarchy,
+    read_image_labels,
+)
+from .validation import DatasetFormatError
 
 logger = logging.getLogger(__name__)
 
+# The file names, columns, OpenImagesFiles and the readers are re-exported from
+# eqlv2.data.openimages_files for the generator and older callers.
 __all__ = [
     "CLASSES_CSV",
     "HIERARCHY_JSON",
@@ -75,250 +77,11 @@ __all__ = [
     "register_builtin_openimages",
 ]
 
-CLASSES_CSV = "challenge-2019-classes-description-500.csv"
-HIERARCHY_JSON = "challenge-2019-label500-hierarchy.json"
-#: LabelName of the root of the hierarchy ("Entity").
-ROOT_LABEL = "/m/0bl9f"
-BBOX_COLUMNS = (
-    "ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-    "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside",
-)  # fmt: skip
-IMAGE_LABEL_COLUMNS = ("ImageID", "Source", "LabelName", "Confidence")
-#: Columns the loader reads (Source and Confidence of box rows are not used).
-_USED_BBOX_COLUMNS = tuple(c for c in BBOX_COLUMNS if c not in ("Source", "Confidence"))
-_FLAG_KEYS = ("is_occluded", "is_truncated", "is_group_of", "is_depiction", "is_inside")
-_FLAG_COLUMNS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside")
-#: Normalized coordinates may leave [0, 1] by this much (rounding in the official files).
-_NORM_TOLERANCE = 1e-3
-#: Official split names; "val" is accepted for "validation".
-_SPLITS = {"train": "train", "validation": "validation", "val": "validation"}
-
 #: Names registered under ``$DETECTRON2_DATASETS/openimages``: name -> split.
 BUILTIN_OPENIMAGES_SPLITS = {
     "openimages_challenge2019_train": "train",
     "openimages_challenge2019_val": "validation",
 }
-
-
-@dataclass(frozen=True)
-class OpenImagesFiles:
-    """Paths of the official files of one split under ``root``."""
-
-    root: str
-    split: str
-    classes_csv: str
-    hierarchy_json: str
-    bbox_csv: str
-    image_labels_csv: str
-    image_root: str
-
-    @classmethod
-    def at(cls, root: str | os.PathLike, split: str) -> OpenImagesFiles:
-        """The files of ``split`` ("train", "validation" or "val") in ``root``."""
-        if split not in _SPLITS:
-            raise ValueError(
-                f"unknown OpenImages split {split!r}; expected one of {sorted(_SPLITS)}"
-            )
-        split = _SPLITS[split]
-        root = os.fspath(root)
-        return cls(
-            root=root,
-            split=split,
-            classes_csv=os.path.join(root, CLASSES_CSV),
-            hierarchy_json=os.path.join(root, HIERARCHY_JSON),
-            bbox_csv=os.path.join(root, f"challenge-2019-{split}-detection-bbox.csv"),
-            image_labels_csv=os.path.join(
-                root, f"challenge-2019-{split}-detection-human-imagelabels.csv"
-            ),
-            image_root=os.path.join(root, "images", split),
-        )
-
-    def metadata(self) -> dict[str, str]:
-        """The file metadata keys of a registered split (read by the OpenImages evaluator)."""
-        return {
-            "classes_csv": self.classes_csv,
-            "bbox_csv": self.bbox_csv,
-            "image_labels_csv": self.image_labels_csv,
-            "hierarchy_json": self.hierarchy_json,
-            "image_root": self.image_root,
-        }
-
-
-@contextlib.contextmanager
-def _open_csv(path: str) -> Iterator[TextIO]:
-    """Open a CSV file; undecodable bytes or NUL characters become a :class:`DatasetFormatError`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"OpenImages file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
-        try:
-            yield handle
-        except (UnicodeDecodeError, csv.Error) as error:
-            raise DatasetFormatError(path, f"not a readable UTF-8 CSV file: {error}") from None
-
-
-def read_classes(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """LabelNames (MIDs) and display names of the classes CSV, in file order.
-
-    Raises:
-        DatasetFormatError: a row is not ``LabelName,DisplayName``, or a LabelName repeats.
-    """
-    path = os.fspath(path)
-    mids: list[str] = []
-    names: list[str] = []
-    with _open_csv(path) as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if not row:
-                continue
-            if len(row) != 2 or not row[0].startswith("/"):
-                raise DatasetFormatError(
-                    path, f"line {line}: expected 'LabelName,DisplayName', got {row}"
-                )
-            if row[0] in mids:
-                raise DatasetFormatError(path, f"line {line}: duplicate LabelName {row[0]}")
-            mids.append(row[0])
-            names.append(row[1])
-    if not mids:
-        raise DatasetFormatError(path, "no classes")
-    return mids, names
-
-
-def read_hierarchy(path: str | os.PathLike) -> dict[str, set[str]]:
-    """Ancestors of every node of the hierarchy JSON, the root ``/m/0bl9f`` excluded.
-
-    Nodes are ``{"LabelName": ..., "Subcategory": [...], "Part": [...]}`` (both lists optional);
-    a node may appear under several parents.
-
-    Raises:
-        DatasetFormatError: not valid JSON, or a node without ``LabelName``.
-    """
-    path = os.fspath(path)
-    tree = read_json(path)
-    ancestors: dict[str, set[str]] = defaultdict(set)
-
-    def visit(node: Any, parents: tuple[str, ...], where: str) -> None:
-        if not isinstance(node, dict) or not isinstance(node.get("LabelName"), str):
-            raise DatasetFormatError(
-                path, f"{where}: hierarchy node without a 'LabelName': {str(node)[:80]}"
-            )
-        label = node["LabelName"]
-        ancestors[label].update(p for p in parents if p != ROOT_LABEL)
-        for key in ("Subcategory", "Part"):
-            children = node.get(key, [])
-            if not isinstance(children, list):
-                raise DatasetFormatError(path, f"{where} {label}: '{key}' must be a list")
-            for index, child in enumerate(children):
-                visit(child, (*parents, label), f"{label}.{key}[{index}]")
-
-    visit(tree, (), "root")
-    ancestors.pop(ROOT_LABEL, None)
-    return dict(ancestors)
-
-
-def _row_error(path: str, line: int, row: list[str], message: str) -> DatasetFormatError:
-    image = f" (ImageID {row[0]})" if row else ""
-    return DatasetFormatError(path, f"line {line}{image}: {message}")
-
-
-def read_boxes(
-    path: str | os.PathLike, index_of: dict[str, int]
-) -> dict[str, list[tuple[int, float, float, float, float, tuple[bool, ...]]]]:
-    """Boxes of a bbox CSV per ImageID, as ``(category, xmin, ymin, xmax, ymax, flags)``.
-
-    Coordinates stay normalized; ``flags`` follow :data:`_FLAG_KEYS`. Boxes of zero width or
-    height are skipped with one warning.
-
-    Raises:
-        DatasetFormatError: missing columns, a short row, a non-numeric coordinate, an unknown
-            LabelName, inverted or out-of-image coordinates.
-    """
-    path = os.fspath(path)
-    boxes: dict[str, list] = defaultdict(list)
-    empty = 0
-    low, high = -_NORM_TOLERANCE, 1 + _NORM_TOLERANCE
-    with _open_csv(path) as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        col = check_csv_header(path, header, _USED_BBOX_COLUMNS)
-        i_image, i_label = col["ImageID"], col["LabelName"]
-        i_x0, i_x1, i_y0, i_y1 = col["XMin"], col["XMax"], col["YMin"], col["YMax"]
-        f_occ, f_trunc, f_group, f_dep, f_in = (col[name] for name in _FLAG_COLUMNS)
-        width = len(header)
-        for line, row in enumerate(reader, start=2):
-            if len(row) != width:
-                if not row:
-                    continue
-                raise _row_error(path, line, row, f"{len(row)} fields, the header has {width}")
-            try:
-                category = index_of[row[i_label]]
-            except KeyError:
-                raise _row_error(path, line, row, f"unknown LabelName {row[i_label]!r}") from None
-            try:
-                x0, x1 = float(row[i_x0]), float(row[i_x1])
-                y0, y1 = float(row[i_y0]), float(row[i_y1])
-            except ValueError:
-                coords = [row[i] for i in (i_x0, i_x1, i_y0, i_y1)]
-                raise _row_error(path, line, row, f"non-numeric coordinates {coords}") from None
-            if not (
-                low <= x0 <= high and low <= x1 <= high and low <= y0 <= high and low <= y1 <= high
-            ):
-                raise _row_error(
-                    path,
-                    line,
-                    row,
-                    f"box XMin={x0} XMax={x1} YMin={y0} YMax={y1} lies outside the image "
-                    "(normalized coordinates must be in [0, 1])",
-                )
-            if x1 <= x0 or y1 <= y0:
-                if x1 < x0 or y1 < y0:
-                    raise _row_error(
-                        path, line, row, f"inverted box XMin={x0} XMax={x1} YMin={y0} YMax={y1}"
-                    )
-                empty += 1
-                continue
-            flags = (
-                row[f_occ] == "1",
-                row[f_trunc] == "1",
-                row[f_group] == "1",
-                row[f_dep] == "1",
-                row[f_in] == "1",
-            )
-            boxes[row[i_image]].append((category, x0, y0, x1, y1, flags))
-    warn_skipped(path, empty, "boxes of zero width or height")
-    return dict(boxes)
-
-
-def read_image_labels(
-    path: str | os.PathLike, index_of: dict[str, int]
-) -> dict[str, tuple[set[int], set[int]]]:
-    """Verified image-level labels per ImageID: (present categories, absent categories).
-
-    Raises:
-        DatasetFormatError: missing columns, an unknown LabelName, or a Confidence other than
-            0 or 1.
-    """
-    path = os.fspath(path)
-    labels: dict[str, tuple[set[int], set[int]]] = {}
-    with _open_csv(path) as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        col = check_csv_header(path, header, ("ImageID", "LabelName", "Confidence"))
-        i_image, i_label, i_conf = col["ImageID"], col["LabelName"], col["Confidence"]
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                image_id, label, confidence = row[i_image], row[i_label], row[i_conf]
-            except IndexError:
-                raise _row_error(
-                    path, line, row, f"{len(row)} fields, the header has {len(header)}"
-                ) from None
-            if label not in index_of:
-                raise _row_error(path, line, row, f"unknown LabelName {label!r}")
-            if confidence not in ("0", "1", "0.0", "1.0"):
-                raise _row_error(path, line, row, f"Confidence {confidence!r} is not 0 or 1")
-            pos, neg = labels.setdefault(image_id, (set(), set()))
-            (pos if confidence.startswith("1") else neg).add(index_of[label])
-    return labels
 
 
 def _read_cache(path: str) -> dict:
@@ -351,7 +114,7 @@ def write_image_size_cache(
 ) -> None:
     """Store ``{ImageID: (width, height)}`` where :func:`read_image_sizes` looks first."""
     _write_cache(
-        _size_cache_path(os.fspath(root), _SPLITS[split]), {k: list(v) for k, v in sizes.items()}
+        _size_cache_path(os.fspath(root), SPLITS[split]), {k: list(v) for k, v in sizes.items()}
     )
 
 
@@ -440,7 +203,7 @@ def load_openimages(
                 "bbox": [x0 * width, y0 * height, x1 * width, y1 * height],
                 "bbox_mode": BoxMode.XYXY_ABS,
                 "category_id": category,
-                **dict(zip(_FLAG_KEYS, flags, strict=True)),
+                **dict(zip(FLAG_KEYS, flags, strict=True)),
             }
             for category, x0, y0, x1, y1, flags in boxes.get(image_id, ())
         ]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from eqlv2.data.preflight import check_dataset_files
+from eqlv2.engine.checkpoint import SafeDetectionCheckpointer, UntrustedWeightsError
 from eqlv2.hooks import GradientStatisticsHook
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,14 @@ class EQLv2Trainer(DefaultTrainer):
     standard :class:`DetectionCheckpointer` saves them and ``resume_or_load(resume=True)``
     restores them with the rest of the model.
     """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        check_dataset_files(cfg)  # a broken dataset file is named before anything is built
+        super().__init__(cfg)
+        # Loading (MODEL.WEIGHTS, resume) refuses untrusted pickles; see eqlv2.engine.checkpoint.
+        self.checkpointer = SafeDetectionCheckpointer.from_config(
+            cfg, self.checkpointer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
 
     @classmethod
     def build_evaluator(
@@ -73,6 +83,8 @@ class EQLv2Trainer(DefaultTrainer):
             return
         try:
             super().resume_or_load(resume=resume)
+        except UntrustedWeightsError:
+            raise
         except Exception as error:  # fvcore raises AssertionError, iopath URL/OS errors
             raise WeightsUnavailableError(
                 f"cannot read MODEL.WEIGHTS={weights!r} ({type(error).__name__}: {error}). "
@@ -81,9 +93,14 @@ class EQLv2Trainer(DefaultTrainer):
             ) from error
 
 
-def load_model_weights(model, path: str) -> None:
-    """Loads a detectron2 checkpoint into ``model`` for evaluation, naming ``path`` on failure."""
+def load_model_weights(model, path: str, allow_pickle: bool = False) -> None:
+    """Loads a detectron2 checkpoint into ``model`` for evaluation, naming ``path`` on failure.
+
+    ``allow_pickle``: ``MODEL.EQLV2.ALLOW_UNSAFE_PICKLED_WEIGHTS`` (see eqlv2.engine.checkpoint).
+    """
     try:
-        DetectionCheckpointer(model).load(path)
+        SafeDetectionCheckpointer(model, allow_pickle=allow_pickle).load(path)
+    except UntrustedWeightsError:
+        raise
     except Exception as error:
         raise WeightsUnavailableError(f"cannot read weights {path!r}: {error}") from error

@@ -4,7 +4,8 @@
 * :class:`LVISEvaluator` (box / mask AP, APr / APc / APf) and :func:`summary` (the paper's
   columns); the engines are in :mod:`eqlv2.evaluation.lvis_engines`.
 * :class:`OpenImagesEvaluator` (the Challenge 2019 detection metric, with AP1..AP5 by class
-  frequency) and the Kaggle submission writer in :mod:`eqlv2.evaluation.openimages_submission`.
+  frequency), the Kaggle submission writer and the offline evaluation of a submission
+  (``python -m eqlv2.evaluation.openimages``), in :mod:`eqlv2.evaluation.openimages`.
 """
 
 from .build import build_evaluator
@@ -12,8 +13,14 @@ from .lvis import LVISEvaluator, summary
 from .lvis_detections import LVISDetections
 from .lvis_engines import METRIC_NAMES, FastLVISEngine, LVISEvalResult, OfficialLVISEngine
 from .lvis_numpy_compat import lvis_numpy_compat
-from .openimages import OpenImagesEvaluator, evaluate_openimages
-from .openimages_submission import OpenImagesSubmissionWriter, parse_submission, write_submission
+from .openimages import (
+    OpenImagesEvaluator,
+    OpenImagesSubmissionWriter,
+    evaluate_openimages,
+    evaluate_submission,
+    parse_submission,
+    write_submission,
+)
 
 __all__ = [
     "METRIC_NAMES",
@@ -26,6 +33,7 @@ __all__ = [
     "OpenImagesSubmissionWriter",
     "build_evaluator",
     "evaluate_openimages",
+    "evaluate_submission",
     "lvis_numpy_compat",
     "parse_submission",
     "summary",

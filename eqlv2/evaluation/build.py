@@ -31,7 +31,7 @@ def build_evaluator(
     """The evaluator of ``dataset_name`` by ``MetadataCatalog.get(dataset_name).evaluator_type``:
 
     * "lvis": :class:`~eqlv2.evaluation.lvis.LVISEvaluator` with the engine
-      ``cfg.TEST.EQLV2.LVIS_ENGINE``;
+      ``cfg.TEST.EQLV2.LVIS_ENGINE``, "segm" too with ``MODEL.MASK_ON``;
     * "openimages": :class:`~eqlv2.evaluation.openimages.OpenImagesEvaluator`;
     * "coco": detectron2's ``COCOEvaluator``.
 
@@ -40,7 +40,10 @@ def build_evaluator(
     """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
     if evaluator_type == "lvis":
-        return LVISEvaluator(dataset_name, output_dir=output_dir, engine=_lvis_engine(cfg))
+        # A mask model reports "segm" even before it detects anything (NaN numbers then);
+        # otherwise detectron2 infers the tasks from the predictions.
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else None
+        return LVISEvaluator(dataset_name, tasks, output_dir=output_dir, engine=_lvis_engine(cfg))
     if evaluator_type == "openimages":
         return OpenImagesEvaluator(dataset_name, output_dir=output_dir)
     if evaluator_type == "coco":

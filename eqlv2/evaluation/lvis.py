@@ -1,120 +1,57 @@
-"""detectron2 evaluator for LVIS v1 (box and mask AP with APr / APc / APf).
+"""detectron2's ``LVISEvaluator`` with the project's scoring engines, and the paper's columns.
 
-Modelled on detectron2's ``LVISEvaluator``: ``process()`` keeps each image's detections,
-``evaluate()`` gathers them on the main process and computes, for "bbox" and (when the model
-predicts masks) "segm", AP, AP50, AP75, APs, APm, APl, APr, APc and APf in percent, returned as
-``OrderedDict({"bbox": {...}, "segm": {...}})``.
+:class:`LVISEvaluator` is detectron2's evaluator (same inputs, gathering across ranks, box
+proposals, output ``OrderedDict({"bbox": {...}, "segm": {...}})`` with AP, AP50, AP75, APs, APm,
+APl, APr, APc and APf in percent); only the scoring step is swapped for an engine of
+:mod:`eqlv2.evaluation.lvis_engines` (``engine=``, config key ``TEST.EQLV2.LVIS_ENGINE``):
 
-Differences from detectron2's evaluator:
+* "fast" (default): the official numbers, many times faster (``benchmarks/eval_speed.py``);
+* "lvis": the official ``lvis`` API itself.
 
-* Two engines compute the numbers (``engine=``, config key ``TEST.EQLV2.LVIS_ENGINE``): "fast"
-  (default) and "lvis", the official API. They agree to floating-point rounding; see
-  :mod:`eqlv2.evaluation.lvis_engines`.
-* Detections are kept as arrays (not one dict per detection) and handed to the engine in memory.
-  The result JSON ``lvis_instances_results.json`` is written only with ``save_results=True``.
-* The engine, with its ground-truth index, is cached per JSON file, so the periodic evaluations
-  of a training run load and index the ground truth once.
-* A number that is undefined (its group has no ground truth) is NaN, not -100.
+Differences in what a caller sees:
+
+* a number that is undefined (its group has no ground truth) is NaN, not -100;
+* result files (``instances_predictions.pth``, ``lvis_instances_results.json``) are written to
+  ``output_dir`` only with ``save_results=True``: a training run evaluates often and the files
+  of a 20k-image split are large;
+* the fast engine's ground-truth index is kept per JSON file, for the periodic evaluations of a
+  training run.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
-import torch
-from detectron2.data import MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
+from detectron2.evaluation import LVISEvaluator as Detectron2LVISEvaluator
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from .lvis_detections import LVISDetections
-from .lvis_engines import (
-    MAX_DETS_PER_IMAGE,
-    METRIC_NAMES,
-    FastLVISEngine,
-    OfficialLVISEngine,
-    build_lvis_engine,
-)
+from .lvis_engines import MAX_DETS_PER_IMAGE, METRIC_NAMES, FastLVISEngine, OfficialLVISEngine
 
-__all__ = ["LVISEvaluator", "summary", "instances_to_lvis_arrays"]
+__all__ = ["ENGINES", "LVISEvaluator", "summary"]
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("fast", "lvis")
 
-_ENGINE_CACHE: OrderedDict[tuple, FastLVISEngine | OfficialLVISEngine] = OrderedDict()
-_ENGINE_CACHE_SIZE = 2
-_ENGINE_CACHE_LOCK = threading.Lock()
+#: The fast engine of the last ground-truth file evaluated: (file, mtime, size, max_dets,
+#: workers) -> engine.
+_FAST_ENGINE: dict[tuple, FastLVISEngine] = {}
 
 
-def _cached_engine(
-    engine: str, json_file: str, max_dets: int, workers: int
-) -> FastLVISEngine | OfficialLVISEngine:
-    """The engine for ``json_file``, built once and reused while the file is unchanged."""
-    stat = os.stat(json_file)
-    key = (engine, os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size, max_dets, workers)
-    with _ENGINE_CACHE_LOCK:
-        if key in _ENGINE_CACHE:
-            _ENGINE_CACHE.move_to_end(key)
-            return _ENGINE_CACHE[key]
-        built = build_lvis_engine(engine, json_file, max_dets=max_dets, workers=workers)
-        _ENGINE_CACHE[key] = built
-        while len(_ENGINE_CACHE) > _ENGINE_CACHE_SIZE:
-            _ENGINE_CACHE.popitem(last=False)
-        return built
-
-
-def instances_to_lvis_arrays(instances, image_id: int) -> dict:
-    """One image's predicted ``Instances`` (on CPU) as arrays: the fields of detectron2's
-    ``instances_to_coco_json`` (XYWH boxes, scores, contiguous classes, RLE masks with ``str``
-    counts) without one dict per detection."""
-    import pycocotools.mask as mask_util
-
-    boxes = instances.pred_boxes.tensor.numpy().astype(np.float32, copy=True).reshape(-1, 4)
-    boxes[:, 2:] -= boxes[:, :2]
-    record = {
-        "image_id": image_id,
-        "boxes": boxes,
-        "scores": instances.scores.numpy().astype(np.float32).reshape(-1),
-        "classes": instances.pred_classes.numpy().astype(np.int64).reshape(-1),
-        "masks": None,
-    }
-    if instances.has("pred_masks"):
-        masks = []
-        for mask in instances.pred_masks:
-            rle = mask_util.encode(np.asfortranarray(mask.numpy()[:, :, None].astype(np.uint8)))[0]
-            rle["counts"] = rle["counts"].decode("utf-8")
-            masks.append(rle)
-        record["masks"] = masks
-    return record
-
-
-class LVISEvaluator(DatasetEvaluator):
-    """LVIS box / mask AP of a detectron2 model on a registered LVIS-format dataset.
-
-    The dataset's metadata must have ``json_file`` (LVIS v1 format ground truth) and may have
-    ``thing_dataset_id_to_contiguous_id`` (otherwise contiguous id ``i`` is LVIS id ``i + 1``, as in
-    detectron2).
+class LVISEvaluator(Detectron2LVISEvaluator):
+    """detectron2's LVIS evaluator scoring with :mod:`eqlv2.evaluation.lvis_engines`.
 
     Args:
-        dataset_name: the registered dataset.
-        tasks: ("bbox",), ("segm",) or both; default: "bbox", plus "segm" when the predictions
-            have masks.
-        distributed: gather the predictions of all ranks and evaluate on the main one.
-        output_dir: where ``save_results=True`` writes ``lvis_instances_results.json``.
+        dataset_name, tasks, distributed, output_dir, max_dets_per_image: as detectron2's.
         engine: "fast" or "lvis" (the official API).
-        max_dets_per_image: detections per image that count (300 in the LVIS protocol).
         workers: processes of the fast engine.
-        save_results: also write the detections as an LVIS result JSON in ``output_dir``.
+        save_results: write detectron2's result files to ``output_dir``.
     """
 
     def __init__(
@@ -133,107 +70,76 @@ class LVISEvaluator(DatasetEvaluator):
             raise ValueError(f"unknown LVIS engine {engine!r}: use one of {ENGINES}")
         if tasks is not None and not set(tasks) <= {"bbox", "segm"}:
             raise ValueError(f"LVIS tasks are 'bbox' and 'segm', got {tasks}")
+        super().__init__(
+            dataset_name,
+            tasks,
+            distributed,
+            output_dir if save_results else None,
+            max_dets_per_image=max_dets_per_image,
+        )
+        self.engine_name = engine
         self._dataset_name = dataset_name
-        self._tasks = tuple(tasks) if tasks is not None else None
-        self._distributed = distributed
-        self._output_dir = output_dir
-        self._engine_name = engine
-        self._max_dets = max_dets_per_image
-        self._workers = workers
-        self._save_results = save_results
-        self._metadata = MetadataCatalog.get(dataset_name)
-        self._json_file = PathManager.get_local_path(self._metadata.json_file)
-        if not os.path.isfile(self._json_file):
-            raise FileNotFoundError(f"{dataset_name}: LVIS json_file {self._json_file} not found")
-        self._dataset_to_contiguous = getattr(
-            self._metadata, "thing_dataset_id_to_contiguous_id", None
-        )
-        self._predictions: list[dict] = []
+        # detectron2 has loaded the ground truth into ``_lvis_api`` and offers no public accessor;
+        # the engines reuse it rather than parse the JSON a second time.
+        json_file = PathManager.get_local_path(self._metadata.json_file)
+        if engine == "lvis":
+            self.engine = OfficialLVISEngine(self._lvis_api, max_dets=max_dets_per_image)
+        else:
+            self.engine = _fast_engine(self._lvis_api.dataset, json_file, max_dets_per_image, workers)
+        self.reset()  # usable without a reset() first, as the project's evaluators are
 
-    @property
-    def engine(self) -> FastLVISEngine | OfficialLVISEngine:
-        """The (cached) engine of this evaluator's ground truth."""
-        return _cached_engine(self._engine_name, self._json_file, self._max_dets, self._workers)
-
-    def reset(self) -> None:
-        self._predictions = []
-
-    def process(self, inputs, outputs) -> None:
-        for input_, output in zip(inputs, outputs, strict=True):
-            if "instances" not in output:
+    # detectron2's scoring step: private, but the only place to swap the scoring (no public
+    # hook). It reads ``_tasks``, ``_metadata`` and ``_output_dir`` and fills ``_results``;
+    # tests/test_eval_lvis.py::test_scoring_goes_through_the_engine fails if that changes.
+    def _eval_predictions(self, predictions: list[dict]) -> None:
+        results = [r for p in predictions for r in p["instances"]]
+        tasks = self._tasks or self._tasks_from_predictions(results)
+        detections = LVISDetections.from_results(results)
+        detections.category_ids = self._dataset_ids(detections.category_ids)
+        if self._output_dir:
+            self._write_results(detections)
+        if self.engine.num_annotations == 0:
+            logger.info("Annotations are not available for evaluation.")
+            return
+        for task in sorted(tasks):
+            if len(detections) == 0:
+                logger.warning("No predictions from the model!")
+                self._results[task] = dict.fromkeys(METRIC_NAMES, float("nan"))
                 continue
-            instances = output["instances"].to(torch.device("cpu"))
-            self._predictions.append(instances_to_lvis_arrays(instances, input_["image_id"]))
-
-    def _gather(self) -> list[dict] | None:
-        if not self._distributed:
-            return self._predictions
-        comm.synchronize()
-        gathered = comm.gather(self._predictions, dst=0)
-        if not comm.is_main_process():
-            return None
-        return list(itertools.chain(*gathered))
-
-    def to_detections(self, predictions: list[dict]) -> LVISDetections:
-        """The gathered per-image records as one :class:`LVISDetections` (LVIS category ids)."""
-        if not predictions:
-            return LVISDetections.empty()
-        counts = [len(p["scores"]) for p in predictions]
-        classes = np.concatenate([p["classes"] for p in predictions])
-        with_masks = all(p["masks"] is not None for p in predictions)
-        return LVISDetections(
-            image_ids=np.repeat([p["image_id"] for p in predictions], counts),
-            category_ids=self._dataset_ids(classes),
-            scores=np.concatenate([p["scores"] for p in predictions]).astype(np.float64),
-            boxes=np.concatenate([p["boxes"] for p in predictions]).astype(np.float64),
-            masks=[m for p in predictions for m in p["masks"]] if with_masks else None,
-        )
+            logger.info("Evaluating %s with the %s LVIS engine ...", task, self.engine_name)
+            metrics = self.engine.evaluate(detections, task).metrics
+            logger.info("Evaluation results for %s: \n%s", task, create_small_table(metrics))
+            self._results[task] = metrics
 
     def _dataset_ids(self, contiguous: np.ndarray) -> np.ndarray:
-        if self._dataset_to_contiguous is None:
+        """LVIS category ids of contiguous class ids (``thing_dataset_id_to_contiguous_id``, or
+        ``+1`` without it, as detectron2)."""
+        mapping = self._metadata.get("thing_dataset_id_to_contiguous_id")
+        if mapping is None:
             return contiguous + 1
-        lookup = np.full(max(self._dataset_to_contiguous.values()) + 1, -1, dtype=np.int64)
-        for dataset_id, contiguous_id in self._dataset_to_contiguous.items():
+        lookup = np.full(max(mapping.values()) + 1, -1, dtype=np.int64)
+        for dataset_id, contiguous_id in mapping.items():
             lookup[contiguous_id] = dataset_id
         if len(contiguous) and (contiguous.max() >= len(lookup) or (lookup[contiguous] < 0).any()):
             raise ValueError(f"{self._dataset_name}: a predicted class has no LVIS category id")
         return lookup[contiguous]
 
-    def evaluate(self) -> OrderedDict | None:
-        predictions = self._gather()
-        if predictions is None:
-            return None
-        if len(predictions) == 0:
-            logger.warning("[LVISEvaluator] Did not receive valid predictions.")
-            return {}
-        detections = self.to_detections(predictions)
-        tasks = self._tasks or (("bbox", "segm") if detections.has_masks else ("bbox",))
-        if self._output_dir and self._save_results:
-            self._write_results(detections)
-
-        results: OrderedDict[str, dict[str, float]] = OrderedDict()
-        if len(detections) == 0:
-            logger.warning("No predictions from the model!")
-            for task in sorted(tasks):
-                results[task] = {name: float("nan") for name in METRIC_NAMES}
-            return results
-        engine = self.engine
-        if engine.num_annotations == 0:
-            logger.info("Annotations are not available for evaluation.")
-            return results
-        for task in sorted(tasks):
-            logger.info("Evaluating %s with the %s LVIS engine ...", task, self._engine_name)
-            metrics = engine.evaluate(detections, task).metrics
-            logger.info("Evaluation results for %s: \n%s", task, create_small_table(metrics))
-            results[task] = metrics
-        return copy.deepcopy(results)
-
     def _write_results(self, detections: LVISDetections) -> None:
-        PathManager.mkdirs(self._output_dir)
         path = os.path.join(self._output_dir, "lvis_instances_results.json")
         logger.info("Saving results to %s", path)
         with PathManager.open(path, "w") as f:
             json.dump(detections.to_results(), f)
+
+
+def _fast_engine(dataset: dict, json_file: str, max_dets: int, workers: int) -> FastLVISEngine:
+    """The fast engine of ``json_file``, built from its parsed ``dataset`` when the file (or the
+    settings) changed since the last call."""
+    stat = os.stat(json_file)
+    key = (os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size, max_dets, workers)
+    if key not in _FAST_ENGINE:
+        _FAST_ENGINE.clear()
+        _FAST_ENGINE[key] = FastLVISEngine(dataset, max_dets=max_dets, workers=workers)
+    return _FAST_ENGINE[key]
 
 
 def summary(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -89,37 +89,6 @@ class LVISDetections:
             boxes = _boxes_of_masks(masks)
         return cls(image_ids, category_ids, scores, boxes, masks)
 
-    @classmethod
-    def concatenate(cls, parts: Sequence[LVISDetections]) -> LVISDetections:
-        """Rows of ``parts`` one after the other; masks are kept only if every part has them."""
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return cls.empty()
-        masks = None
-        if all(p.has_masks for p in parts):
-            masks = [m for p in parts for m in p.masks]
-        return cls(
-            np.concatenate([p.image_ids for p in parts]),
-            np.concatenate([p.category_ids for p in parts]),
-            np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.boxes for p in parts]),
-            masks,
-        )
-
-    def select(self, index: np.ndarray) -> LVISDetections:
-        """The rows ``index`` (an integer index array or a boolean mask), in that order."""
-        index = np.asarray(index)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        masks = None if self.masks is None else [self.masks[i] for i in index]
-        return LVISDetections(
-            self.image_ids[index],
-            self.category_ids[index],
-            self.scores[index],
-            self.boxes[index],
-            masks,
-        )
-
     def top_k_per_image(self, k: int) -> np.ndarray:
         """Indices of the ``k`` best-scored detections of each image (all when ``k < 0``).
 

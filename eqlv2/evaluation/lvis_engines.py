@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from faster_coco_eval import COCOeval_faster
 from faster_coco_eval.core import mask as mask_api
+from lvis import LVIS, LVISEval, LVISResults
 
 from .lvis_detections import LVISDetections, mask_areas
 from .lvis_numpy_compat import lvis_numpy_compat
@@ -65,7 +66,6 @@ __all__ = [
     "FastLVISEngine",
     "LVISEvalResult",
     "OfficialLVISEngine",
-    "build_lvis_engine",
     "summarize_lvis_precision",
 ]
 
@@ -157,16 +157,17 @@ class OfficialLVISEngine:
     """``lvis==0.5.3``'s ``LVISResults`` + ``LVISEval``, as detectron2's LVIS evaluator runs them.
 
     Args:
-        json_file: the LVIS ground-truth JSON (the ``LVIS`` object is built once).
+        ground_truth: the LVIS ground-truth JSON (the ``LVIS`` object is built once), or an
+            ``lvis.LVIS`` object already built.
         max_dets: detections per image that take part (300 in the LVIS protocol).
     """
 
     name = "lvis"
 
-    def __init__(self, json_file: str | os.PathLike, max_dets: int = MAX_DETS_PER_IMAGE):
-        from lvis import LVIS
-
-        self.lvis_gt = LVIS(os.fspath(json_file))
+    def __init__(self, ground_truth: str | os.PathLike | LVIS, max_dets: int = MAX_DETS_PER_IMAGE):
+        if not isinstance(ground_truth, LVIS):
+            ground_truth = LVIS(os.fspath(ground_truth))
+        self.lvis_gt = ground_truth
         self.max_dets = max_dets
 
     @property
@@ -177,8 +178,6 @@ class OfficialLVISEngine:
         self, detections: LVISDetections | Sequence[dict], iou_type: IouType
     ) -> LVISEvalResult:
         """Evaluates ``detections`` (LVIS category ids) on one task. They must not be empty."""
-        from lvis import LVISEval, LVISResults
-
         _check_iou_type(iou_type)
         results = self._results(detections, iou_type)
         if not results:
@@ -670,14 +669,3 @@ class FastLVISEngine:
             finally:
                 gc.unfreeze()
                 _JOB = None
-
-
-def build_lvis_engine(
-    engine: str, json_file: str | os.PathLike, max_dets: int = MAX_DETS_PER_IMAGE, workers: int = 2
-) -> FastLVISEngine | OfficialLVISEngine:
-    """``engine`` "fast" -> :class:`FastLVISEngine`, "lvis" -> :class:`OfficialLVISEngine`."""
-    if engine == "fast":
-        return FastLVISEngine(json_file, max_dets=max_dets, workers=workers)
-    if engine == "lvis":
-        return OfficialLVISEngine(json_file, max_dets=max_dets)
-    raise ValueError(f"unknown LVIS engine {engine!r}: use 'fast' or 'lvis'")
