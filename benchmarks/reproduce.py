@@ -202,14 +202,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_jobs(jobs: list[Job], scaled: dict[str, Any], ratio_iters: list[int], parallel: int) -> list[dict]:
-    """Run every job as a Ray task on a new local instance (127.0.0.1), ``parallel`` at once."""
+def start_local_ray(num_cpus: int, attempts: int = 3) -> None:
+    """A new local Ray instance on 127.0.0.1 whose workers import this checkout's ``eqlv2``.
+
+    Retried: on a loaded machine Ray's raylet may give up waiting for its dashboard agent
+    (a fixed 15 s wait, ray-project/ray#65983) and ``ray.init`` then fails at startup.
+    """
     import ray
 
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    ray.init(address="local", num_cpus=parallel, include_dashboard=False, dashboard_port=free_port(),
-             log_to_driver=False, runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1")  # fmt: skip
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_port=free_port(),
+                     log_to_driver=False, runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1")  # fmt: skip
+            return
+        except Exception as error:  # Ray raises a bare Exception on startup timeouts
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            logger.warning("Ray did not start (%s); attempt %d of %d", error, attempt + 1, attempts)
+
+
+def run_jobs(jobs: list[Job], scaled: dict[str, Any], ratio_iters: list[int], parallel: int) -> list[dict]:
+    """Run every job as a Ray task on a new local instance (127.0.0.1), ``parallel`` at once."""
+    import ray
+
+    start_local_ray(parallel)
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(train_one)
         pending = {task.remote(job, scaled, ratio_iters): job for job in jobs}

@@ -3,7 +3,8 @@
 The reference writes each task's two-way softmax out with explicit exponentials over the pair
 (positive logit a_k in column k, "others" logit b_k in column C+1+k), the cross-entropy of every
 entry, the analytic gradients w.r.t. both logits of the pair, and the statistics of eq. 3-4, 7-9
-as loops over the categories. It shares no code with ``eqlv2.losses``.
+as loops over the categories; the weights q, r come from the C-sigmoid reference of
+``test_eqlv2_loss``. It shares no code with ``eqlv2.losses``.
 """
 
 from __future__ import annotations
@@ -13,34 +14,20 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_eqlv2_loss import ReferenceEQLv2, assert_close, run_step  # the C-sigmoid test's helpers
 
 from eqlv2.losses import EQLv2Loss, EQLv2TwoClassSoftmaxLoss, build_classification_loss
 
 NUM_CLASSES = 9
 WIDTH = NUM_CLASSES + 1  # tasks: C categories and the agnostic task
-EPS = 1e-10
 
 
-class ReferenceTwoClassSoftmax:
-    """numpy 2C-softmax EQL v2: pair softmax, dense targets and weights, explicit sums."""
+class ReferenceTwoClassSoftmax(ReferenceEQLv2):
+    """numpy 2C-softmax EQL v2: pair softmax, dense targets and weights, explicit sums.
 
-    def __init__(self, num_classes, gamma=12.0, mu=0.8, alpha=4.0, use_agnostic=True,
-                 neg_down_weight=True, pos_up_weight=True):
-        self.c = num_classes
-        self.gamma, self.mu, self.alpha = gamma, mu, alpha
-        self.use_agnostic, self.neg_down, self.pos_up = use_agnostic, neg_down_weight, pos_up_weight
-        self.pos_grad = np.zeros(num_classes)
-        self.neg_grad = np.zeros(num_classes)
-        self.steps = 0
-
-    def weights(self):
-        if self.steps == 0:
-            return np.ones(self.c), np.ones(self.c)
-        g = self.pos_grad / (self.neg_grad + EPS)
-        f = 1.0 / (1.0 + np.exp(-self.gamma * (g - self.mu)))
-        q = 1.0 + self.alpha * (1.0 - f) if self.pos_up else np.ones(self.c)
-        r = f if self.neg_down else np.ones(self.c)
-        return q, r
+    The weights q, r (eq. 5, 6, 9) are the C-sigmoid reference's; the loss, gradients and
+    statistics are written out for the pair softmax here.
+    """
 
     @staticmethod
     def pair_softmax(a, b):
@@ -53,33 +40,25 @@ class ReferenceTwoClassSoftmax:
     def step(self, logits, labels, train=True):
         """Loss and gradient (N, 2(C+1)) of a batch; updates the statistics if ``train``."""
         z = np.asarray(logits, dtype=np.float64)
-        n, c, k = z.shape[0], self.c, self.c + 1
+        n, k = z.shape[0], self.num_classes + 1
         a, b = z[:, :k], z[:, k:]
         y = np.zeros((n, k))
         y[np.arange(n), labels] = 1.0
-        q, r = self.weights()
-        w = np.empty((n, k))
-        for j in range(c):
-            w[:, j] = np.where(y[:, j] == 1.0, q[j], r[j])
-        w[:, c] = 1.0 if self.use_agnostic else 0.0
+        w = self.entry_weights(y)
         p, log_p, log_not_p = self.pair_softmax(a, b)
         ce = -(y * log_p + (1.0 - y) * log_not_p)
         loss = float((w * ce).sum() / n)
         grad_a = w * (p - y) / n  # d/da of -[y log p + (1-y) log(1-p)]
-        grad_b = -w * (p - y) / n
+        grad_b = -w * (p - y) / n  # = -d/da
         if train:
-            for j in range(c):
-                positive = y[:, j] == 1.0
-                self.pos_grad[j] += np.sum(w[positive, j] * (1.0 - p[positive, j]))
-                self.neg_grad[j] += np.sum(w[~positive, j] * p[~positive, j])
-            self.steps += 1
+            self.accumulate(p, y, w)  # |d (w CE) / d a| = w (1 - p) on positives, w p on negatives
         return loss, np.concatenate([grad_a, grad_b], axis=1)
 
     def scores(self, logits):
         z = np.asarray(logits, dtype=np.float64)
         p, _, _ = self.pair_softmax(z[:, :WIDTH], z[:, WIDTH:])
-        out = p[:, : self.c]
-        return out * (1.0 - p[:, self.c :]) if self.use_agnostic else out
+        out = p[:, : self.num_classes]
+        return out * (1.0 - p[:, self.num_classes :]) if self.use_agnostic else out
 
 
 def make_batches(num_steps, seed):
@@ -96,20 +75,6 @@ def make_batches(num_steps, seed):
         logits[:, WIDTH:] += 1.5  # the "others" logits start ahead, as a low prior would
         batches.append((logits, labels))
     return batches
-
-
-def run_step(crit, logits, labels, dtype=torch.float64):
-    z = torch.tensor(logits, dtype=dtype, requires_grad=True)
-    loss = crit(z, torch.tensor(labels))
-    loss.backward()
-    return float(loss.detach()), z.grad.double().numpy()
-
-
-def assert_close(actual, expected, rtol, what):
-    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    scale = max(np.abs(expected).max(initial=0.0), 1e-300)
-    err = np.abs(actual - expected).max(initial=0.0) / scale
-    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
 
 
 ABLATIONS = [

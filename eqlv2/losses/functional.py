@@ -42,7 +42,48 @@ def _softplus_threshold(dtype: torch.dtype) -> float:
     return 50.0 if dtype == torch.float64 else 20.0
 
 
-class _OneHotWeightedBCE(torch.autograd.Function):
+class _OneHotCrossEntropy(torch.autograd.Function):
+    """What the fused losses share: the end of the forward pass and the backward pass.
+
+    A subclass's forward computes the loss, the (N,) positive residuals ``w (p - 1)`` and the
+    (N, K) probabilities with the positive entries zeroed, then returns :meth:`_finish`. The
+    gradient is ``negative_weights * p / N`` on negative entries and ``residual / N`` on positive
+    ones (negative weights 1 for softmax).
+    """
+
+    @staticmethod
+    def _finish(
+        ctx,
+        loss: Tensor,
+        negative_probs: Tensor,
+        positive_index: Tensor,
+        positive_residuals: Tensor,
+        negative_weights: Tensor,
+        with_negative_prob_sums: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if with_negative_prob_sums:
+            negative_prob_sums = negative_probs.sum(dim=0)  # (K,)
+        else:
+            negative_prob_sums = negative_probs.new_empty(0)
+        ctx.save_for_backward(negative_probs, positive_index, positive_residuals, negative_weights)
+        ctx.normalizer = max(negative_probs.shape[0], 1)
+        ctx.mark_non_differentiable(positive_residuals, negative_prob_sums)
+        return loss, positive_residuals, negative_prob_sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx, grad_loss: Tensor, _grad_residuals: Tensor, _grad_negative_sums: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        negative_probs, positive_index, positive_residuals, negative_weights = ctx.saved_tensors
+        scale = grad_loss / ctx.normalizer
+        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q (p - 1) / N.
+        grad_logits = negative_probs * (negative_weights * scale)
+        grad_logits.scatter_(1, positive_index, (positive_residuals * scale).unsqueeze(1))
+        return (grad_logits, *[None] * (len(ctx.needs_input_grad) - 1))
+
+
+class _OneHotWeightedBCE(_OneHotCrossEntropy):
     """Autograd function behind :func:`one_hot_weighted_bce` (see the module docstring)."""
 
     @staticmethod
@@ -54,7 +95,6 @@ class _OneHotWeightedBCE(torch.autograd.Function):
         negative_weights: Tensor,
         with_negative_prob_sums: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        normalizer = max(logits.shape[0], 1)
         threshold = _softplus_threshold(logits.dtype)
         positive_index = labels.unsqueeze(1)  # (N, 1): the column of each row's positive entry
 
@@ -71,33 +111,16 @@ class _OneHotWeightedBCE(torch.autograd.Function):
         positive_row_weights = positive_weights[labels]  # (N,)
         positive_residuals = torch.sigmoid(negated_positive_logits).mul_(positive_row_weights).neg_()
         loss = torch.dot(negative_loss_per_column, negative_weights)
-        loss = loss.add_(torch.dot(positive_losses, positive_row_weights)).div_(normalizer)
+        loss = loss.add_(torch.dot(positive_losses, positive_row_weights)).div_(max(logits.shape[0], 1))
 
         # Probabilities, kept for backward with the positive entries zeroed, which also makes
-        # the column sums below sums over negatives.
+        # their column sums sums over negatives.
         negative_probs = torch.sigmoid(logits)
         negative_probs.scatter_(1, positive_index, 0.0)
-        if with_negative_prob_sums:
-            negative_prob_sums = negative_probs.sum(dim=0)  # (K,)
-        else:
-            negative_prob_sums = logits.new_empty(0)
-
-        ctx.save_for_backward(negative_probs, positive_index, positive_residuals, negative_weights)
-        ctx.normalizer = normalizer
-        ctx.mark_non_differentiable(positive_residuals, negative_prob_sums)
-        return loss, positive_residuals, negative_prob_sums
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx, grad_loss: Tensor, _grad_residuals: Tensor, _grad_negative_sums: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        negative_probs, positive_index, positive_residuals, negative_weights = ctx.saved_tensors
-        scale = grad_loss / ctx.normalizer
-        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q (p - 1) / N.
-        grad_logits = negative_probs * (negative_weights * scale)
-        grad_logits.scatter_(1, positive_index, (positive_residuals * scale).unsqueeze(1))
-        return grad_logits, None, None, None, None
+        return _OneHotCrossEntropy._finish(
+            ctx, loss, negative_probs, positive_index, positive_residuals, negative_weights,
+            with_negative_prob_sums,
+        )  # fmt: skip
 
 
 def one_hot_weighted_bce(
@@ -141,41 +164,23 @@ def one_hot_weighted_bce(
         )
 
 
-class _SoftmaxCrossEntropy(torch.autograd.Function):
+class _SoftmaxCrossEntropy(_OneHotCrossEntropy):
     """Autograd function behind :func:`softmax_cross_entropy`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, logits: Tensor, labels: Tensor, with_negative_prob_sums: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        normalizer = max(logits.shape[0], 1)
         positive_index = labels.unsqueeze(1)  # (N, 1)
         probs = torch.log_softmax(logits, dim=1)
-        loss = probs.gather(1, positive_index).sum().neg_().div_(normalizer)
+        loss = probs.gather(1, positive_index).sum().neg_().div_(max(logits.shape[0], 1))
         probs = probs.exp_()
         positive_residuals = probs.gather(1, positive_index).view(-1).sub_(1.0)  # p - 1, (N,)
-        # Kept for backward with the positive entries zeroed, which also makes the column sums
-        # below sums over negatives.
         probs.scatter_(1, positive_index, 0.0)
-        if with_negative_prob_sums:
-            negative_prob_sums = probs.sum(dim=0)  # (K,)
-        else:
-            negative_prob_sums = logits.new_empty(0)
-        ctx.save_for_backward(probs, positive_index, positive_residuals)
-        ctx.normalizer = normalizer
-        ctx.mark_non_differentiable(positive_residuals, negative_prob_sums)
-        return loss, positive_residuals, negative_prob_sums
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx, grad_loss: Tensor, _grad_residuals: Tensor, _grad_negative_sums: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        negative_probs, positive_index, positive_residuals = ctx.saved_tensors
-        scale = grad_loss / ctx.normalizer
-        grad_logits = negative_probs * scale
-        grad_logits.scatter_(1, positive_index, (positive_residuals * scale).unsqueeze(1))
-        return grad_logits, None, None
+        return _OneHotCrossEntropy._finish(
+            ctx, loss, probs, positive_index, positive_residuals, logits.new_ones(()),
+            with_negative_prob_sums,
+        )  # fmt: skip
 
 
 def softmax_cross_entropy(
