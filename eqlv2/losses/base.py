@@ -167,6 +167,17 @@ class ClassificationLoss(nn.Module, ABC):
         self.neg_grad += step[num_classes:]
         self.num_updates += 1
 
+    def _accumulate_from_residuals(self, labels: Tensor, positive_residuals: Tensor, negative_sums: Tensor) -> None:
+        """:meth:`_accumulate_statistics` from what the fused losses of :mod:`.functional` return.
+
+        Args:
+            labels: (N,) the positive column of each row.
+            positive_residuals: (N,) ``w (p - 1)`` of each row's positive entry (N times its gradient).
+            negative_sums: (C+1,) per column, the summed (weighted) gradients times N of the negatives.
+        """
+        positive_sums = column_sums(labels, positive_residuals.neg(), self.num_classes + 1)
+        self._accumulate_statistics(positive_sums, negative_sums)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ClassificationLoss:
         """Move buffers like any module but keep the gradient statistics in float64."""
         before = {name: getattr(self, name) for name in _STATISTICS_BUFFERS}

@@ -39,8 +39,7 @@ def _weighted_bce_with_statistics(
         logits, labels, column_weights, column_weights, with_negative_prob_sums=loss_module.training
     )
     if loss_module.training:
-        positive_sums = column_sums(labels, positive_residuals.neg(), loss_module.num_classes + 1)
-        loss_module._accumulate_statistics(positive_sums, negative_prob_sums * column_weights)
+        loss_module._accumulate_from_residuals(labels, positive_residuals, negative_prob_sums * column_weights)
     return loss
 
 
@@ -59,8 +58,7 @@ class SoftmaxCELoss(ClassificationLoss):
             logits, labels, with_negative_prob_sums=self.training
         )
         if self.training:
-            positive_sums = column_sums(labels, positive_residuals.neg(), self.num_classes + 1)
-            self._accumulate_statistics(positive_sums, negative_prob_sums)
+            self._accumulate_from_residuals(labels, positive_residuals, negative_prob_sums)
         return loss
 
     def scores(self, logits: Tensor) -> Tensor:

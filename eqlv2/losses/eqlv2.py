@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import GRADIENT_RATIO_EPS, ClassificationLoss, check_finite, column_sums
+from .base import GRADIENT_RATIO_EPS, ClassificationLoss, check_finite
 from .functional import compute_dtype, one_hot_weighted_bce
 
 __all__ = ["EQLv2Loss", "GRADIENT_RATIO_EPS"]
@@ -128,8 +128,7 @@ class EQLv2Loss(ClassificationLoss):
             task_logits, labels, weights[0], weights[1], with_negative_prob_sums=self.training
         )
         if self.training:
-            positive_sums = column_sums(labels, positive_residuals.neg(), self.num_classes + 1)
-            self._accumulate_statistics(positive_sums, negative_prob_sums * weights[1])
+            self._accumulate_from_residuals(labels, positive_residuals, negative_prob_sums * weights[1])
         return loss
 
     # ----------------------------------------------------------------------------- inference
