@@ -379,6 +379,46 @@ def write_report(results: list[dict], tables: dict, info: dict[str, Any], figure
     return path
 
 
+# --------------------------------------------------------------------------- MLflow
+def check_tracking_uri(uri: str) -> str:
+    """``uri`` unless it carries a user name or password (those come from the environment)."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(uri).password is not None or "@" in urlsplit(uri).netloc:
+        raise argparse.ArgumentTypeError("--mlflow-uri must not contain credentials; set MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD in the environment instead")  # fmt: skip
+    return uri
+
+
+def log_to_mlflow(uri: str, experiment: str, results: list[dict], settings: dict[str, dict],
+                  info: dict[str, Any], output: Path) -> str:
+    """One parent run (the report, figures and runs.json as artifacts) and a child run per
+    training (the row's settings and seed as params, AP .. APb as metrics); returns the parent's id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    parent = client.create_run(experiment_id, run_name="reproduce", tags={"kind": "eqlv2-reproduce"})
+    parent_id = parent.info.run_id
+    for name in ("command", "config_file", "iters", "seeds"):
+        client.log_param(parent_id, name, str(info[name]))
+    for result in results:
+        child = client.create_run(experiment_id, run_name=f"{result['key']} seed {result['seed']}",
+                                  tags={"mlflow.parentRunId": parent_id})  # fmt: skip
+        params = {**{f"setting/{k}": str(v) for k, v in settings[result["key"]].items()}, "seed": str(result["seed"])}
+        for name, value in params.items():
+            client.log_param(child.info.run_id, name, value)
+        for name, value in result["metrics"].items():
+            if not math.isnan(value):
+                client.log_metric(child.info.run_id, name, value)
+        client.set_terminated(child.info.run_id)
+    for path in sorted(output.glob("*.png")) + [output / "report.md", output / "runs.json"]:
+        client.log_artifact(parent_id, str(path))
+    client.set_terminated(parent_id)
+    return parent_id
+
+
 # --------------------------------------------------------------------------- driver
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -387,6 +427,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every row")
     parser.add_argument("--output", default="output/reproduce", help="folder of the report and figures")
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="trainings at once")
+    parser.add_argument("--mlflow-uri", default=None, type=check_tracking_uri,
+                        help="also log to this MLflow tracking URI: a parent run and a child run per training")
+    parser.add_argument("--mlflow-experiment", default="eqlv2-reproduce", help="MLflow experiment name")
     parser.add_argument("--tables", type=int, nargs="+", choices=TABLE_NUMBERS, default=list(TABLE_NUMBERS),
                         help="the paper's tables to reproduce (default: all)")
     parser.add_argument("--smoke", action="store_true",
@@ -462,8 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_jobs(jobs, scaled, ratio_iters, min(args.parallel, len(jobs)))
     counts = list(stats.instance_counts or stats.image_counts)
     groups = list(stats.frequency_groups)
+    settings = {job.key: job.row for job in jobs}
     (output / "runs.json").write_text(json.dumps(
-        {"results": results, "counts": counts, "groups": groups, "settings": {j.key: j.row for j in jobs}}))
+        {"results": results, "counts": counts, "groups": groups, "settings": settings}))
     figures = write_figures(results, counts, groups, ratio_iters, output)
     info = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "config_file": args.config_file, "iters": args.iters, "seeds": args.seeds,
@@ -471,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio_iters": ratio_iters}  # fmt: skip
     report = write_report(results, tables, info, figures, output)
     logger.info("report: %s", report)
+    if args.mlflow_uri:
+        run_id = log_to_mlflow(args.mlflow_uri, args.mlflow_experiment, results, settings, info, output)
+        logger.info("MLflow parent run %s", run_id)
     return 0
 
 

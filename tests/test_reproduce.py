@@ -95,3 +95,33 @@ def test_bad_arguments_are_named(argv, pattern, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(argv)
     assert pattern in capsys.readouterr().err
+
+
+def test_mlflow_parent_and_child_runs_read_back(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    results = [r for r in fake_results(seeds=(0, 1)) if r["key"] in ("LOSS=softmax", reproduce.run_key(reproduce.EQLV2))]
+    settings = {"LOSS=softmax": {"LOSS": "softmax"}, reproduce.run_key(reproduce.EQLV2): reproduce.EQLV2}
+    (tmp_path / "report.md").write_text("# report\n")
+    (tmp_path / "runs.json").write_text("{}")
+    info = {"command": "reproduce.py --smoke", "config_file": "cfg.yaml", "iters": 3, "seeds": [0, 1]}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent_id = reproduce.log_to_mlflow(uri, "repro-test", results, settings, info, tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("repro-test")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 4 and all(run.info.status == "FINISHED" for run in children)
+    by_name = {(run.data.params["setting/LOSS"], run.data.params["seed"]): run for run in children}
+    expected = next(r for r in results if r["key"] == "LOSS=softmax" and r["seed"] == 1)["metrics"]["APr"]
+    assert by_name[("softmax", "1")].data.metrics["APr"] == pytest.approx(expected)
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"report.md", "runs.json"} <= artifacts
+    assert client.get_run(parent_id).data.params["iters"] == "3"
+
+
+def test_credentials_in_the_tracking_uri_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--mlflow-uri", "http://user:s3cret@127.0.0.1:5001"])
+    err = capsys.readouterr().err
+    assert "MLFLOW_TRACKING_PASSWORD" in err
+    assert reproduce.check_tracking_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"
