@@ -182,8 +182,10 @@ def train_one(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> d
     trainer = EQLv2Trainer(cfg)
     trainer.register_hooks([RatioRecorder()])
     trainer.resume_or_load(resume=False)
-    # detectron2's EvalHook evaluates after the last iteration even with TEST.EVAL_PERIOD 0.
-    results = trainer.train() or EQLv2Trainer.test(cfg, trainer.model)
+    trainer.train()
+    # detectron2's EvalHook evaluates after the last iteration even with TEST.EVAL_PERIOD 0 and
+    # keeps the results there (DefaultTrainer.train returns them only with EXPECTED_RESULTS).
+    results = getattr(trainer, "_last_eval_results", None) or EQLv2Trainer.test(cfg, trainer.model)
     predictor = [m for m in trainer.model.modules() if isinstance(m, EQLv2FastRCNNOutputLayers)][-1]
     for checkpoint in Path(job.output_dir).glob("*.pth"):
         checkpoint.unlink()  # tens of MB per training; the report needs none of them
