@@ -254,3 +254,19 @@ def test_two_class_softmax_config_inherits_the_base():
     cfg.merge_from_file("configs/LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2_2c_softmax.yaml")
     assert cfg.MODEL.EQLV2.LOSS == "eqlv2_2c_softmax" and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
     assert (cfg.MODEL.EQLV2.GAMMA, cfg.MODEL.EQLV2.MU, cfg.MODEL.EQLV2.ALPHA) == (12.0, 0.8, 4.0)
+
+
+@pytest.mark.parametrize("heads", ["EQLv2StandardROIHeads", "EQLv2CascadeROIHeads"])
+def test_two_class_softmax_model_detects_in_eval_mode(heads):
+    """detectron2's inference path (predict_probs, NMS, mask head) runs on the 2C classifier."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("MODEL.EQLV2.LOSS", "eqlv2_2c_softmax", "MODEL.ROI_HEADS.NAME", heads,
+                   "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", heads == "EQLv2CascadeROIHeads")
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 255, (3, 96, 96)).float()
+    with torch.no_grad():
+        (output,) = model([{"image": image, "height": 96, "width": 96}])
+    instances = output["instances"]
+    assert len(instances) > 0 and instances.pred_classes.max() < 5
+    assert torch.all((instances.scores > 0) & (instances.scores <= 1))
+    assert instances.pred_masks.shape[1:] == (96, 96)
