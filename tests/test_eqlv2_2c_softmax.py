@@ -14,7 +14,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_eqlv2_loss import ReferenceEQLv2, assert_close, run_step  # the C-sigmoid test's helpers
+from test_eqlv2_loss import (  # the C-sigmoid test's helpers
+    ReferenceEQLv2,
+    assert_close,
+    compare_steps,
+    run_step,
+)
+from test_eqlv2_loss import make_batches as sigmoid_batches
 
 from eqlv2.losses import EQLv2Loss, EQLv2TwoClassSoftmaxLoss, build_classification_loss
 
@@ -62,19 +68,13 @@ class ReferenceTwoClassSoftmax(ReferenceEQLv2):
 
 
 def make_batches(num_steps, seed):
-    """Random numpy batches (logits (n, 2(C+1)), labels (n,)): long-tailed, 70% background."""
-    rng = np.random.default_rng(seed)
-    class_probs = 1.0 / (np.arange(NUM_CLASSES) + 1.0) ** 2
-    class_probs /= class_probs.sum()
-    batches = []
-    for _ in range(num_steps):
-        n = int(rng.integers(5, 50))
-        labels = np.where(rng.random(n) < 0.7, NUM_CLASSES, rng.choice(NUM_CLASSES, size=n, p=class_probs))
-        logits = rng.normal(0.0, 1.5, size=(n, 2 * WIDTH))
-        logits[np.arange(n), labels] += 2.0
-        logits[:, WIDTH:] += 1.5  # the "others" logits start ahead, as a low prior would
-        batches.append((logits, labels))
-    return batches
+    """The C-sigmoid test's batches (long-tailed, 70% background) as the positive logits, and
+    random "others" logits: (logits (n, 2(C+1)), labels (n,)) numpy batches."""
+    rng = np.random.default_rng(seed + 1000)
+    return [
+        (np.concatenate([positive, rng.normal(0.0, 1.0, size=positive.shape)], axis=1), labels)
+        for positive, labels in sigmoid_batches(num_steps, seed, num_classes=NUM_CLASSES)
+    ]
 
 
 ABLATIONS = [
@@ -95,19 +95,7 @@ def ablation_id(kwargs):
 def test_loss_gradients_and_statistics_match_reference(kwargs, dtype, rtol):
     crit = EQLv2TwoClassSoftmaxLoss(NUM_CLASSES, **kwargs)
     reference = ReferenceTwoClassSoftmax(NUM_CLASSES, **kwargs)
-    for step, (logits, labels) in enumerate(make_batches(20, seed=0)):
-        logits = torch.tensor(logits, dtype=dtype).double().numpy()
-        q, r = crit.current_weights()
-        q_ref, r_ref = reference.weights()
-        assert_close(q, q_ref, rtol, f"q at step {step}")
-        assert_close(r, r_ref, rtol, f"r at step {step}")
-        loss, grad = run_step(crit, logits, labels, dtype)
-        loss_ref, grad_ref = reference.step(logits, labels)
-        assert_close(loss, loss_ref, rtol, f"loss at step {step}")
-        assert_close(grad, grad_ref, rtol, f"gradient at step {step}")
-        assert_close(crit.pos_grad, reference.pos_grad, rtol, f"pos_grad at step {step}")
-        assert_close(crit.neg_grad, reference.neg_grad, rtol, f"neg_grad at step {step}")
-    assert int(crit.num_updates) == 20
+    compare_steps(crit, reference, make_batches(20, seed=0), dtype, rtol)
     if kwargs == {}:  # the comparison is only meaningful if the weights moved
         q, r = reference.weights()
         assert np.any((r > 0.05) & (r < 0.95)) and np.any(q > 4.5) and np.any(q < 3.5), (q, r)

@@ -113,10 +113,10 @@ def assert_close(actual, expected, rtol, what):
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
 
 
-def compare_sequence(kwargs, dtype, rtol, num_steps=24, seed=0):
-    crit = EQLv2Loss(NUM_CLASSES, **kwargs)
-    reference = ReferenceEQLv2(NUM_CLASSES, **kwargs)
-    for step, (logits, labels) in enumerate(make_batches(num_steps, seed)):
+def compare_steps(crit, reference, batches, dtype, rtol):
+    """Trains ``crit`` and ``reference`` on the same batches; q, r, loss, gradient and the
+    statistics must agree at every step."""
+    for step, (logits, labels) in enumerate(batches):
         logits = torch.tensor(logits, dtype=dtype).double().numpy()  # what crit actually sees
         q, r = crit.current_weights()
         q_ref, r_ref = reference.weights()
@@ -130,7 +130,13 @@ def compare_sequence(kwargs, dtype, rtol, num_steps=24, seed=0):
         assert_close(crit.pos_grad, reference.pos_grad, rtol, f"pos_grad at step {step}")
         assert_close(crit.neg_grad, reference.neg_grad, rtol, f"neg_grad at step {step}")
         assert crit.pos_grad.dtype == torch.float64 and crit.neg_grad.dtype == torch.float64
-    assert int(crit.num_updates) == num_steps
+    assert int(crit.num_updates) == len(batches)
+
+
+def compare_sequence(kwargs, dtype, rtol, num_steps=24, seed=0):
+    crit = EQLv2Loss(NUM_CLASSES, **kwargs)
+    reference = ReferenceEQLv2(NUM_CLASSES, **kwargs)
+    compare_steps(crit, reference, make_batches(num_steps, seed), dtype, rtol)
     return crit, reference
 
 
