@@ -1,9 +1,14 @@
-"""Time and memory overhead of EQL v2 against plain sigmoid cross-entropy.
+"""Time and memory overhead of EQL v2, and of the baselines' gradient statistics.
 
 Forward + backward of ``EQLv2Loss`` (training mode, statistics updated every step) against
 ``F.binary_cross_entropy_with_logits(logits, one_hot_targets, reduction="sum") / N`` on the same
 (N, C+1) float32 CPU logits (default N=1024 RoIs, C=1203 LVIS categories), interleaved
-A, B, A, B, ... after a warm-up; the medians are compared.
+A, B, A, B, ... after a warm-up; the medians are compared. In the same interleaved rounds:
+
+- ``SigmoidBCELoss`` (agnostic column trained, so the same loss as the BCE line) in training
+  mode, which accumulates the gradient statistics, against the BCE line and against itself in
+  eval mode (no statistics): the cost of collecting them;
+- ``SoftmaxCELoss`` in training mode (statistics) against ``F.cross_entropy``.
 
 Memory: the peak of bytes held by tensors that torch allocates during one forward + backward
 (beyond the pre-existing logits and targets; the returned gradient included), from the
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from eqlv2.losses import EQLv2Loss
+from eqlv2.losses import EQLv2Loss, SigmoidBCELoss, SoftmaxCELoss
 
 TARGET_RATIO = 1.2
 
@@ -155,19 +160,24 @@ def main() -> None:
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / args.rois
 
     naive = NaiveEQLv2(args.classes)
+    sigmoid_stats = SigmoidBCELoss(args.classes, use_agnostic=True).train()
+    sigmoid_plain = SigmoidBCELoss(args.classes, use_agnostic=True).eval()
+    softmax_stats = SoftmaxCELoss(args.classes).train()
 
-    def eqlv2_step() -> None:
-        torch.autograd.grad(eqlv2_forward(), logits)
+    def gradient_step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: torch.autograd.grad(forward(), logits)
 
-    def bce_step() -> None:
-        torch.autograd.grad(bce_forward(), logits)
-
-    def naive_step() -> None:
-        torch.autograd.grad(naive(logits, targets), logits)
-
-    steps = {"eqlv2": eqlv2_step, "bce": bce_step}
+    steps = {
+        "eqlv2": gradient_step(eqlv2_forward),
+        "bce": gradient_step(bce_forward),
+        "sigmoid_stats": gradient_step(lambda: sigmoid_stats(logits, labels)),
+        "sigmoid_plain": gradient_step(lambda: sigmoid_plain(logits, labels)),
+        "softmax_stats": gradient_step(lambda: softmax_stats(logits, labels)),
+        "cross_entropy": gradient_step(lambda: F.cross_entropy(logits, labels)),
+    }
     if args.naive:
-        steps["naive"] = naive_step
+        steps["naive"] = gradient_step(lambda: naive(logits, targets))
+    eqlv2_step, bce_step = steps["eqlv2"], steps["bce"]
     medians = median_times(steps, args.runs, args.warmup)
     time_ratio = medians["eqlv2"] / medians["bce"]
     peaks = {"eqlv2": peak_allocated_bytes(eqlv2_step), "bce": peak_allocated_bytes(bce_step)}
@@ -183,6 +193,14 @@ def main() -> None:
     if args.naive:
         print(f"(context) naive dense EQL v2: median {medians['naive'] * 1e3:.3f} ms, "
               f"{medians['naive'] / medians['bce']:.3f}x BCE")
+    ratios = [
+        ("sigmoid BCE + statistics / BCE with logits", "sigmoid_stats", "bce"),
+        ("sigmoid BCE + statistics / same loss without (eval)", "sigmoid_stats", "sigmoid_plain"),
+        ("softmax CE + statistics / F.cross_entropy", "softmax_stats", "cross_entropy"),
+    ]
+    for text, numerator, denominator in ratios:
+        print(f"{text}: {medians[numerator] / medians[denominator]:.3f}x "
+              f"({medians[numerator] * 1e3:.3f} ms vs {medians[denominator] * 1e3:.3f} ms)")
     print(f"peak allocated during forward+backward (profiler memory events): "
           f"EQL v2 {peaks['eqlv2'] / 2**20:.2f} MiB, BCE {peaks['bce'] / 2**20:.2f} MiB, "
           f"ratio {peaks['eqlv2'] / peaks['bce']:.3f}x")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-#: Classification losses a config can pick with ``MODEL.EQLV2.LOSS``.
-LOSS_NAMES = ("eqlv2", "softmax", "sigmoid", "eqlv1", "federated")
+from eqlv2.losses import LOSS_NAMES  # the values MODEL.EQLV2.LOSS accepts (re-exported)
+
+__all__ = ["LOSS_NAMES", "add_eqlv2_config"]
 
 
 def add_eqlv2_config(cfg: CN) -> None:
@@ -18,6 +19,9 @@ def add_eqlv2_config(cfg: CN) -> None:
     #   "eqlv1"     Equalization Loss (Tan et al. 2020): tail categories get no negative gradient
     #               from foreground proposals
     #   "federated" detectron2's federated sigmoid loss (Zhou et al. 2021)
+    #   "eqlv2_2c_softmax" EQL v2 on the 2C-softmax classifier of section 4.8 / Table 9: two logits
+    #               per category (and for the agnostic task), a softmax over each pair, the same
+    #               gradient-guided reweighing; the box classifier gets 2(C+1) outputs
     cfg.MODEL.EQLV2.LOSS = "eqlv2"
     # Slope of the mapping function f(x) = 1 / (1 + exp(-gamma * (x - mu))) (eq. 6). Must be > 0.
     cfg.MODEL.EQLV2.GAMMA = 12.0
@@ -25,6 +29,7 @@ def add_eqlv2_config(cfg: CN) -> None:
     cfg.MODEL.EQLV2.MU = 0.8
     # Strength of positive up-weighting, q = 1 + alpha * (1 - f(g)) (eq. 5). Must be >= 0.
     cfg.MODEL.EQLV2.ALPHA = 4.0
+    # GAMMA, MU, ALPHA and the switches below apply to "eqlv2" and "eqlv2_2c_softmax".
     # Ablation switches (Table 2, Table 9): the category-agnostic (objectness) task of section 3.3,
     # negative down-weighting by r, positive up-weighting by q.
     cfg.MODEL.EQLV2.USE_AGNOSTIC_TASK = True

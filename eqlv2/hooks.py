@@ -17,7 +17,10 @@ logger = logging.getLogger(__name__)
 
 
 class GradientStatisticsHook(HookBase):
-    """Every ``period`` iterations, writes EQL v2 gradient-statistics summaries to the storage.
+    """Every ``period`` iterations, writes gradient-statistics summaries to the storage.
+
+    Every classification loss collects the statistics (EQL v2 and the baselines alike); q and r
+    are summarised only for the losses that reweigh (EQL v2).
 
     The summaries (see :func:`eqlv2.statistics.summarize`) go into detectron2's ``EventStorage``
     under ``eqlv2/...`` (``eqlv2/stage{k}/...`` for cascade heads with several losses), so every
@@ -38,14 +41,10 @@ class GradientStatisticsHook(HookBase):
         self._groups = list(frequency_groups) if frequency_groups is not None else None
 
     def _losses(self) -> list:
-        return [
-            loss
-            for loss in classification_losses(self.trainer.model)
-            if hasattr(loss, "gradient_ratio")
-        ]
+        return classification_losses(self.trainer.model)
 
     def snapshots(self) -> list[GradientStatistics]:
-        """One snapshot per EQL v2 loss in the model (one per cascade stage); [] for baselines."""
+        """One snapshot per classification loss in the model (one per cascade stage)."""
         return [GradientStatistics.from_loss(loss) for loss in self._losses()]
 
     def after_step(self) -> None:

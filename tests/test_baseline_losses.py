@@ -13,6 +13,7 @@ from eqlv2.losses import (
     ClassificationLoss,
     EQLv1Loss,
     EQLv2Loss,
+    EQLv2TwoClassSoftmaxLoss,
     FederatedSigmoidLoss,
     SigmoidBCELoss,
     SoftmaxCELoss,
@@ -216,9 +217,10 @@ def build_all(num_classes=NUM_CLASSES):
 
 def test_factory_builds_every_loss():
     losses = build_all()
-    assert set(LOSS_NAMES) == {"eqlv2", "softmax", "sigmoid", "eqlv1", "federated"}
+    assert set(LOSS_NAMES) == {"eqlv2", "softmax", "sigmoid", "eqlv1", "federated", "eqlv2_2c_softmax"}
     expected = {"eqlv2": EQLv2Loss, "softmax": SoftmaxCELoss, "sigmoid": SigmoidBCELoss,
-                "eqlv1": EQLv1Loss, "federated": FederatedSigmoidLoss}
+                "eqlv1": EQLv1Loss, "federated": FederatedSigmoidLoss,
+                "eqlv2_2c_softmax": EQLv2TwoClassSoftmaxLoss}
     for name, loss in losses.items():
         assert type(loss) is expected[name] and isinstance(loss, ClassificationLoss)
         assert loss.num_classes == NUM_CLASSES
@@ -228,7 +230,7 @@ def test_factory_builds_every_loss():
 
 
 def test_factory_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"eqlv2, softmax, sigmoid, eqlv1, federated.*'focal'"):
+    with pytest.raises(ValueError, match=r"eqlv2, softmax, sigmoid, eqlv1, federated, eqlv2_2c_softmax.*'focal'"):
         build_classification_loss("focal", 3)
     with pytest.raises(ValueError, match=r"image_frequencies"):
         build_classification_loss("eqlv1", 3)
@@ -254,24 +256,25 @@ def test_sigmoid_bias_init():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_every_loss_validates_inputs(name):
     crit = build_all()[name]
+    width = crit.num_logits
     with pytest.raises(ValueError, match=r"logits.*\(4, 7\)"):
         crit(torch.zeros(4, NUM_CLASSES), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"logits.*\(8,\)"):
-        crit(torch.zeros(NUM_CLASSES + 1), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"logits.*\({width},\)"):
+        crit(torch.zeros(width), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels.*\(3,\)"):
-        crit(torch.zeros(4, NUM_CLASSES + 1), torch.zeros(3, dtype=torch.long))
+        crit(torch.zeros(4, width), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels.*8"):
-        crit(torch.zeros(2, NUM_CLASSES + 1), torch.tensor([0, 8]))
+        crit(torch.zeros(2, width), torch.tensor([0, 8]))
     with pytest.raises(ValueError, match=r"labels.*-2"):
-        crit(torch.zeros(2, NUM_CLASSES + 1), torch.tensor([-2, 0]))
-    with pytest.raises(ValueError, match=r"logits.*\(4, 9\)"):
-        crit.scores(torch.zeros(4, NUM_CLASSES + 2))
-    z = torch.randn(5, NUM_CLASSES + 1, requires_grad=True)
+        crit(torch.zeros(2, width), torch.tensor([-2, 0]))
+    with pytest.raises(ValueError, match=rf"logits.*\(4, {width + 1}\)"):
+        crit.scores(torch.zeros(4, width + 1))
+    z = torch.randn(5, width, requires_grad=True)
     loss = crit(z, torch.tensor([0, 1, NUM_CLASSES, NUM_CLASSES, 6]))
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert crit.scores(z.detach()).shape == (5, NUM_CLASSES)
-    empty = crit(torch.zeros(0, NUM_CLASSES + 1), torch.zeros(0, dtype=torch.long))
+    empty = crit(torch.zeros(0, width), torch.zeros(0, dtype=torch.long))
     assert float(empty) == 0.0
 
 
@@ -295,3 +298,122 @@ def test_every_loss_validates_inputs(name):
 def test_bad_constructor_arguments_raise(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
+
+
+# --------------------------------------------------------------------------- gradient statistics
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class ReferenceStatistics:
+    """Per category j < C: sum of |G_ij| over rows labelled j and over the other rows, where G is
+    N times the gradient of the batch loss w.r.t. the logits (the per-row loss's gradient)."""
+
+    def __init__(self, num_classes):
+        self.c = num_classes
+        self.pos_grad = np.zeros(num_classes)
+        self.neg_grad = np.zeros(num_classes)
+
+    def add(self, row_gradients, labels):
+        for j in range(self.c):
+            positive = labels == j
+            self.pos_grad[j] += np.abs(row_gradients[positive, j]).sum()
+            self.neg_grad[j] += np.abs(row_gradients[~positive, j]).sum()
+
+
+def softmax_row_gradients(crit, z, labels):
+    return softmax(z) - one_hot(labels, z.shape[1])
+
+
+def sigmoid_row_gradients(crit, z, labels):
+    return sigmoid(z) - one_hot(labels, z.shape[1])  # columns < C: target 0 on background rows
+
+
+def eqlv1_row_gradients(crit, z, labels):
+    c = crit.num_classes
+    tail = crit.image_frequencies.numpy() < crit.lambda_
+    y = one_hot(labels, c + 1)
+    weights = np.ones_like(z)
+    for i, label in enumerate(labels):
+        if label < c:
+            weights[i, :c] = np.where(tail & (y[i, :c] == 0.0), 0.0, 1.0)
+    return weights * (sigmoid(z) - y)
+
+
+def federated_row_gradients(crit, z, labels):
+    mask = np.zeros(z.shape[1])
+    mask[crit.last_selected_classes.numpy()] = 1.0
+    return mask * (sigmoid(z) - one_hot(labels, z.shape[1]))
+
+
+BASELINES = {
+    "softmax": (lambda: SoftmaxCELoss(NUM_CLASSES), softmax_row_gradients),
+    "sigmoid": (lambda: SigmoidBCELoss(NUM_CLASSES), sigmoid_row_gradients),
+    "sigmoid_agnostic": (lambda: SigmoidBCELoss(NUM_CLASSES, use_agnostic=True), sigmoid_row_gradients),
+    "eqlv1": (lambda: EQLv1Loss(NUM_CLASSES, torch.tensor([0.5, 1e-4, 0.01, 1e-3, 0.2, 1e-5, 0.3])),
+              eqlv1_row_gradients),
+    "federated": (lambda: FederatedSigmoidLoss(NUM_CLASSES, torch.ones(NUM_CLASSES), num_sampled_classes=4,
+                                               generator=torch.Generator().manual_seed(0)),
+                  federated_row_gradients),
+}
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_statistics_match_reference(name):
+    build, row_gradients = BASELINES[name]
+    crit, reference = build(), ReferenceStatistics(NUM_CLASSES)
+    if name == "eqlv1":
+        assert crit.tail_classes.tolist() == [False, True, False, True, False, True, False]
+    for step in range(6):
+        logits, labels = random_batch(n=30 + step, seed=100 + step, background=0.5)
+        loss_and_grad(crit, logits, labels)
+        reference.add(row_gradients(crit, logits, labels), labels)
+        np.testing.assert_allclose(crit.pos_grad.numpy(), reference.pos_grad, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(crit.neg_grad.numpy(), reference.neg_grad, rtol=1e-12, atol=0)
+    assert int(crit.num_updates) == 6 and crit.pos_grad.dtype == torch.float64
+    assert np.all(reference.pos_grad > 0) and np.all(reference.neg_grad > 0)
+    ratio = reference.pos_grad / (reference.neg_grad + 1e-10)
+    np.testing.assert_allclose(crit.gradient_ratio().numpy(), ratio, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_statistics_are_the_gradient_magnitudes_of_every_loss(name):
+    """pos/neg_grad = N |d loss / d z_ij| of the category logits (the positive block for 2C),
+    summed per category over its positive and negative rows, for the gradient autograd gives."""
+    crit, reference = build_all()[name], ReferenceStatistics(NUM_CLASSES)
+    for step in range(4):
+        rng = np.random.default_rng(step)
+        labels = np.where(rng.random(25) < 0.5, NUM_CLASSES, rng.integers(0, NUM_CLASSES, 25))
+        logits = rng.normal(0.0, 2.0, size=(25, crit.num_logits))
+        _, grad = loss_and_grad(crit, logits, labels)
+        reference.add(len(labels) * grad, labels)
+    np.testing.assert_allclose(crit.pos_grad.numpy(), reference.pos_grad, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(crit.neg_grad.numpy(), reference.neg_grad, rtol=1e-10, atol=0)
+    assert reference.neg_grad.sum() > 0
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_statistics_stay_float64_and_eval_mode_leaves_them(name):
+    crit = build_all()[name].half()
+    assert crit.pos_grad.dtype == crit.neg_grad.dtype == torch.float64
+    assert {"pos_grad", "neg_grad", "num_updates"} <= set(crit.state_dict())
+    crit.eval()
+    z = torch.randn(6, crit.num_logits, requires_grad=True)
+    crit(z, torch.tensor([0, 1, 2, 7, 7, 7])).backward()
+    assert int(crit.num_updates) == 0 and float(crit.neg_grad.sum()) == 0.0
+
+
+def test_softmax_is_torch_cross_entropy_in_every_precision():
+    logits, labels = random_batch(seed=8)
+    for dtype, rtol in ((torch.float64, 1e-13), (torch.float32, 1e-6), (torch.bfloat16, 1e-6)):
+        z = torch.tensor(logits, dtype=dtype, requires_grad=True)
+        z_ref = z.detach().double().requires_grad_(True)
+        loss = SoftmaxCELoss(NUM_CLASSES)(z, torch.tensor(labels))
+        loss.backward()
+        expected = torch.nn.functional.cross_entropy(z_ref, torch.tensor(labels))
+        expected.backward()
+        assert z.grad.dtype == dtype
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=rtol)
+        if dtype != torch.bfloat16:
+            np.testing.assert_allclose(z.grad.double().numpy(), z_ref.grad.numpy(), rtol=rtol * 10, atol=1e-9)

@@ -52,26 +52,34 @@ class ReferenceEQLv2:
         """Loss and analytic gradient w * (p - y) / N of one batch; updates the sums if train."""
         z = np.asarray(logits, dtype=np.float64)
         n, width = z.shape
-        c = self.num_classes
         y = np.zeros((n, width))
         for i, label in enumerate(labels):
             y[i, label] = 1.0  # background rows: y[:, C] = 1 (the objectness task's target)
-        q, r = self.weights()
-        w = np.zeros((n, width))
-        for j in range(c):
-            w[:, j] = np.where(y[:, j] == 1.0, q[j], r[j])
-        w[:, c] = 1.0 if self.use_agnostic else 0.0
+        w = self.entry_weights(y)
         p = np.exp(-np.logaddexp(0.0, -z))  # sigmoid(z), without overflow
         bce = np.logaddexp(0.0, z) - y * z
         loss = float((w * bce).sum() / n)
         grad = w * (p - y) / n
         if train:
-            for j in range(c):
-                positive = y[:, j] == 1.0
-                self.pos_grad[j] += np.sum(np.abs(p[positive, j] - 1.0) * w[positive, j])  # eq. 3, 7
-                self.neg_grad[j] += np.sum(np.abs(p[~positive, j]) * w[~positive, j])  # eq. 4, 8
-            self.steps += 1
+            self.accumulate(p, y, w)
         return loss, grad
+
+    def entry_weights(self, y):
+        """(N, C+1) weight of every entry: q_j on positives, r_j on negatives, 1 or 0 for column C."""
+        q, r = self.weights()
+        w = np.zeros(y.shape)
+        for j in range(self.num_classes):
+            w[:, j] = np.where(y[:, j] == 1.0, q[j], r[j])
+        w[:, self.num_classes] = 1.0 if self.use_agnostic else 0.0
+        return w
+
+    def accumulate(self, p, y, w):
+        """Adds the reweighed gradient magnitudes w |p - y| of eq. 3-4, 7-8 per category, counts a step."""
+        for j in range(self.num_classes):
+            positive = y[:, j] == 1.0
+            self.pos_grad[j] += np.sum(np.abs(p[positive, j] - 1.0) * w[positive, j])  # eq. 3, 7
+            self.neg_grad[j] += np.sum(np.abs(p[~positive, j]) * w[~positive, j])  # eq. 4, 8
+        self.steps += 1
 
 
 def make_batches(num_steps, seed, num_classes=NUM_CLASSES):
@@ -105,10 +113,10 @@ def assert_close(actual, expected, rtol, what):
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
 
 
-def compare_sequence(kwargs, dtype, rtol, num_steps=24, seed=0):
-    crit = EQLv2Loss(NUM_CLASSES, **kwargs)
-    reference = ReferenceEQLv2(NUM_CLASSES, **kwargs)
-    for step, (logits, labels) in enumerate(make_batches(num_steps, seed)):
+def compare_steps(crit, reference, batches, dtype, rtol):
+    """Trains ``crit`` and ``reference`` on the same batches; q, r, loss, gradient and the
+    statistics must agree at every step."""
+    for step, (logits, labels) in enumerate(batches):
         logits = torch.tensor(logits, dtype=dtype).double().numpy()  # what crit actually sees
         q, r = crit.current_weights()
         q_ref, r_ref = reference.weights()
@@ -122,7 +130,13 @@ def compare_sequence(kwargs, dtype, rtol, num_steps=24, seed=0):
         assert_close(crit.pos_grad, reference.pos_grad, rtol, f"pos_grad at step {step}")
         assert_close(crit.neg_grad, reference.neg_grad, rtol, f"neg_grad at step {step}")
         assert crit.pos_grad.dtype == torch.float64 and crit.neg_grad.dtype == torch.float64
-    assert int(crit.num_updates) == num_steps
+    assert int(crit.num_updates) == len(batches)
+
+
+def compare_sequence(kwargs, dtype, rtol, num_steps=24, seed=0):
+    crit = EQLv2Loss(NUM_CLASSES, **kwargs)
+    reference = ReferenceEQLv2(NUM_CLASSES, **kwargs)
+    compare_steps(crit, reference, make_batches(num_steps, seed), dtype, rtol)
     return crit, reference
 
 
@@ -392,7 +406,7 @@ def _distributed_worker(rank, world_size, init_file, result_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # spawning two torch processes takes minutes on a loaded machine
 def test_distributed_statistics_are_identical_and_match_union(tmp_path):
     world_size = 2
     mp.spawn(_distributed_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)),

@@ -145,3 +145,128 @@ def test_gradient_statistics_hook_writes_group_summaries():
     np.testing.assert_allclose(snapshot.q, q.numpy())
     with pytest.raises(ValueError, match="period"):
         GradientStatisticsHook(period=0)
+
+
+# --------------------------------------------------------------------------- 2C-softmax, statistics
+def test_two_class_softmax_predictor_has_2c_logits_and_pair_softmax_probs():
+    from eqlv2.losses import EQLv2TwoClassSoftmaxLoss
+
+    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", "eqlv2_2c_softmax"))
+    predictor = model.roi_heads.box_predictor
+    assert isinstance(predictor.classification_loss, EQLv2TwoClassSoftmaxLoss)
+    assert predictor.cls_score.out_features == 12 and predictor.bbox_pred.out_features == 5 * 4
+    bias = predictor.cls_score.bias.detach().double()
+    initial = torch.exp(bias[:6]) / (torch.exp(bias[:6]) + torch.exp(bias[6:]))
+    assert torch.allclose(initial, torch.full_like(initial, 0.001), rtol=1e-5)
+
+    logits = torch.randn(7, 12, dtype=torch.float64) * 3
+    proposals = [Instances((10, 10), proposal_boxes=Boxes(torch.zeros(n, 4))) for n in (2, 5)]
+    probs = torch.cat(predictor.predict_probs((logits.float(), None), proposals)).double()
+    pair = torch.stack([logits[:, :6], logits[:, 6:]], dim=2).softmax(dim=2)[..., 0]  # (7, 6)
+    expected = pair[:, :5] * (1 - pair[:, 5:])
+    assert probs.shape == (7, 6) and torch.all(probs[:, 5] == 0)
+    assert torch.allclose(probs[:, :5], expected, atol=1e-6)
+    weight = predictor.cls_score.weight.detach()
+    assert torch.allclose(predictor.category_weight_norms(), (weight[:5] - weight[6:11]).norm(dim=1))
+
+
+def _synthetic_batch(num_images: int = 2, seed: int = 0) -> list[dict]:
+    """detectron2 training inputs: 96x96 images with 2-3 random boxes of classes 0..4 each."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        corners = torch.randint(0, 50, (3, 2), generator=generator).float()
+        sizes = torch.randint(16, 40, (3, 2), generator=generator).float()
+        instances = Instances((96, 96))
+        instances.gt_boxes = Boxes(torch.cat([corners, corners + sizes], dim=1))
+        instances.gt_classes = torch.randint(0, 5, (3,), generator=generator)
+        image = torch.randint(0, 255, (3, 96, 96), generator=generator).float()
+        batch.append({"image": image, "height": 96, "width": 96, "instances": instances})
+    return batch
+
+
+@pytest.mark.parametrize("loss_name", ["eqlv2_2c_softmax", "softmax", "sigmoid"])
+def test_real_training_steps_collect_statistics_and_the_hook_reports_them(loss_name):
+    """Two detectron2 SimpleTrainer iterations of the tiny model: finite losses, the classifier
+    trains, every loss accumulates statistics and the hook summarises them."""
+    from detectron2.engine import SimpleTrainer
+
+    from eqlv2.hooks import GradientStatisticsHook
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", loss_name, "MODEL.MASK_ON", False))
+    model.train()
+    predictor = model.roi_heads.box_predictor
+    before = predictor.cls_score.weight.detach().clone()
+    batch = _synthetic_batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = SimpleTrainer(model, iter([batch, batch]), optimizer)
+    hook = GradientStatisticsHook(period=2, frequency_groups=["r", "c", "c", "f", "f"])
+    trainer.register_hooks([hook])
+    trainer.train(0, 2)
+    latest = {k: v for k, (v, _) in trainer.storage.latest().items()}
+    assert math.isfinite(latest["loss_cls"]) and latest["loss_cls"] > 0
+    assert 0.0 <= latest["fast_rcnn/cls_accuracy"] <= 1.0
+    after = predictor.cls_score.weight.detach()
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+    loss = predictor.classification_loss
+    assert int(loss.num_updates) == 2 and float(loss.neg_grad.sum()) > 0
+    ratio = (loss.pos_grad / (loss.neg_grad + 1e-10)).numpy()
+    assert latest["eqlv2/ratio_mean"] == pytest.approx(ratio.mean())
+    assert latest["eqlv2/ratio_mean_c"] == pytest.approx(ratio[1:3].mean())
+    assert ("eqlv2/q_mean" in latest) == loss_name.startswith("eqlv2")
+    if loss_name == "eqlv2_2c_softmax":  # both blocks of the pair classifier train
+        assert not torch.equal(after[6:], before[6:]) and not torch.equal(after[:6], before[:6])
+
+
+def test_baseline_snapshot_has_statistics_without_weights():
+    from eqlv2.statistics import GradientStatistics, summarize
+
+    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", "softmax"))
+    loss = classification_losses(model)[0]
+    _train_classifier_steps(loss, 2)
+    stats = GradientStatistics.from_loss(loss)
+    assert stats.q is None and stats.r is None and list(stats.as_columns()) == ["pos_grad", "neg_grad", "ratio"]
+    np.testing.assert_allclose(stats.ratio, (loss.pos_grad / (loss.neg_grad + 1e-10)).numpy())
+    assert set(summarize(stats, ["r", "r", "c", "f", "f"])) == {
+        "eqlv2/ratio_mean", "eqlv2/ratio_mean_r", "eqlv2/ratio_mean_c", "eqlv2/ratio_mean_f"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("opts", "pattern"),
+    [
+        (("MODEL.EQLV2.LOSS", "nonsense"),
+         r"MODEL\.EQLV2\.LOSS='nonsense'.*allowed values: eqlv2, softmax, sigmoid, eqlv1, federated, eqlv2_2c_softmax"),
+        (("MODEL.EQLV2.GAMMA", -1.0), r"MODEL\.EQLV2\.GAMMA=-1\.0.*gamma must be > 0"),
+        (("MODEL.EQLV2.LOSS", "eqlv2_2c_softmax", "MODEL.EQLV2.ALPHA", -2.0), r"MODEL\.EQLV2\.ALPHA=-2\.0"),
+        (("MODEL.EQLV2.MU", float("nan")), r"MODEL\.EQLV2\.MU=nan"),
+    ],
+)
+def test_bad_loss_config_is_named_when_the_model_is_built(opts, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build_model(tiny_cfg(*opts))
+
+
+def test_two_class_softmax_config_inherits_the_base():
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.merge_from_file("configs/LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2_2c_softmax.yaml")
+    assert cfg.MODEL.EQLV2.LOSS == "eqlv2_2c_softmax" and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
+    assert (cfg.MODEL.EQLV2.GAMMA, cfg.MODEL.EQLV2.MU, cfg.MODEL.EQLV2.ALPHA) == (12.0, 0.8, 4.0)
+
+
+@pytest.mark.parametrize("heads", ["EQLv2StandardROIHeads", "EQLv2CascadeROIHeads"])
+def test_two_class_softmax_model_detects_in_eval_mode(heads):
+    """detectron2's inference path (predict_probs, NMS, mask head) runs on the 2C classifier."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("MODEL.EQLV2.LOSS", "eqlv2_2c_softmax", "MODEL.ROI_HEADS.NAME", heads,
+                   "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", heads == "EQLv2CascadeROIHeads")
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 255, (3, 96, 96)).float()
+    with torch.no_grad():
+        (output,) = model([{"image": image, "height": 96, "width": 96}])
+    instances = output["instances"]
+    assert len(instances) > 0 and instances.pred_classes.max() < 5
+    assert torch.all((instances.scores > 0) & (instances.scores <= 1))
+    assert instances.pred_masks.shape[1:] == (96, 96)

@@ -1,7 +1,10 @@
 """Baseline classification losses: softmax, sigmoid, EQL v1 and the federated sigmoid loss.
 
 All take detectron2's layout, ``logits`` (N, C+1) with column C for background and ``labels`` (N,)
-in [0, C], and divide summed sigmoid losses by N like detectron2's sigmoid variant.
+in [0, C], and divide summed sigmoid losses by N like detectron2's sigmoid variant. In training
+mode each also accumulates the gradient statistics of :class:`ClassificationLoss` (per category,
+the summed magnitudes of its logit's gradient on positive and on negative rows), computed from
+quantities its forward pass has anyway: the loss and its gradient are unchanged.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ClassificationLoss, check_finite, check_per_class_tensor
-from .functional import compute_dtype, one_hot_weighted_bce
+from .base import ClassificationLoss, check_finite, check_per_class_tensor, column_sums
+from .functional import compute_dtype, one_hot_weighted_bce, softmax_cross_entropy
 
 __all__ = ["EQLv1Loss", "FederatedSigmoidLoss", "SigmoidBCELoss", "SoftmaxCELoss"]
 
@@ -24,19 +27,39 @@ def _sigmoid_scores(logits: Tensor, num_classes: int, use_agnostic: bool) -> Ten
     return probs
 
 
+def _weighted_bce_with_statistics(
+    loss_module: ClassificationLoss, logits: Tensor, labels: Tensor, column_weights: Tensor
+) -> Tensor:
+    """One-hot sigmoid BCE with the same (C+1,) weight for positives and negatives of a column.
+
+    In training mode adds, per category j, ``w_j |p_ij - 1|`` over its positive rows and
+    ``w_j p_ij`` over its negative rows (p = sigmoid(z)) to ``loss_module``'s statistics.
+    """
+    loss, positive_residuals, negative_prob_sums = one_hot_weighted_bce(
+        logits, labels, column_weights, column_weights, with_negative_prob_sums=loss_module.training
+    )
+    if loss_module.training:
+        loss_module._accumulate_from_residuals(labels, positive_residuals, negative_prob_sums * column_weights)
+    return loss
+
+
 class SoftmaxCELoss(ClassificationLoss):
     """detectron2's default: softmax cross-entropy over the C+1 columns, averaged over N.
 
-    An empty batch gives a zero loss (connected to ``logits``).
+    An empty batch gives a zero loss (connected to ``logits``). Statistics: per category j,
+    ``1 - p_ij`` over its positive rows and ``p_ij`` over its negative rows (background rows
+    included), p = softmax(z_i) over the C+1 columns: the magnitudes of d l_i / d z_ij.
     """
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         """``logits`` (N, C+1), ``labels`` (N,) in [0, C] -> scalar mean cross-entropy."""
         self.check_inputs(logits, labels)
-        logits = logits.to(compute_dtype(logits.dtype))
-        if labels.numel() == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, labels.long())
+        loss, positive_residuals, negative_prob_sums = softmax_cross_entropy(
+            logits, labels, with_negative_prob_sums=self.training
+        )
+        if self.training:
+            self._accumulate_from_residuals(labels, positive_residuals, negative_prob_sums)
+        return loss
 
     def scores(self, logits: Tensor) -> Tensor:
         """(N, C): softmax over the C+1 columns, background column dropped."""
@@ -67,8 +90,7 @@ class SigmoidBCELoss(ClassificationLoss):
         column_weights = logits.new_ones(self.num_classes + 1, dtype=compute_dtype(logits.dtype))
         if not self.use_agnostic:
             column_weights[self.num_classes] = 0.0
-        loss, _, _ = one_hot_weighted_bce(logits, labels, column_weights, column_weights)
-        return loss
+        return _weighted_bce_with_statistics(self, logits, labels, column_weights)
 
     def scores(self, logits: Tensor) -> Tensor:
         """(N, C) sigmoid probabilities (times the objectness of eq. 10 with ``use_agnostic``)."""
@@ -85,7 +107,8 @@ class EQLv1Loss(ClassificationLoss):
     ``loss = sum_ij w_ij * BCE(z_ij, y_ij) / N`` with ``w_ij = 1 - E(i) T(j) (1 - y_ij)``: a
     foreground proposal (label < C, E = 1) gives no negative gradient to tail categories
     (image frequency < ``lambda_``, T = 1). Background rows and column C are as in
-    :class:`SigmoidBCELoss` without the agnostic task.
+    :class:`SigmoidBCELoss` without the agnostic task. Statistics: ``w_ij |sigmoid(z_ij) - y_ij|``
+    summed per category over its positive and negative rows.
 
     Args:
         num_classes: number of foreground categories C.
@@ -113,19 +136,33 @@ class EQLv1Loss(ClassificationLoss):
         return self.image_frequencies < self.lambda_
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """``logits`` (N, C+1), ``labels`` (N,) in [0, C] -> scalar loss."""
+        """``logits`` (N, C+1), ``labels`` (N,) in [0, C] -> scalar loss.
+
+        Foreground and background rows are two one-hot BCE calls whose negative weights are
+        ``1 - T(j)`` and 1; their sums are added and divided by N.
+        """
         self.check_inputs(logits, labels)
-        dtype = compute_dtype(logits.dtype)
-        num_rows, num_classes = logits.shape[0], self.num_classes
-        category_logits = logits[:, :num_classes].to(dtype)
-        targets = F.one_hot(labels.long(), num_classes + 1)[:, :num_classes].to(dtype)
-        is_foreground = (labels < num_classes).to(dtype)  # E(r_i), (N,)
-        is_tail = self.tail_classes.to(device=logits.device, dtype=dtype)  # T(f_j), (C,)
-        weights = 1.0 - is_foreground[:, None] * is_tail[None, :] * (1.0 - targets)
-        loss = F.binary_cross_entropy_with_logits(
-            category_logits, targets, weight=weights, reduction="sum"
-        )
-        return loss / max(num_rows, 1)
+        dtype, num_classes = compute_dtype(logits.dtype), self.num_classes
+        column_weights = logits.new_ones(num_classes + 1, dtype=dtype)
+        column_weights[num_classes] = 0.0  # column C is not trained
+        tail_zeroed = column_weights.clone()
+        tail_zeroed[:num_classes] -= self.tail_classes.to(device=logits.device, dtype=dtype)
+        is_foreground = labels < num_classes
+        total = logits.new_zeros((), dtype=dtype)
+        positive_sums = negative_sums = 0.0
+        for rows, negative_weights in ((is_foreground, tail_zeroed), (~is_foreground, column_weights)):
+            row_labels = labels[rows]
+            loss, positive_residuals, negative_prob_sums = one_hot_weighted_bce(
+                logits[rows], row_labels, column_weights, negative_weights,
+                with_negative_prob_sums=self.training,
+            )  # fmt: skip
+            total = total + loss * row_labels.numel()
+            if self.training:
+                positive_sums = positive_sums + column_sums(row_labels, positive_residuals.neg(), num_classes + 1)
+                negative_sums = negative_sums + negative_prob_sums * negative_weights
+        if self.training:
+            self._accumulate_statistics(positive_sums, negative_sums)
+        return total / max(logits.shape[0], 1)
 
     def scores(self, logits: Tensor) -> Tensor:
         """(N, C) sigmoid probabilities of the category columns."""
@@ -146,6 +183,7 @@ class FederatedSigmoidLoss(ClassificationLoss):
     have a non-zero weight; more if more classes are present). Sigmoid cross-entropy is taken
     on those columns only, summed and divided by N; the other columns and column C get no
     gradient. The chosen classes are kept in ``last_selected_classes`` for inspection.
+    Statistics: ``|sigmoid(z_ij) - y_ij|`` of the chosen columns (0 for the others).
 
     Args:
         num_classes: number of foreground categories C.
@@ -203,8 +241,7 @@ class FederatedSigmoidLoss(ClassificationLoss):
         self.last_selected_classes = selected
         column_weights = logits.new_zeros(self.num_classes + 1, dtype=compute_dtype(logits.dtype))
         column_weights[selected.to(logits.device)] = 1.0
-        loss, _, _ = one_hot_weighted_bce(logits, labels, column_weights, column_weights)
-        return loss
+        return _weighted_bce_with_statistics(self, logits, labels, column_weights)
 
     def scores(self, logits: Tensor) -> Tensor:
         """(N, C) sigmoid probabilities of the category columns."""

@@ -8,6 +8,7 @@ from typing import Any
 from .base import ClassificationLoss
 from .baselines import EQLv1Loss, FederatedSigmoidLoss, SigmoidBCELoss, SoftmaxCELoss
 from .eqlv2 import EQLv2Loss
+from .two_class_softmax import EQLv2TwoClassSoftmaxLoss
 
 __all__ = ["LOSS_NAMES", "LOSS_REGISTRY", "build_classification_loss"]
 
@@ -18,6 +19,7 @@ LOSS_REGISTRY: dict[str, type[ClassificationLoss]] = {
     "sigmoid": SigmoidBCELoss,
     "eqlv1": EQLv1Loss,
     "federated": FederatedSigmoidLoss,
+    "eqlv2_2c_softmax": EQLv2TwoClassSoftmaxLoss,
 }
 
 #: The names :func:`build_classification_loss` accepts.
@@ -33,7 +35,8 @@ def _constructor_arguments(loss_class: type[ClassificationLoss]) -> dict[str, in
 def build_classification_loss(name: str, num_classes: int, **kwargs: Any) -> ClassificationLoss:
     """Build the loss called ``name`` (one of :data:`LOSS_NAMES`) for C = ``num_classes``.
 
-    ``kwargs`` go to the loss's constructor, e.g. ``gamma=12.0`` for "eqlv2",
+    ``kwargs`` go to the loss's constructor, e.g. ``gamma=12.0`` for "eqlv2" and
+    "eqlv2_2c_softmax",
     ``image_frequencies=...`` (required) for "eqlv1", ``class_weights=...`` (required) for
     "federated".
 

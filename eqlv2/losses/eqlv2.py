@@ -10,39 +10,26 @@ trained as the background column with weight 1 and never reweighed (section 3.3)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .base import ClassificationLoss, check_finite
+from .base import GRADIENT_RATIO_EPS, ClassificationLoss, check_finite
 from .functional import compute_dtype, one_hot_weighted_bce
 
 __all__ = ["EQLv2Loss", "GRADIENT_RATIO_EPS"]
 
-
-#: Added to the accumulated negative gradient in eq. 9, as in the authors' code.
-GRADIENT_RATIO_EPS = 1e-10
-
-_STATISTICS_DTYPE = torch.float64
-_STATISTICS_BUFFERS = ("pos_grad", "neg_grad")
-
-
-def _distributed_sum(values: Tensor) -> Tensor:
-    """Sum ``values`` over all workers in place when torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+_WEIGHTS_DTYPE = torch.float64
 
 
 class EQLv2Loss(ClassificationLoss):
     """Equalization Loss v2 over detectron2's (N, C+1) box-head logits.
 
     Training mode (the default) updates the gradient statistics after each forward; eval mode
-    computes the loss with the current weights and changes nothing. The statistics are float64
-    buffers (they stay float64 under ``.half()``/``.to(dtype)``) and are summed over workers
-    when torch.distributed is initialised, so every worker holds the same weights.
+    computes the loss with the current weights and changes nothing. The statistics are the
+    float64 buffers of :class:`ClassificationLoss` (summed over workers when torch.distributed
+    is initialised, so every worker holds the same weights): per category j, the sums of
+    ``q_j |p_ij - 1|`` over its positive rows and ``r_j p_ij`` over its negative rows, i.e. N
+    times the reweighed gradients of eq. 7-8 (the authors' code, no 1/N).
 
     Args:
         num_classes: number of foreground categories C.
@@ -59,10 +46,6 @@ class EQLv2Loss(ClassificationLoss):
         num_updates: () int64, the number of statistics updates so far. While it is 0 every
             weight is exactly 1.
     """
-
-    pos_grad: Tensor
-    neg_grad: Tensor
-    num_updates: Tensor
 
     def __init__(
         self,
@@ -85,18 +68,11 @@ class EQLv2Loss(ClassificationLoss):
         self.use_agnostic = bool(use_agnostic)
         self.neg_down_weight = bool(neg_down_weight)
         self.pos_up_weight = bool(pos_up_weight)
-        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=_STATISTICS_DTYPE))
-        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=_STATISTICS_DTYPE))
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
 
     # ----------------------------------------------------------------------------- weights
     def mapping(self, ratio: Tensor) -> Tensor:
         """f(x) = 1 / (1 + exp(-gamma (x - mu))) (eq. 6), elementwise."""
         return torch.sigmoid(self.gamma * (ratio - self.mu))
-
-    def gradient_ratio(self) -> Tensor:
-        """g: (C,) float64 accumulated positive / negative gradient ratio (eq. 9)."""
-        return self.pos_grad / (self.neg_grad + GRADIENT_RATIO_EPS)
 
     @torch.no_grad()
     def column_weights(self) -> Tensor:
@@ -106,7 +82,7 @@ class EQLv2Loss(ClassificationLoss):
         switched off); column C, the agnostic task, holds 1 (0 when ``use_agnostic`` is False).
         """
         num_classes = self.num_classes
-        weights = torch.ones(2, num_classes + 1, dtype=_STATISTICS_DTYPE, device=self.pos_grad.device)
+        weights = torch.ones(2, num_classes + 1, dtype=_WEIGHTS_DTYPE, device=self.pos_grad.device)
         if self.pos_up_weight or self.neg_down_weight:
             f = self.mapping(self.gradient_ratio())
             started = self.num_updates > 0  # a tensor: no host-device synchronisation
@@ -139,36 +115,21 @@ class EQLv2Loss(ClassificationLoss):
             logits' dtype (float32 for float16/bfloat16 logits).
         """
         self.check_inputs(logits, labels)
-        weights = self.column_weights().to(device=logits.device, dtype=compute_dtype(logits.dtype))
+        return self._reweighed_bce(logits, labels)
+
+    def _reweighed_bce(self, task_logits: Tensor, labels: Tensor) -> Tensor:
+        """Weighted BCE of (N, C+1) per-task logits with q / r (eq. 5); updates the statistics.
+
+        Each entry's gradient is ``w (p - y) / N`` with ``p = sigmoid(task logit)``; the
+        statistics get ``q_j |p - 1|`` of the positive and ``r_j p`` of the negative entries.
+        """
+        weights = self.column_weights().to(device=task_logits.device, dtype=compute_dtype(task_logits.dtype))
         loss, positive_residuals, negative_prob_sums = one_hot_weighted_bce(
-            logits, labels, weights[0], weights[1], with_negative_prob_sums=self.training
+            task_logits, labels, weights[0], weights[1], with_negative_prob_sums=self.training
         )
         if self.training:
-            self._accumulate(labels, positive_residuals, negative_prob_sums * weights[1])
+            self._accumulate_from_residuals(labels, positive_residuals, negative_prob_sums * weights[1])
         return loss
-
-    @torch.no_grad()
-    def _accumulate(
-        self, labels: Tensor, positive_residuals: Tensor, weighted_negative_sums: Tensor
-    ) -> None:
-        """Add this batch's reweighed gradient magnitudes of the C category columns.
-
-        Args:
-            labels: (N,) positive column of each row.
-            positive_residuals: (N,) ``q_j * (p - 1)`` of each row's positive entry.
-            weighted_negative_sums: (C+1,) per column ``r_j * sum of p`` over negative entries.
-
-        Per column j < C, ``sum_i q_j |p_ij - 1|`` over positives and ``sum_i r_j p_ij`` over
-        negatives (no 1/N) are summed over workers and added to ``pos_grad`` / ``neg_grad``.
-        """
-        num_classes = self.num_classes
-        positive_sums = torch.zeros(num_classes + 1, dtype=_STATISTICS_DTYPE, device=labels.device)
-        positive_sums.index_add_(0, labels.long(), positive_residuals.to(_STATISTICS_DTYPE), alpha=-1)
-        step = torch.cat([positive_sums[:num_classes], weighted_negative_sums[:num_classes]])
-        step = _distributed_sum(step).to(self.pos_grad.device)
-        self.pos_grad += step[:num_classes]
-        self.neg_grad += step[num_classes:]
-        self.num_updates += 1
 
     # ----------------------------------------------------------------------------- inference
     def scores(self, logits: Tensor) -> Tensor:
@@ -183,16 +144,6 @@ class EQLv2Loss(ClassificationLoss):
         return probs
 
     # ----------------------------------------------------------------------------- module
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> EQLv2Loss:
-        """Move buffers like any module but keep the gradient statistics in float64."""
-        before = {name: getattr(self, name) for name in _STATISTICS_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = getattr(self, name)
-            if new.dtype != _STATISTICS_DTYPE:
-                setattr(self, name, old.to(device=new.device))
-        return self
-
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, gamma={self.gamma}, mu={self.mu}, "

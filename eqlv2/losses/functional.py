@@ -1,4 +1,4 @@
-"""Fused sigmoid cross-entropy with per-column weights and one-hot targets, and small helpers.
+"""Fused sigmoid and softmax cross-entropies that also return gradient statistics, and helpers.
 
 The losses of this package all compute, for ``logits`` z of shape (N, K) and integer ``labels``
 of shape (N,) (one positive entry per row, at column ``labels[i]``)::
@@ -10,6 +10,10 @@ of shape (N,) (one positive entry per row, at column ``labels[i]``)::
 sum of softplus(z) with the N positive entries zeroed, dotted with the negative weights; the
 positive part is softplus(-z) on the N gathered positive entries. The backward pass is the
 analytic gradient ``w * (sigmoid(z) - y) / N`` built from the probabilities saved in forward.
+
+:func:`softmax_cross_entropy` is ``F.cross_entropy`` (mean over rows) built the same way, so that
+the gradient magnitudes of the positive and negative entries come out of the forward pass at no
+extra cost: its backward is ``(softmax(z) - y) / N`` from the probabilities saved in forward.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "compute_dtype",
     "one_hot_weighted_bce",
     "sigmoid_bias_init",
+    "softmax_cross_entropy",
 ]
 
 
@@ -37,7 +42,48 @@ def _softplus_threshold(dtype: torch.dtype) -> float:
     return 50.0 if dtype == torch.float64 else 20.0
 
 
-class _OneHotWeightedBCE(torch.autograd.Function):
+class _OneHotCrossEntropy(torch.autograd.Function):
+    """What the fused losses share: the end of the forward pass and the backward pass.
+
+    A subclass's forward computes the loss, the (N,) positive residuals ``w (p - 1)`` and the
+    (N, K) probabilities with the positive entries zeroed, then returns :meth:`_finish`. The
+    gradient is ``negative_weights * p / N`` on negative entries and ``residual / N`` on positive
+    ones (negative weights 1 for softmax).
+    """
+
+    @staticmethod
+    def _finish(
+        ctx,
+        loss: Tensor,
+        negative_probs: Tensor,
+        positive_index: Tensor,
+        positive_residuals: Tensor,
+        negative_weights: Tensor,
+        with_negative_prob_sums: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if with_negative_prob_sums:
+            negative_prob_sums = negative_probs.sum(dim=0)  # (K,)
+        else:
+            negative_prob_sums = negative_probs.new_empty(0)
+        ctx.save_for_backward(negative_probs, positive_index, positive_residuals, negative_weights)
+        ctx.normalizer = max(negative_probs.shape[0], 1)
+        ctx.mark_non_differentiable(positive_residuals, negative_prob_sums)
+        return loss, positive_residuals, negative_prob_sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx, grad_loss: Tensor, _grad_residuals: Tensor, _grad_negative_sums: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        negative_probs, positive_index, positive_residuals, negative_weights = ctx.saved_tensors
+        scale = grad_loss / ctx.normalizer
+        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q (p - 1) / N.
+        grad_logits = negative_probs * (negative_weights * scale)
+        grad_logits.scatter_(1, positive_index, (positive_residuals * scale).unsqueeze(1))
+        return (grad_logits, *[None] * (len(ctx.needs_input_grad) - 1))
+
+
+class _OneHotWeightedBCE(_OneHotCrossEntropy):
     """Autograd function behind :func:`one_hot_weighted_bce` (see the module docstring)."""
 
     @staticmethod
@@ -49,7 +95,6 @@ class _OneHotWeightedBCE(torch.autograd.Function):
         negative_weights: Tensor,
         with_negative_prob_sums: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        normalizer = max(logits.shape[0], 1)
         threshold = _softplus_threshold(logits.dtype)
         positive_index = labels.unsqueeze(1)  # (N, 1): the column of each row's positive entry
 
@@ -66,33 +111,16 @@ class _OneHotWeightedBCE(torch.autograd.Function):
         positive_row_weights = positive_weights[labels]  # (N,)
         positive_residuals = torch.sigmoid(negated_positive_logits).mul_(positive_row_weights).neg_()
         loss = torch.dot(negative_loss_per_column, negative_weights)
-        loss = loss.add_(torch.dot(positive_losses, positive_row_weights)).div_(normalizer)
+        loss = loss.add_(torch.dot(positive_losses, positive_row_weights)).div_(max(logits.shape[0], 1))
 
         # Probabilities, kept for backward with the positive entries zeroed, which also makes
-        # the column sums below sums over negatives.
+        # their column sums sums over negatives.
         negative_probs = torch.sigmoid(logits)
         negative_probs.scatter_(1, positive_index, 0.0)
-        if with_negative_prob_sums:
-            negative_prob_sums = negative_probs.sum(dim=0)  # (K,)
-        else:
-            negative_prob_sums = logits.new_empty(0)
-
-        ctx.save_for_backward(negative_probs, positive_index, positive_residuals, negative_weights)
-        ctx.normalizer = normalizer
-        ctx.mark_non_differentiable(positive_residuals, negative_prob_sums)
-        return loss, positive_residuals, negative_prob_sums
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx, grad_loss: Tensor, _grad_residuals: Tensor, _grad_negative_sums: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        negative_probs, positive_index, positive_residuals, negative_weights = ctx.saved_tensors
-        scale = grad_loss / ctx.normalizer
-        # Negatives: r_j * (p_ij - 0) / N; positives (zero so far) are then set to q (p - 1) / N.
-        grad_logits = negative_probs * (negative_weights * scale)
-        grad_logits.scatter_(1, positive_index, (positive_residuals * scale).unsqueeze(1))
-        return grad_logits, None, None, None, None
+        return _OneHotCrossEntropy._finish(
+            ctx, loss, negative_probs, positive_index, positive_residuals, negative_weights,
+            with_negative_prob_sums,
+        )  # fmt: skip
 
 
 def one_hot_weighted_bce(
@@ -134,6 +162,53 @@ def one_hot_weighted_bce(
             negative_weights.detach().to(device=logits.device, dtype=dtype),
             with_negative_prob_sums,
         )
+
+
+class _SoftmaxCrossEntropy(_OneHotCrossEntropy):
+    """Autograd function behind :func:`softmax_cross_entropy`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, logits: Tensor, labels: Tensor, with_negative_prob_sums: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        positive_index = labels.unsqueeze(1)  # (N, 1)
+        probs = torch.log_softmax(logits, dim=1)
+        loss = probs.gather(1, positive_index).sum().neg_().div_(max(logits.shape[0], 1))
+        probs = probs.exp_()
+        positive_residuals = probs.gather(1, positive_index).view(-1).sub_(1.0)  # p - 1, (N,)
+        probs.scatter_(1, positive_index, 0.0)
+        return _OneHotCrossEntropy._finish(
+            ctx, loss, probs, positive_index, positive_residuals, logits.new_ones(()),
+            with_negative_prob_sums,
+        )  # fmt: skip
+
+
+def softmax_cross_entropy(
+    logits: Tensor, labels: Tensor, with_negative_prob_sums: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax cross-entropy averaged over the N rows (``F.cross_entropy``), with statistics.
+
+    Inputs are not validated here (the loss modules do it).
+
+    Args:
+        logits: (N, K) floating tensor; float16/bfloat16 are computed in float32.
+        labels: (N,) integer tensor in [0, K).
+        with_negative_prob_sums: also return the per-column sums of softmax(z) over negatives.
+
+    Returns:
+        ``(loss, positive_residuals, negative_prob_sums)``, in the compute dtype, the last two
+        without gradient:
+
+        - ``loss``: the scalar loss (0 for N = 0);
+        - ``positive_residuals``: (N,) ``softmax(z_i)[labels[i]] - 1``, i.e. N times the
+          gradient of each row's positive entry;
+        - ``negative_prob_sums``: (K,) per-column sums of softmax(z) over the rows not labelled
+          with that column, i.e. N times the summed gradients of the negative entries (an
+          empty tensor unless ``with_negative_prob_sums``).
+    """
+    dtype = compute_dtype(logits.dtype)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _SoftmaxCrossEntropy.apply(logits.to(dtype), labels.long(), with_negative_prob_sums)
 
 
 def sigmoid_bias_init(prior_prob: float) -> float:
