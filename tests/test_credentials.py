@@ -23,18 +23,27 @@ from eqlv2.search.credentials import (
     ("url", "redacted"),
     [
         ("http://user:s3cret@127.0.0.1:5000", "http://127.0.0.1:5000"),
-        ("https://alice@mlflow.example.org/#/experiments/1", "https://mlflow.example.org/#/experiments/1"),
+        (
+            "https://alice@mlflow.example.org/#/experiments/1",
+            "https://mlflow.example.org/#/experiments/1",
+        ),
         ("http://user:p%40ss%2Fw0rd@[::1]:5000/api?x=1", "http://[::1]:5000/api?x=1"),
         ("http://user:p@ss@host:5000/", "http://host:5000/"),
         ("http://user:pa/ss@host:5000/x", "http://host:5000/x"),
         ("http://user:pa?ss@host:5000", "http://host:5000"),
-        ("postgresql://eqlv2:s3cret@db.internal:5432/optuna", "postgresql://db.internal:5432/optuna"),
+        (
+            "postgresql://eqlv2:s3cret@db.internal:5432/optuna",
+            "postgresql://db.internal:5432/optuna",
+        ),
         (
             "postgresql+psycopg://eqlv2:p%3Ass@[fe80::1%25eth0]:5432/optuna?sslmode=require&password=hunter22",
             f"postgresql+psycopg://[fe80::1%25eth0]:5432/optuna?sslmode=require&password={MASK}",
         ),
         ("postgresql://eqlv2@localhost/optuna", "postgresql://localhost/optuna"),
-        ("mysql+pymysql://root:toor@127.0.0.1:3306/optuna", "mysql+pymysql://127.0.0.1:3306/optuna"),
+        (
+            "mysql+pymysql://root:toor@127.0.0.1:3306/optuna",
+            "mysql+pymysql://127.0.0.1:3306/optuna",
+        ),
         ("sqlite:////home/u@x/results/mlflow.db", "sqlite:////home/u@x/results/mlflow.db"),
         ("sqlite:///optuna.db", "sqlite:///optuna.db"),
         ("file:///srv/mlruns", "file:///srv/mlruns"),
@@ -50,11 +59,36 @@ def test_redact_url(url, redacted):
 @pytest.mark.parametrize(
     ("url", "flag", "found", "how"),
     [
-        ("http://user:s3cret@127.0.0.1:5000", "--mlflow-uri", "a password", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
-        ("https://alice@mlflow.example.org", "--mlflow-uri", "a user name", "MLFLOW_TRACKING_USERNAME"),
-        ("postgresql://eqlv2:s%2Fcr%40t@[::1]:5432/optuna", "--optuna-storage", "a password", "PGPASSWORD"),
-        ("postgresql+psycopg://eqlv2@db/optuna?password=hunter22", "--optuna-storage", "the secret query parameter(s) ['password']", "~/.pgpass"),
-        ("mysql://root:toor@127.0.0.1/optuna", "--optuna-storage", "a password", "read_default_file"),
+        (
+            "http://user:s3cret@127.0.0.1:5000",
+            "--mlflow-uri",
+            "a password",
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+        ),
+        (
+            "https://alice@mlflow.example.org",
+            "--mlflow-uri",
+            "a user name",
+            "MLFLOW_TRACKING_USERNAME",
+        ),
+        (
+            "postgresql://eqlv2:s%2Fcr%40t@[::1]:5432/optuna",
+            "--optuna-storage",
+            "a password",
+            "PGPASSWORD",
+        ),
+        (
+            "postgresql+psycopg://eqlv2@db/optuna?password=hunter22",
+            "--optuna-storage",
+            "the secret query parameter(s) ['password']",
+            "~/.pgpass",
+        ),
+        (
+            "mysql://root:toor@127.0.0.1/optuna",
+            "--optuna-storage",
+            "a password",
+            "read_default_file",
+        ),
         ("http://user:pa/ss@host:5000", "--mlflow-uri", "a password", "MLFLOW_TRACKING_PASSWORD"),
     ],
 )
@@ -117,7 +151,9 @@ def _logger_with_scrubbing(secrets=()):
 def test_log_filter_scrubs_message_args_and_traceback(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123456")
     logger, stream = _logger_with_scrubbing(secrets=["extra-secret"])
-    logger.warning("MLflow at %s failed with token %s", "http://bob:hunter22@[::1]:5000", "tok-123456")
+    logger.warning(
+        "MLflow at %s failed with token %s", "http://bob:hunter22@[::1]:5000", "tok-123456"
+    )
     try:
         raise RuntimeError("cannot reach postgresql://u:extra-secret@db:5432/optuna")
     except RuntimeError:

@@ -27,14 +27,26 @@ LVIS_METRICS = DATASETS["lvis"][1]
 
 @pytest.mark.parametrize(
     "text",
-    ["AP", "APr", "0.5*AP+0.5*APr", " 0.5 * AP + 0.5 * APr ", "AP-0.1*APf", "-APf", "2e1*AP+.5*APb"],
+    [
+        "AP",
+        "APr",
+        "0.5*AP+0.5*APr",
+        " 0.5 * AP + 0.5 * APr ",
+        "AP-0.1*APf",
+        "-APf",
+        "2e1*AP+.5*APb",
+    ],
 )
 def test_valid_metric_matches_parse_objective(text):
     assert strict_objective(text, LVIS_METRICS) == parse_objective(text)
 
 
 def test_signed_exponent_weights():
-    assert parse_metric_strict("1e-1*AP+9E-1*APc-2.5e+0*APf") == ((0.1, "AP"), (0.9, "APc"), (-2.5, "APf"))
+    assert parse_metric_strict("1e-1*AP+9E-1*APc-2.5e+0*APf") == (
+        (0.1, "AP"),
+        (0.9, "APc"),
+        (-2.5, "APf"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,11 +107,23 @@ def test_shipped_search_spaces_pass(name):
 @pytest.mark.parametrize(
     ("changes", "says"),
     [
-        ({"params__gamma": {"low": -4.0, "high": 16.0}}, "params.gamma range [-4, 16] is invalid: its low -4 breaks gamma > 0"),
+        (
+            {"params__gamma": {"low": -4.0, "high": 16.0}},
+            "params.gamma range [-4, 16] is invalid: its low -4 breaks gamma > 0",
+        ),
         ({"params__gamma": {"low": 0.0, "high": 16.0}}, "its low 0 breaks gamma > 0"),
-        ({"params__alpha": {"low": -1.0, "high": 8.0}}, "params.alpha range [-1, 8] is invalid: its low -1 breaks alpha >= 0"),
-        ({"params__alpha": {"choices": [0.0, 2.0, -2.0]}}, "choice alpha=-2.0 is invalid: EQL v2 needs alpha >= 0"),
-        ({"params__gamma": {"choices": [4.0, "big"]}}, "choice gamma='big' is invalid: EQL v2 needs gamma > 0"),
+        (
+            {"params__alpha": {"low": -1.0, "high": 8.0}},
+            "params.alpha range [-1, 8] is invalid: its low -1 breaks alpha >= 0",
+        ),
+        (
+            {"params__alpha": {"choices": [0.0, 2.0, -2.0]}},
+            "choice alpha=-2.0 is invalid: EQL v2 needs alpha >= 0",
+        ),
+        (
+            {"params__gamma": {"choices": [4.0, "big"]}},
+            "choice gamma='big' is invalid: EQL v2 needs gamma > 0",
+        ),
     ],
 )
 def test_out_of_domain_range_names_file_and_parameter(tmp_path, changes, says):
@@ -118,7 +142,9 @@ def test_fixed_value_out_of_domain(tmp_path):
     data["fixed"]["gamma"] = -12.0
     path = tmp_path / "fixed.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(SearchInputError, match=r"fixed value gamma=-12.0 is invalid: EQL v2 needs gamma > 0"):
+    with pytest.raises(
+        SearchInputError, match=r"fixed value gamma=-12.0 is invalid: EQL v2 needs gamma > 0"
+    ):
         load_checked_search_space(path)
 
 
@@ -126,17 +152,27 @@ def test_fixed_mu_not_finite_by_config_key(tmp_path):
     from eqlv2.search.space import parse_search_space
 
     space = parse_search_space(
-        {"params": {"alpha": {"low": 0, "high": 8}}, "fixed": {"MODEL.EQLV2.MU": float("nan")}}, source="inline.yaml"
+        {"params": {"alpha": {"low": 0, "high": 8}}, "fixed": {"MODEL.EQLV2.MU": float("nan")}},
+        source="inline.yaml",
     )
-    with pytest.raises(SearchInputError, match=r"inline.yaml: fixed value MODEL.EQLV2.MU=nan is invalid: EQL v2 needs mu finite"):
+    with pytest.raises(
+        SearchInputError,
+        match=r"inline.yaml: fixed value MODEL.EQLV2.MU=nan is invalid: EQL v2 needs mu finite",
+    ):
         check_search_space(space)
 
 
 @pytest.mark.parametrize(
     ("changes", "says"),
     [
-        ({"params__mu": {"low": 1.0, "high": 0.5}}, "params.mu: need finite low < high, got [1.0, 0.5]"),
-        ({"params__gamma": {"low": 0.0, "high": 16.0, "log": True}}, "params.gamma: a log scale needs low > 0"),
+        (
+            {"params__mu": {"low": 1.0, "high": 0.5}},
+            "params.mu: need finite low < high, got [1.0, 0.5]",
+        ),
+        (
+            {"params__gamma": {"low": 0.0, "high": 16.0, "log": True}},
+            "params.gamma: a log scale needs low > 0",
+        ),
         ({"params__mu": {"low": 0.5, "high": float("inf")}}, "params.mu: need finite low < high"),
     ],
 )
@@ -152,12 +188,17 @@ def test_seed_point_outside_range_names_file(tmp_path):
     data = yaml.safe_load(path.read_text())
     data["seed_points"] = [{"gamma": 20.0, "mu": 0.8, "alpha": 4.0}]
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(SearchInputError, match=r"seed_points\[0\]\.gamma=20\.0 is outside uniform\[4, 16\] in .*space.yaml"):
+    with pytest.raises(
+        SearchInputError,
+        match=r"seed_points\[0\]\.gamma=20\.0 is outside uniform\[4, 16\] in .*space.yaml",
+    ):
         load_checked_search_space(path)
 
 
 def test_missing_search_space_file(tmp_path):
-    with pytest.raises(SearchInputError, match=r"--search-space: search-space file not found: .*nope.yaml"):
+    with pytest.raises(
+        SearchInputError, match=r"--search-space: search-space file not found: .*nope.yaml"
+    ):
         load_checked_search_space(tmp_path / "nope.yaml")
 
 
@@ -172,7 +213,9 @@ def test_folder_created_with_parents(tmp_path):
 
 def test_remote_uri_is_left_alone(tmp_path):
     assert prepare_writable_dir("s3://bucket/ray_results", "--storage-path") is None
-    assert prepare_writable_dir(f"file://{tmp_path}/r", "--storage-path") == (tmp_path / "r").resolve()
+    assert (
+        prepare_writable_dir(f"file://{tmp_path}/r", "--storage-path") == (tmp_path / "r").resolve()
+    )
 
 
 def test_folder_that_is_a_file(tmp_path):
@@ -188,7 +231,10 @@ def test_folder_under_a_file(tmp_path):
     blocker.write_text("")
     with pytest.raises(SearchInputError) as caught:
         prepare_writable_dir(blocker / "ray_results", "--storage-path")
-    assert str(caught.value) == f"--storage-path {blocker}/ray_results cannot be created: {blocker} is a file; give a folder"
+    assert (
+        str(caught.value)
+        == f"--storage-path {blocker}/ray_results cannot be created: {blocker} is a file; give a folder"
+    )
 
 
 @pytest.fixture
@@ -200,7 +246,9 @@ def immutable_dir(tmp_path):
         pytest.skip("chattr is not installed: cannot make a folder unwritable for root")
     done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"chattr +i is not permitted here ({done.stderr.strip()}): cannot test an unwritable folder")
+        pytest.skip(
+            f"chattr +i is not permitted here ({done.stderr.strip()}): cannot test an unwritable folder"
+        )
     try:
         yield folder
     finally:

@@ -59,7 +59,18 @@ SECRET_ENV_VARS = (
 )
 #: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
 SECRET_QUERY_KEYS = frozenset(
-    {"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey", "sslpassword"}
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+        "sslpassword",
+    }
 )
 #: Secrets shorter than this are not scrubbed from free text (they would mask common words).
 MIN_SECRET_LENGTH = 3
@@ -108,7 +119,11 @@ def _looks_like_broken_userinfo(authority: str) -> bool:
 
 def _secret_query_keys(rest: str) -> list[str]:
     query = rest.split("?", 1)[1].split("#", 1)[0] if "?" in rest else ""
-    return [key for key, _ in parse_qsl(query, keep_blank_values=True) if key.lower() in SECRET_QUERY_KEYS]
+    return [
+        key
+        for key, _ in parse_qsl(query, keep_blank_values=True)
+        if key.lower() in SECRET_QUERY_KEYS
+    ]
 
 
 def _mask_query(rest: str) -> str:
@@ -120,7 +135,9 @@ def _mask_query(rest: str) -> str:
     fields = []
     for field in query.split("&"):
         key, equals, _ = field.partition("=")
-        fields.append(f"{key}={MASK}" if equals and unquote(key).lower() in SECRET_QUERY_KEYS else field)
+        fields.append(
+            f"{key}={MASK}" if equals and unquote(key).lower() in SECRET_QUERY_KEYS else field
+        )
     return f"{path}?{'&'.join(fields)}{hash_mark}{fragment}"
 
 
@@ -187,7 +204,9 @@ def check_url_has_no_credentials(url: str, flag: str) -> None:
 def secrets_from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of :data:`SECRET_ENV_VARS` that are set (at least :data:`MIN_SECRET_LENGTH` long)."""
     environ = os.environ if environ is None else environ
-    return [environ[name] for name in SECRET_ENV_VARS if len(environ.get(name, "")) >= MIN_SECRET_LENGTH]
+    return [
+        environ[name] for name in SECRET_ENV_VARS if len(environ.get(name, "")) >= MIN_SECRET_LENGTH
+    ]
 
 
 def _redact_urls_in_text(text: str) -> str:
@@ -208,7 +227,9 @@ def scrub_text(text: str, secrets: Iterable[str] | None = None) -> str:
     """
     scrubbed = _redact_urls_in_text(text)
     values = secrets_from_environment() if secrets is None else list(secrets)
-    forms = {form for value in values if len(value) >= MIN_SECRET_LENGTH for form in _secret_forms(value)}
+    forms = {
+        form for value in values if len(value) >= MIN_SECRET_LENGTH for form in _secret_forms(value)
+    }
     for form in sorted(forms, key=len, reverse=True):  # longest first: a secret may contain another
         scrubbed = scrubbed.replace(form, MASK)
     return scrubbed

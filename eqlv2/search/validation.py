@@ -67,7 +67,9 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def parse_metric_strict(text: str, known: Iterable[str] | None = None) -> tuple[tuple[float, str], ...]:
+def parse_metric_strict(
+    text: str, known: Iterable[str] | None = None
+) -> tuple[tuple[float, str], ...]:
     """Reads ``--metric`` with the grammar ``[sign] term (sign term)*``, ``term = [number '*'] NAME``.
 
     Args:
@@ -185,7 +187,9 @@ def _number(value: Any) -> float | None:
 def _check_value(where: str, name: str, what: str, value: Any, domain: _Domain) -> None:
     number = _number(value)
     if number is None or not domain.accepts(number):
-        raise SearchInputError(f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {domain.rule}")
+        raise SearchInputError(
+            f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {domain.rule}"
+        )
 
 
 def check_search_space(space: SearchSpace) -> None:
@@ -279,5 +283,7 @@ def prepare_writable_dir(path: str | os.PathLike, flag: str) -> Path | None:
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise SearchInputError(f"{flag} {folder} is not writable ({reason}); give a folder you can write to") from None
+        raise SearchInputError(
+            f"{flag} {folder} is not writable ({reason}); give a folder you can write to"
+        ) from None
     return folder
