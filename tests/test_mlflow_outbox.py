@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow_server import MlflowServer, free_port
 
 from eqlv2.search.mlflow_outbox import (
     OUTBOX_RUN_TAG,
@@ -21,9 +22,6 @@ from eqlv2.search.mlflow_outbox import (
     pending_count,
     replay,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from mlflow_server import MlflowServer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_767_000_000_000  # metric timestamps (ms) chosen by the test, so the history can be compared
