@@ -3,6 +3,12 @@
 The server keeps its SQLite database and artifacts in the folder given, so a restart finds
 everything logged before it. Its job executor (GenAI jobs, a pool of extra processes) is switched
 off: the tests need the tracking API and the UI only, and starting it costs seconds on 2 cores.
+
+Importing this module switches MLflow's telemetry off (``MLFLOW_DISABLE_TELEMETRY``) for this
+process and the servers it starts: there is no internet here, and MLflow 3.17's telemetry thread
+pops ``_MLFLOW_TELEMETRY_SESSION_ID`` from ``os.environ`` while requests iterates the environment,
+which made a client call fail with ``KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'``. Import it before
+``mlflow`` (MLflow starts telemetry at import).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
@@ -80,7 +87,7 @@ class MlflowServer:
             return
         try:
             os.killpg(self._process.pid, signal.SIGTERM)
-            self._process.wait(timeout=20)
+            self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(timeout=20)

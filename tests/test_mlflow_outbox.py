@@ -12,8 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from mlflow_server import MlflowServer, free_port  # isort: skip (before mlflow: switches its telemetry off)
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer, free_port
 
 from eqlv2.search.mlflow_outbox import (
     OUTBOX_RUN_TAG,
