@@ -1,0 +1,283 @@
+"""Credentials stay in the environment: URLs are checked, redacted before display, logs scrubbed.
+
+Policy (chosen here, applied by the driver to ``--mlflow-uri``, ``--optuna-storage`` and any
+other URL flag before anything is printed, stored or pickled):
+
+* **A password inside a URL is refused** (:func:`check_url_has_no_credentials`), with a message
+  saying how to pass it instead: ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or
+  ``MLFLOW_TRACKING_TOKEN``) for an MLflow server, ``PGPASSWORD`` or ``~/.pgpass`` for PostgreSQL,
+  an option file for MySQL. Stripping it silently instead would leave a search that cannot log in,
+  or one whose password still sits in the shell history: refusing says what to do at once. Secret
+  query parameters (``?password=...``) are refused the same way.
+* **A user name alone is accepted for a database URL** (``postgresql://eqlv2@db/optuna`` with the
+  password in ``~/.pgpass`` is the usual setup) and refused for an MLflow server URL (its client
+  reads the user from ``MLFLOW_TRACKING_USERNAME``, not from the URL).
+* **Every URL shown to a human is redacted** (:func:`redact_url`): the whole user-info is removed,
+  user name included, and secret query values become ``***``.
+* **Logs and text artifacts are scrubbed** (:class:`SecretsFilter`, :func:`scrub_text`): URL
+  user-info and the values of the secret environment variables (:data:`SECRET_ENV_VARS`), plain
+  or percent-encoded, become ``***`` in log records (message, arguments and traceback) and in
+  text written to files such as ``command.txt``.
+
+The user-info of a URL is everything between ``scheme://`` and the last ``@`` before the first
+``/``, ``?`` or ``#`` (the rule of ``urllib.parse`` and SQLAlchemy). A password holding a raw
+``/``, ``?`` or ``#`` makes the URL ambiguous (``http://user:pa/ss@host``: the authority part
+``user:pa`` has a port that is not a number); such a URL is treated as carrying credentials and
+its text up to the last ``@`` is removed, so nothing of the password is shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, unquote
+
+__all__ = [
+    "MASK",
+    "SECRET_ENV_VARS",
+    "CredentialsInUrlError",
+    "SecretsFilter",
+    "check_url_has_no_credentials",
+    "install_log_scrubbing",
+    "redact_url",
+    "scrub_text",
+    "secrets_from_environment",
+]
+
+#: What a secret is replaced with.
+MASK = "***"
+#: Environment variables whose values are secrets, scrubbed from logs and text.
+SECRET_ENV_VARS = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PGPASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+)
+#: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
+SECRET_QUERY_KEYS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+        "sslpassword",
+    }
+)
+#: Secrets shorter than this are not scrubbed from free text (they would mask common words).
+MIN_SECRET_LENGTH = 3
+
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+#: A URL inside free text: from the scheme to the next blank or quote.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+
+
+class CredentialsInUrlError(ValueError):
+    """A URL given on the command line carries a password; the message says how to pass it."""
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """A URL cut at its user-info: ``scheme://`` + user-info + ``@`` + rest."""
+
+    scheme: str
+    userinfo: str | None
+    rest: str
+
+
+def _split(url: str) -> _Parts | None:
+    """The user-info of ``url`` (see the module docstring), or None if it has no ``scheme://``."""
+    match = _SCHEME.match(url)
+    if match is None:
+        return None
+    scheme, after = match.group("scheme"), url[match.end() :]
+    authority = re.split(r"[/?#]", after, maxsplit=1)[0]
+    if "@" in authority:
+        userinfo, _, _ = authority.rpartition("@")
+        return _Parts(scheme, userinfo, after[len(userinfo) + 1 :])
+    if "@" in after and _looks_like_broken_userinfo(authority):
+        userinfo, _, _ = after.rpartition("@")
+        return _Parts(scheme, userinfo, after[len(userinfo) + 1 :])
+    return _Parts(scheme, None, after)
+
+
+def _looks_like_broken_userinfo(authority: str) -> bool:
+    """``user:pa`` of ``user:pa/ss@host``: a colon followed by a port that is not a number."""
+    host = re.sub(r"^\[[^\]]*\]", "", authority)  # an IPv6 literal's colons are not a port
+    if ":" not in host:
+        return False
+    return not host.rpartition(":")[2].isdigit()
+
+
+def _secret_query_keys(rest: str) -> list[str]:
+    query = rest.split("?", 1)[1].split("#", 1)[0] if "?" in rest else ""
+    return [
+        key
+        for key, _ in parse_qsl(query, keep_blank_values=True)
+        if key.lower() in SECRET_QUERY_KEYS
+    ]
+
+
+def _mask_query(rest: str) -> str:
+    """``rest`` with the values of secret query parameters replaced by :data:`MASK`."""
+    if "?" not in rest:
+        return rest
+    path, _, query = rest.partition("?")
+    query, hash_mark, fragment = query.partition("#")
+    fields = []
+    for field in query.split("&"):
+        key, equals, _ = field.partition("=")
+        fields.append(
+            f"{key}={MASK}" if equals and unquote(key).lower() in SECRET_QUERY_KEYS else field
+        )
+    return f"{path}?{'&'.join(fields)}{hash_mark}{fragment}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user-info (user name and password) and with secret query values masked.
+
+    ``http://user:s3cret@127.0.0.1:5000`` → ``http://127.0.0.1:5000``;
+    ``postgresql+psycopg://eqlv2:p%40ss@[::1]:5432/optuna?sslmode=require`` →
+    ``postgresql+psycopg://[::1]:5432/optuna?sslmode=require``. Paths and ``sqlite:///`` URLs come
+    back unchanged.
+    """
+    parts = _split(url)
+    if parts is None:
+        return url
+    return f"{parts.scheme}://{_mask_query(parts.rest)}"
+
+
+def _how_to_pass(scheme: str) -> str:
+    base = scheme.split("+", 1)[0].lower()
+    if base in ("http", "https"):
+        return (
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+            "environment instead; MLflow reads them"
+        )
+    if base in ("postgresql", "postgres"):
+        return (
+            "set PGPASSWORD in the environment or put a line host:port:database:user:password in ~/.pgpass "
+            "(chmod 600) instead; the user name may stay in the URL"
+        )
+    if base in ("mysql", "mariadb"):
+        return "put the password in a MySQL option file and pass ?read_default_file=PATH instead"
+    return "pass the password through the environment or a credentials file of the service instead"
+
+
+def check_url_has_no_credentials(url: str, flag: str) -> None:
+    """Refuses a URL that carries a password (see the module docstring for the policy).
+
+    Args:
+        url: the value given to ``flag``.
+        flag: the command-line option (``--mlflow-uri``), named in the message.
+
+    Raises:
+        CredentialsInUrlError: the URL carries a password, a secret query parameter, or (an
+            ``http(s)`` URL) a user name; the message shows the redacted URL and says how to pass
+            the credentials.
+    """
+    parts = _split(url)
+    if parts is None:
+        return
+    http = parts.scheme.lower() in ("http", "https")
+    found = []
+    if parts.userinfo is not None and (":" in parts.userinfo or http):
+        found.append("a password" if ":" in parts.userinfo else "a user name")
+    secret_keys = _secret_query_keys(parts.rest)
+    if secret_keys:
+        found.append(f"the secret query parameter(s) {secret_keys}")
+    if found:
+        raise CredentialsInUrlError(
+            f"{flag} {redact_url(url)} carries {' and '.join(found)} in the URL, where it would be printed, "
+            f"logged and stored: remove it from the URL and {_how_to_pass(parts.scheme)}"
+        )
+
+
+def secrets_from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of :data:`SECRET_ENV_VARS` that are set (at least :data:`MIN_SECRET_LENGTH` long)."""
+    environ = os.environ if environ is None else environ
+    return [
+        environ[name] for name in SECRET_ENV_VARS if len(environ.get(name, "")) >= MIN_SECRET_LENGTH
+    ]
+
+
+def _redact_urls_in_text(text: str) -> str:
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+
+
+def _secret_forms(secret: str) -> set[str]:
+    """A secret as it may appear in text: as is, percent-encoded, and decoded."""
+    return {secret, quote(secret, safe=""), unquote(secret)} - {""}
+
+
+def scrub_text(text: str, secrets: Iterable[str] | None = None) -> str:
+    """``text`` with URL user-info removed and every known secret replaced by :data:`MASK`.
+
+    Args:
+        text: any text (a log message, a command line for ``command.txt``, a JSON file).
+        secrets: secret values to mask; None takes :func:`secrets_from_environment`.
+    """
+    scrubbed = _redact_urls_in_text(text)
+    values = secrets_from_environment() if secrets is None else list(secrets)
+    forms = {
+        form for value in values if len(value) >= MIN_SECRET_LENGTH for form in _secret_forms(value)
+    }
+    for form in sorted(forms, key=len, reverse=True):  # longest first: a secret may contain another
+        scrubbed = scrubbed.replace(form, MASK)
+    return scrubbed
+
+
+class SecretsFilter(logging.Filter):
+    """A ``logging.Filter`` that scrubs log records (:func:`scrub_text`) and lets them through.
+
+    Attached to a handler it sees every record that handler writes, whichever logger made it.
+    The message is formatted with its arguments, scrubbed, and stored back without arguments;
+    a traceback is formatted and scrubbed into ``record.exc_text``, which formatters print as is.
+
+    Args:
+        secrets: extra secret values to mask, besides the environment's (read at each record, so
+            a password set after the filter was installed is masked too).
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = list(secrets)
+        self._formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self._secrets + secrets_from_environment()
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler's error reporting
+            return True
+        record.msg, record.args = scrub_text(message, secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub_text(record.exc_text, secrets)
+        if record.stack_info:
+            record.stack_info = scrub_text(record.stack_info, secrets)
+        return True
+
+
+def install_log_scrubbing(
+    handlers: Iterable[logging.Handler] | None = None, secrets: Iterable[str] = ()
+) -> SecretsFilter:
+    """Adds one :class:`SecretsFilter` to ``handlers`` (default: the root logger's handlers).
+
+    Call it in every process that logs (driver start, and trial start in the Ray workers) after
+    logging is configured; handlers added later need ``handler.addFilter(filter)`` themselves.
+    """
+    scrubber = SecretsFilter(secrets)
+    for handler in logging.getLogger().handlers if handlers is None else handlers:
+        if not any(isinstance(f, SecretsFilter) for f in handler.filters):
+            handler.addFilter(scrubber)
+    return scrubber

@@ -1,0 +1,800 @@
+"""A durable outbox for MLflow: calls made while the tracking server is unreachable are kept on
+local disk, in order, and replayed exactly once when it is back.
+
+Pieces:
+
+* :class:`Outbox` — the journal of one folder: an SQLite file ``outbox.sqlite`` plus copies of the
+  artifact files (``blobs/``);
+* :func:`replay` — sends the pending entries in order and returns a :class:`ReplayReport`;
+  :func:`pending_count` says how many are left (the search's exit code is non-zero while any are);
+* :class:`DurableMlflow` — the never-raising client the search uses (same conveniences as
+  ``SafeMlflow``): it writes through while the server answers, journals while it does not, and
+  replays the backlog in order before it writes through again.
+
+Why SQLite and not an append-only JSONL file: each entry needs a state that changes after it is
+written (pending → sent → done), placeholders need a table that maps them to real run ids, and
+several processes of one node (the driver and the Ray trial processes) append to one outbox. SQLite
+gives atomic, ordered (``INTEGER PRIMARY KEY AUTOINCREMENT``), durable (``journal_mode=WAL`` with
+``synchronous=FULL`` fsyncs the log at every commit) updates and cross-process locking; a JSONL
+file would need a second progress file, its own locking and torn-line recovery.
+
+Exactly once. Every entry is marked *sent* (committed) before its call goes out and *done*
+(committed, in the same transaction as the placeholder's real run id) after it returns. An entry
+found *sent* when a replay starts was interrupted between the two marks, and the server may
+already hold it; it is sent again only after checking:
+
+* ``create_run``: every run created from the outbox carries the tag :data:`OUTBOX_RUN_TAG` =
+  placeholder id; an existing run with it is reused;
+* metrics: points already in the run's history (same key, step, timestamp and value) are dropped;
+  params already set to the same value are dropped;
+* tags, artifacts, ``log_text`` and ``set_terminated`` (with its recorded end time) overwrite with
+  the same value, so sending them again changes nothing.
+
+Run handles. ``create_run`` while the server is down returns a placeholder id
+(``outbox-<hex>``) that every method accepts; the mapping to the real id is stored in the outbox,
+so another process (``tune/search.py --sync``) can replay it. One outbox folder belongs to one
+tracking URI (stored at creation; opening it for another URI raises), lives on a local disk of
+the node (SQLite locking is not safe on NFS), and holds no credentials: URIs carrying passwords
+are refused earlier (``eqlv2.search.credentials``).
+
+Failures. An unreachable server (connection errors, timeouts, 5xx, authentication) leaves an
+entry pending. A call the server rejects (MLflow's 4xx error codes, or a client-side error such
+as a missing file) is not retried: it is marked *failed* with its error and reported, so one bad
+call cannot block the calls after it.
+
+Only public ``MlflowClient`` methods are used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OUTBOX_RUN_TAG",
+    "DurableMlflow",
+    "JournalEntry",
+    "Outbox",
+    "ReplayReport",
+    "pending_count",
+    "replay",
+]
+
+#: Tag of a run created from the outbox: its placeholder id (makes re-creation idempotent).
+OUTBOX_RUN_TAG = "eqlv2.outbox_run"
+#: Prefix of placeholder run ids.
+PLACEHOLDER_PREFIX = "outbox-"
+#: MLflow error codes meaning "the server answered and refuses this call": not retried.
+REJECTION_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_DOES_NOT_EXIST",
+        "RESOURCE_ALREADY_EXISTS",
+        "INVALID_STATE",
+        "BAD_REQUEST",
+        "MALFORMED_REQUEST",
+        "RESOURCE_LIMIT_EXCEEDED",
+        "REQUEST_LIMIT_EXCEEDED",
+    }
+)
+#: MLflow's batch limits: metrics per ``log_batch`` (1000; 900 leaves room) and params or tags (100).
+METRICS_PER_BATCH = 900
+PARAMS_PER_BATCH = 100
+
+PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    run_ref TEXT,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
+CREATE TABLE IF NOT EXISTS runs (placeholder TEXT PRIMARY KEY, run_id TEXT);
+"""
+
+
+def is_placeholder(run_ref: str | None) -> bool:
+    """Whether ``run_ref`` is an outbox placeholder rather than an MLflow run id."""
+    return bool(run_ref) and str(run_ref).startswith(PLACEHOLDER_PREFIX)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One journaled MLflow call.
+
+    Attributes:
+        seq: position in the outbox (replay order).
+        op: ``create_run``, ``log_batch``, ``log_artifact``, ``log_text`` or ``set_terminated``.
+        run_ref: the run (real id or placeholder).
+        payload: the call's arguments (JSON-able).
+        state: ``pending``, ``sent``, ``done`` or ``failed``.
+    """
+
+    seq: int
+    op: str
+    run_ref: str | None
+    payload: dict[str, Any]
+    state: str
+
+
+class Outbox:
+    """The journal in ``folder`` (created if missing), bound to one tracking URI.
+
+    Args:
+        folder: a local folder of this node.
+        tracking_uri: the tracking URI the entries are for; None opens an existing outbox for
+            whatever URI it holds.
+
+    Raises:
+        ValueError: the outbox belongs to another tracking URI, or a new outbox has no URI.
+    """
+
+    def __init__(self, folder: str | os.PathLike, tracking_uri: str | None = None) -> None:
+        self.folder = Path(folder).expanduser().resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.folder / "outbox.sqlite", timeout=60.0, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self.tracking_uri = self._bind(tracking_uri)
+
+    def _bind(self, tracking_uri: str | None) -> str:
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'tracking_uri'").fetchone()
+            if row is None:
+                if tracking_uri is None:
+                    raise ValueError(f"{self.folder} holds no MLflow outbox: give its tracking URI")
+                db.execute("INSERT INTO meta VALUES ('tracking_uri', ?)", (tracking_uri,))
+                return tracking_uri
+        if tracking_uri is not None and row[0] != tracking_uri:
+            raise ValueError(
+                f"the MLflow outbox {self.folder} belongs to {row[0]}, not {tracking_uri}: replay it "
+                "there first, or give another outbox folder"
+            )
+        return row[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(
+        self,
+        op: str,
+        run_ref: str | None,
+        payload: Mapping[str, Any],
+        state: str = PENDING,
+        error: str | None = None,
+    ) -> int:
+        """Journals one call durably; returns its sequence number."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO entries (op, run_ref, payload, state, error, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (op, run_ref, json.dumps(payload), state, error, time.time()),
+            )
+            return int(cursor.lastrowid)
+
+    def new_placeholder(self) -> str:
+        """A fresh placeholder run id, registered unmapped."""
+        placeholder = f"{PLACEHOLDER_PREFIX}{uuid.uuid4().hex}"
+        with self._transaction() as db:
+            db.execute("INSERT INTO runs VALUES (?, NULL)", (placeholder,))
+        return placeholder
+
+    def keep_file(self, source: str | os.PathLike) -> str:
+        """Copies ``source`` into ``blobs/`` (fsynced) and returns the copy's path."""
+        source = Path(source)
+        folder = self.folder / "blobs" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        target = folder / source.name
+        partial = folder / f".{source.name}.partial"
+        shutil.copyfile(source, partial)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+        return str(target)
+
+    def mark(
+        self,
+        seq: int,
+        state: str,
+        error: str | None = None,
+        run_id: str | None = None,
+        placeholder: str | None = None,
+    ) -> None:
+        """Sets an entry's state (and maps ``placeholder`` to ``run_id``) in one transaction."""
+        with self._transaction() as db:
+            db.execute("UPDATE entries SET state = ?, error = ? WHERE seq = ?", (state, error, seq))
+            if placeholder and run_id:
+                db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (placeholder, run_id))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def resolve(self, run_ref: str | None) -> str | None:
+        """The MLflow run id of ``run_ref``: itself, or the mapped id of a placeholder (None if the
+        run has not been created yet)."""
+        if not is_placeholder(run_ref):
+            return run_ref
+        row = self._db.execute(
+            "SELECT run_id FROM runs WHERE placeholder = ?", (run_ref,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def next_entry(self) -> JournalEntry | None:
+        """The oldest entry still to send (pending or sent)."""
+        row = self._db.execute(
+            "SELECT seq, op, run_ref, payload, state FROM entries WHERE state IN (?, ?) ORDER BY seq LIMIT 1",
+            (PENDING, SENT),
+        ).fetchone()
+        if row is None:
+            return None
+        return JournalEntry(row[0], row[1], row[2], json.loads(row[3]), row[4])
+
+    def count(self, *states: str) -> int:
+        """Entries in ``states``."""
+        marks = ", ".join("?" * len(states))
+        return int(
+            self._db.execute(
+                f"SELECT COUNT(*) FROM entries WHERE state IN ({marks})", states
+            ).fetchone()[0]
+        )
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        """``(seq, op, error)`` of the entries the server rejected."""
+        rows = self._db.execute(
+            "SELECT seq, op, error FROM entries WHERE state = ? ORDER BY seq", (FAILED,)
+        )
+        return [(int(seq), op, error or "") for seq, op, error in rows]
+
+    def placeholders(self) -> dict[str, str | None]:
+        """``{placeholder: run id or None}``."""
+        return dict(self._db.execute("SELECT placeholder, run_id FROM runs").fetchall())
+
+    @contextmanager
+    def replay_lock(self, blocking: bool) -> Iterator[bool]:
+        """Holds the folder's replay lock (one replayer at a time); yields whether it got it."""
+        with open(self.folder / "replay.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pending_count(folder: str | os.PathLike) -> int:
+    """Entries of the outbox in ``folder`` not yet on the server (0 if there is no outbox)."""
+    if not (Path(folder) / "outbox.sqlite").exists():
+        return 0
+    outbox = Outbox(folder)
+    try:
+        return outbox.count(PENDING, SENT)
+    finally:
+        outbox.close()
+
+
+# --- sending one entry ----------------------------------------------------------------------------
+
+
+class _Rejected(Exception):
+    """The server answered and refused the call (or the call cannot be made): not retried."""
+
+
+def _is_rejection(error: BaseException) -> bool:
+    if isinstance(error, MlflowException):
+        return error.error_code in REJECTION_CODES
+    return not isinstance(error, OSError)  # OSError covers connection errors and timeouts
+
+
+def _batch(payload: Mapping[str, Any]) -> tuple[list[Metric], list[Param], list[RunTag]]:
+    metrics = [
+        Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in payload.get("metrics", [])
+    ]
+    params = [Param(k, v) for k, v in payload.get("params", [])]
+    tags = [RunTag(k, v) for k, v in payload.get("tags", [])]
+    return metrics, params, tags
+
+
+def _drop_already_logged(
+    client: MlflowClient, run_id: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``log_batch`` payload without the metric points and params the run already holds."""
+    metrics = payload.get("metrics", [])
+    seen: set[tuple] = set()
+    for key in {m[0] for m in metrics}:
+        seen |= {
+            (m.key, m.value, m.timestamp, m.step) for m in client.get_metric_history(run_id, key)
+        }
+    params = client.get_run(run_id).data.params if payload.get("params") else {}
+    return {
+        "metrics": [m for m in metrics if (m[0], float(m[1]), int(m[2]), int(m[3])) not in seen],
+        "params": [p for p in payload.get("params", []) if params.get(p[0]) != p[1]],
+        "tags": payload.get("tags", []),
+    }
+
+
+def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str | None) -> str:
+    if placeholder:
+        found = client.search_runs(
+            [payload["experiment_id"]],
+            filter_string=f"tags.`{OUTBOX_RUN_TAG}` = '{placeholder}'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+    tags = dict(payload.get("tags") or {})
+    if placeholder:
+        tags[OUTBOX_RUN_TAG] = placeholder
+    run = client.create_run(
+        payload["experiment_id"],
+        start_time=payload.get("start_time"),
+        tags=tags,
+        run_name=payload.get("run_name"),
+    )
+    return run.info.run_id
+
+
+def _send(
+    client: MlflowClient,
+    op: str,
+    run_id: str | None,
+    payload: dict[str, Any],
+    *,
+    placeholder: str | None = None,
+    resent: bool = False,
+) -> str | None:
+    """Makes one call; returns the new run id of ``create_run``.
+
+    Raises:
+        _Rejected: the server refused it, or it cannot be made.
+        Exception: anything else (the server is unreachable).
+    """
+    try:
+        if op == "create_run":
+            return _create_run(client, payload, placeholder)
+        if run_id is None:
+            raise _Rejected("its run was never created (the create_run entry failed)")
+        if op == "log_batch":
+            metrics, params, tags = _batch(
+                _drop_already_logged(client, run_id, payload) if resent else payload
+            )
+            if metrics or params or tags:
+                client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        elif op == "log_artifact":
+            if not Path(payload["path"]).is_file():
+                raise _Rejected(f"the file {payload['path']} is gone")
+            client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
+        elif op == "log_text":
+            client.log_text(run_id, payload["text"], payload["artifact_file"])
+        elif op == "set_terminated":
+            client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
+        else:
+            raise _Rejected(f"unknown operation {op!r}")
+    except _Rejected:
+        raise
+    except Exception as error:
+        if _is_rejection(error):
+            raise _Rejected(f"{type(error).__name__}: {error}") from error
+        raise
+    return None
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did.
+
+    Attributes:
+        replayed: entries sent, by operation.
+        failed: ``(seq, op, error)`` of the entries the server rejected (in this outbox, ever).
+        pending: entries still to send (the server went away again, or another process replays).
+        runs: placeholders mapped to their real run ids.
+        error: why the replay stopped early, if it did.
+    """
+
+    replayed: dict[str, int] = field(default_factory=dict)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)
+    pending: int = 0
+    runs: dict[str, str | None] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Nothing pending and nothing rejected."""
+        return self.pending == 0 and not self.failed
+
+    def summary(self) -> str:
+        """One line for the search's summary."""
+        sent = ", ".join(f"{n} {op}" for op, n in sorted(self.replayed.items())) or "nothing"
+        line = f"MLflow outbox: replayed {sent}; {self.pending} call(s) pending; {len(self.failed)} rejected"
+        return f"{line} (stopped: {self.error})" if self.error else line
+
+
+def _replay_entries(
+    outbox: Outbox,
+    client: MlflowClient,
+    report: ReplayReport,
+    progress: Callable[[JournalEntry], None] | None,
+) -> None:
+    while (entry := outbox.next_entry()) is not None:
+        placeholder = entry.run_ref if entry.op == "create_run" else None
+        run_id = None if entry.op == "create_run" else outbox.resolve(entry.run_ref)
+        if entry.state == PENDING:
+            outbox.mark(entry.seq, SENT)
+        try:
+            new_run = _send(
+                client,
+                entry.op,
+                run_id,
+                entry.payload,
+                placeholder=placeholder,
+                resent=entry.state == SENT,
+            )
+        except _Rejected as rejected:
+            logger.warning(
+                "MLflow refused journaled call %d (%s): %s", entry.seq, entry.op, rejected
+            )
+            outbox.mark(entry.seq, FAILED, error=str(rejected)[:4000])
+            continue
+        if progress is not None:
+            progress(entry)
+        outbox.mark(entry.seq, DONE, run_id=new_run, placeholder=placeholder)
+        report.replayed[entry.op] = report.replayed.get(entry.op, 0) + 1
+        if entry.op == "log_artifact":
+            shutil.rmtree(Path(entry.payload["path"]).parent, ignore_errors=True)
+
+
+def replay_outbox(
+    outbox: Outbox,
+    client: MlflowClient,
+    *,
+    blocking: bool = True,
+    progress: Callable[[JournalEntry], None] | None = None,
+) -> ReplayReport:
+    """Sends ``outbox``'s pending entries in order with ``client`` (see :func:`replay`)."""
+    report = ReplayReport()
+    with outbox.replay_lock(blocking) as locked:
+        if not locked:
+            report.error = "another process is replaying this outbox"
+        else:
+            try:
+                _replay_entries(outbox, client, report, progress)
+            except Exception as error:  # the server went away again: the rest stays pending
+                report.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    report.pending = outbox.count(PENDING, SENT)
+    report.failed = outbox.failures()
+    report.runs = outbox.placeholders()
+    return report
+
+
+def replay(
+    folder: str | os.PathLike,
+    tracking_uri: str | None = None,
+    *,
+    progress: Callable[[JournalEntry], None] | None = None,
+) -> ReplayReport:
+    """Replays the outbox in ``folder`` to its tracking server, in order, exactly once.
+
+    Safe to call at any time and from any process of the node (one replays at a time; others
+    wait): after a crash, by ``tune/search.py --sync``, at the end of a trial or of the search.
+
+    Args:
+        folder: the outbox folder.
+        tracking_uri: the server; None uses the one the outbox was made for (a different one
+            raises ValueError).
+        progress: called with each entry after the server accepted it and before it is marked
+            done (progress display; an exception raised there stops the replay like a crash).
+    """
+    outbox = Outbox(folder, tracking_uri)
+    try:
+        return replay_outbox(
+            outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress
+        )
+    finally:
+        outbox.close()
+
+
+# --- the client the search uses -------------------------------------------------------------------
+
+
+def _finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        number = float(value) if isinstance(value, bool | int | float) else None
+        if number is not None and math.isfinite(number):
+            out[str(key)] = number
+    return out
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DurableMlflow:
+    """A never-raising MLflow client that journals what it cannot send (see the module docstring).
+
+    Each call: if the server was unreachable less than ``retry_after`` seconds ago, it is
+    journaled at once (no waiting on a dead server); otherwise the backlog is replayed first and,
+    once nothing is pending, the call is sent; if that fails because the server is unreachable it
+    is journaled. Run ids handed out while the server is down are placeholders that every method
+    accepts. Picklable: the copy re-opens the outbox in its process.
+
+    Args:
+        tracking_uri: the MLflow tracking URI (no credentials in it).
+        outbox_dir: the outbox folder, on a local disk of this node.
+        retry_after: seconds to journal without trying after the server was found unreachable.
+
+    MLflow's HTTP client retries a failing request for up to about two minutes by default; a
+    trial process that must not stall that long should set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` low in its environment (e.g. 1 and 10).
+    """
+
+    def __init__(
+        self, tracking_uri: str, outbox_dir: str | os.PathLike, retry_after: float = 30.0
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.outbox_dir = str(Path(outbox_dir).expanduser().resolve())
+        self.retry_after = retry_after
+        #: calls journaled by this object (description → count), for the summary.
+        self.journaled: dict[str, int] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._outbox: Outbox | None = None
+        self._client: MlflowClient | None = None
+        self._pid = os.getpid()
+        self._down_since: float | None = None
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("tracking_uri", "outbox_dir", "retry_after", "journaled")
+        return {key: self.__dict__[key] for key in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def outbox(self) -> Outbox:
+        """This process's handle on the outbox (re-opened after a fork or unpickling)."""
+        if self._outbox is None or self._pid != os.getpid():
+            self._outbox = Outbox(self.outbox_dir, self.tracking_uri)
+            self._pid = os.getpid()
+        return self._outbox
+
+    @property
+    def client(self) -> MlflowClient:
+        """The underlying ``MlflowClient``."""
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def available(self) -> bool:
+        """False while calls are journaled without trying, after the server was unreachable."""
+        return self._down_since is None or time.monotonic() - self._down_since >= self.retry_after
+
+    def pending(self) -> int:
+        """Entries of the outbox not yet on the server (of every process using it)."""
+        return self._guard("count the outbox", lambda: self.outbox.count(PENDING, SENT), default=-1)
+
+    def _guard(self, what: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        """``fn()``, or ``default`` and an error log if the outbox itself fails (full disk...)."""
+        try:
+            return fn()
+        except Exception:
+            logger.exception("MLflow outbox %s: could not %s", self.outbox_dir, what)
+            return default
+
+    def _went_down(self, what: str, error: BaseException | str) -> None:
+        if self._down_since is None:
+            logger.warning(
+                "MLflow at %s unreachable (%s); calls are kept in %s and sent when it is back (from: %s)",
+                self.tracking_uri, str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
+                self.outbox_dir, what,
+            )  # fmt: skip
+        self._down_since = time.monotonic()
+
+    def flush(self) -> ReplayReport:
+        """Replays the backlog now (e.g. at the end of a trial); never raises."""
+        with self._lock:
+            report = self._guard(
+                "replay", lambda: replay_outbox(self.outbox, self.client, blocking=True)
+            )
+            if report is None:
+                return ReplayReport(error="the outbox could not be read", pending=-1)
+            if report.error and report.pending:
+                self._went_down("replay", report.error)
+            elif not report.pending:
+                self._down_since = None
+            return report
+
+    def _backlog_cleared(self) -> bool:
+        if self.outbox.count(PENDING, SENT) == 0:
+            return True
+        report = replay_outbox(self.outbox, self.client, blocking=False)
+        if report.replayed:
+            logger.warning("MLflow at %s is back: %s", self.tracking_uri, report.summary())
+        if report.pending and report.error and "another process" not in report.error:
+            self._went_down("replay", report.error)
+        return report.pending == 0
+
+    def _submit(
+        self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]
+    ) -> str | None:
+        """Sends or journals one call; returns the run id (or placeholder) of ``create_run``."""
+        with self._lock:
+            if self.available and self._backlog_cleared():
+                run_id = None if op == "create_run" else self.outbox.resolve(run_ref)
+                if op == "create_run" or run_id is not None:
+                    try:
+                        created = _send(self.client, op, run_id, payload)
+                        self._down_since = None
+                        return created
+                    except _Rejected as rejected:
+                        logger.warning("MLflow refused %s: %s", what, rejected)
+                        self.outbox.append(
+                            op, run_ref, payload, state=FAILED, error=str(rejected)[:4000]
+                        )
+                        return None
+                    except Exception as error:
+                        self._went_down(what, error)
+            return self._journal(what, op, run_ref, payload)
+
+    def _journal(
+        self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]
+    ) -> str | None:
+        if op == "create_run":
+            run_ref = self.outbox.new_placeholder()
+        if op == "log_artifact":
+            payload = {**payload, "path": self.outbox.keep_file(payload["path"])}
+        self.outbox.append(op, run_ref, payload)
+        self.journaled[what.split(" ")[0]] = self.journaled.get(what.split(" ")[0], 0) + 1
+        return run_ref if op == "create_run" else None
+
+    def _call(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
+        return self._guard(f"record {what}", lambda: self._submit(what, op, run_ref, payload))
+
+    # --- conveniences (those of SafeMlflow) -----------------------------------------------------
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read (``fn(client, ...)``, e.g. ``search_runs``): not journaled; None on failure."""
+        try:
+            return fn(self.client, *args, **kwargs)
+        except Exception as error:
+            logger.warning(
+                "MLflow at %s: %s failed (%s)",
+                self.tracking_uri,
+                what,
+                str(error).splitlines()[0][:300],
+            )
+            return None
+
+    def create_run(
+        self, experiment_id: str, run_name: str, tags: Mapping[str, str] | None = None
+    ) -> str | None:
+        """Creates a RUNNING run; returns its id, or a placeholder while the server is down."""
+        payload = {"experiment_id": str(experiment_id), "run_name": run_name,
+                   "tags": {str(k): str(v) for k, v in (tags or {}).items()}, "start_time": _now_ms()}  # fmt: skip
+        return self._call(f"create_run {run_name!r}", "create_run", None, payload)
+
+    def log_metrics(
+        self,
+        run_id: str | None,
+        metrics: Mapping[str, Any],
+        step: int,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """Logs the finite numeric entries of ``metrics`` at ``step`` (time: now, in ms)."""
+        values = _finite_metrics(metrics)
+        if not run_id or not values:
+            return
+        stamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
+        points = [[key, value, stamp, int(step)] for key, value in values.items()]
+        for start in range(0, len(points), METRICS_PER_BATCH):
+            part = points[start : start + METRICS_PER_BATCH]
+            self._call(
+                f"metrics ({len(part)} at step {step})", "log_batch", run_id, {"metrics": part}
+            )
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        """Logs params (values as text, cut to MLflow's 6000 characters)."""
+        self._log_pairs(run_id, "params", {str(k): str(v)[:6000] for k, v in params.items()})
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        """Sets tags (values as text, cut to 5000 characters)."""
+        self._log_pairs(run_id, "tags", {str(k): str(v)[:5000] for k, v in tags.items()})
+
+    def _log_pairs(self, run_id: str | None, kind: str, values: dict[str, str]) -> None:
+        pairs = [[k, v] for k, v in values.items()]
+        if not run_id or not pairs:
+            return
+        for start in range(0, len(pairs), PARAMS_PER_BATCH):
+            part = pairs[start : start + PARAMS_PER_BATCH]
+            self._call(f"{kind} {[p[0] for p in part]}", "log_batch", run_id, {kind: part})
+
+    def log_artifact(
+        self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None
+    ) -> None:
+        """Uploads one file (journaled as a copy, so the source may go away)."""
+        if not run_id:
+            return
+        if not Path(path).is_file():
+            logger.warning("MLflow artifact %s not logged: no such file", path)
+            return
+        self._call(f"artifact {Path(path).name}", "log_artifact", run_id,
+                   {"path": str(path), "artifact_path": artifact_path})  # fmt: skip
+
+    def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
+        """Uploads ``text`` as the artifact ``artifact_file``."""
+        if run_id:
+            self._call(
+                f"artifact {artifact_file}",
+                "log_text",
+                run_id,
+                {"text": text, "artifact_file": artifact_file},
+            )
+
+    def terminate(self, run_id: str | None, status: str) -> None:
+        """Closes a run with ``status`` (FINISHED, FAILED or KILLED), at the time of this call."""
+        if run_id:
+            self._call(
+                f"status {status}",
+                "set_terminated",
+                run_id,
+                {"status": status, "end_time": _now_ms()},
+            )
+
+    def warn_pending(self, context: str) -> int:
+        """Flushes, then one warning if anything is still pending; returns the pending count."""
+        report = self.flush()
+        if report.pending or report.failed:
+            logger.warning(
+                "%s: %s. Replay later with the outbox %s",
+                context,
+                report.summary(),
+                self.outbox_dir,
+            )
+        return report.pending
