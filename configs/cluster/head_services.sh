@@ -5,6 +5,7 @@
 #   configs/cluster/head_services.sh start    # idempotent: starts what is not running
 #   configs/cluster/head_services.sh stop
 #   configs/cluster/head_services.sh status   # exit 0 when both answer
+#   configs/cluster/head_services.sh start postgres   # or mlflow: one of them
 #
 # Settings, from the environment (credentials only from there, never from a file in the repo):
 #   PGPASSWORD              password of the database role (required; set on the first start)
@@ -104,6 +105,7 @@ mlflow_up() {
 
 start_mlflow() {
   mlflow_up && return 0
+  [[ -n "${PGPASSWORD:-}" ]] || fail "set PGPASSWORD (MLflow's backend store is database mlflow)"
   command -v mlflow >/dev/null || fail "mlflow not on PATH: activate the project's virtual environment"
   local app=()
   [[ -z "${EQLV2_MLFLOW_APP:-}" ]] || app=(--app-name "$EQLV2_MLFLOW_APP")
@@ -122,7 +124,7 @@ start_mlflow() {
   fail "the MLflow server did not come up on $BIND:$MLFLOW_PORT (log: $DIR/mlflow.log)"
 }
 
-stop_all() {
+stop_mlflow() {
   if [[ -f "$DIR/mlflow.pid" ]]; then
     local group
     group="$(cat "$DIR/mlflow.pid")"
@@ -131,15 +133,22 @@ stop_all() {
     kill -9 -- "-$group" 2>/dev/null || true
     rm -f "$DIR/mlflow.pid"
   fi
+}
+
+stop_postgres() {
   if [[ -f "$PGDATA/PG_VERSION" ]] && pg_running; then
     as_pg "$PG_BIN/pg_ctl" stop -D "$PGDATA" -m fast -w -t 60 >/dev/null
   fi
 }
 
-case "${1:-}" in
-  start) start_postgres; start_mlflow
-         echo "PostgreSQL on $BIND:$PG_PORT (databases optuna, mlflow), MLflow on http://$BIND:$MLFLOW_PORT" ;;
-  stop) stop_all ;;
-  status) pg_running && mlflow_up ;;
-  *) fail "usage: $0 start|stop|status" ;;
+case "${1:-} ${2:-all}" in
+  "start all") start_postgres; start_mlflow
+               echo "PostgreSQL on $BIND:$PG_PORT (databases optuna, mlflow), MLflow on http://$BIND:$MLFLOW_PORT" ;;
+  "start postgres") start_postgres; echo "PostgreSQL on $BIND:$PG_PORT (databases optuna, mlflow)" ;;
+  "start mlflow") start_mlflow; echo "MLflow on http://$BIND:$MLFLOW_PORT" ;;
+  "stop all") stop_mlflow; stop_postgres ;;
+  "stop postgres") stop_postgres ;;
+  "stop mlflow") stop_mlflow ;;
+  "status all") pg_running && mlflow_up ;;
+  *) fail "usage: $0 start|stop|status [all|postgres|mlflow]" ;;
 esac
