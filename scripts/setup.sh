@@ -23,9 +23,10 @@ inputs_digest() {
 }
 
 # System packages of the cluster tests: PostgreSQL (the Optuna study and MLflow's backend store),
-# an SSH server and rsync (`ray up` with the local provider). Checked on every run (cheap); apt-get
-# runs only when one is missing. Services are not started: the tests start their own, on loopback.
-SYSTEM_PACKAGES=(postgresql openssh-server rsync)
+# an SSH server, rsync and netcat (`ray up` with the local provider). Checked on every run
+# (cheap); apt-get runs only when one is missing. No service is started: the tests start their
+# own, on loopback.
+SYSTEM_PACKAGES=(postgresql openssh-server rsync netcat-openbsd)
 missing_system_packages() {
   local pkg
   for pkg in "${SYSTEM_PACKAGES[@]}"; do
