@@ -51,7 +51,7 @@ class PostgresServer:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
 
-def run_head_services(env: dict[str, str], *args: str, timeout: float = 300) -> None:
+def run_head_services(env: dict[str, str], *args: str, timeout: float = 420) -> None:
     """``head_services.sh ARGS`` with ``env``; fails the test with the script's output."""
     proc = subprocess.run(
         ["bash", str(HEAD_SERVICES), *args], env=env, capture_output=True, text=True, timeout=timeout

@@ -115,7 +115,8 @@ start_mlflow() {
     --artifacts-destination "$ARTIFACTS" --host "$BIND" --port "$MLFLOW_PORT" --workers 1 \
     >"$DIR/mlflow.log" 2>&1 </dev/null &
   echo $! >"$DIR/mlflow.pid"
-  for _ in $(seq 120); do
+  local deadline=$((SECONDS + ${EQLV2_MLFLOW_START_TIMEOUT:-300}))
+  while (( SECONDS < deadline )); do
     mlflow_up && return 0
     kill -0 "$(cat "$DIR/mlflow.pid")" 2>/dev/null || break
     sleep 1
