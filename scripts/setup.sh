@@ -22,6 +22,44 @@ inputs_digest() {
       "$ROOT"/requirements/*.txt | sha256sum | cut -d' ' -f1
 }
 
+# System packages of the cluster tests: PostgreSQL (the Optuna study and MLflow's backend store),
+# an SSH server, rsync and netcat (`ray up` with the local provider). Checked on every run
+# (cheap); apt-get runs only when one is missing. No service is started: the tests start their
+# own, on loopback.
+SYSTEM_PACKAGES=(postgresql openssh-server rsync netcat-openbsd)
+missing_system_packages() {
+  local pkg
+  for pkg in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
+  done
+}
+
+install_system_packages() (
+  local missing=("$@") guard=""
+  if [[ "$(id -u)" != 0 ]]; then
+    echo "[setup] WARNING: not root, skipping apt-get install ${missing[*]} (the PostgreSQL and" \
+         "ray-up tests will be skipped; run 'sudo apt-get install ${missing[*]}')" >&2
+    return 0
+  fi
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    # Debian starts a package's service on install (sshd on every interface): refuse that for
+    # the time of this install only.
+    guard=/usr/sbin/policy-rc.d
+    trap 'rm -f "$guard"' EXIT
+    printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod 755 "$guard"
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+)
+
+if command -v dpkg-query >/dev/null; then
+  mapfile -t MISSING < <(missing_system_packages)
+  if (( ${#MISSING[@]} )); then
+    step "install system packages: ${MISSING[*]} (apt-get)"
+    install_system_packages "${MISSING[@]}"
+  fi
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(inputs_digest)" && -x "$VENV/bin/python" ]]; then
   echo "[setup] $VENV is up to date (delete $STAMP to force a reinstall)"
   exit 0
