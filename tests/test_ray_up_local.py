@@ -224,5 +224,7 @@ def test_ray_up_submit_down_on_a_loopback_head(ssh_head, tmp_path):
         down = ray("down", "-y", "--log-style", "record", str(config_file), timeout=300)
         leftovers = kill_processes_mentioning(f"/tmp/eqlv2-rayup-{gcs_port}")
         shutil.rmtree(f"/tmp/eqlv2-rayup-{gcs_port}", ignore_errors=True)
+        for suffix in ("state", "lock"):  # the local provider's record of the cluster
+            Path(f"/tmp/ray/cluster-{config['cluster_name']}.{suffix}").unlink(missing_ok=True)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     assert not leftovers, f"ray down left Ray processes running: {leftovers}"
