@@ -24,17 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_SERVICES = ROOT / "configs/cluster/head_services.sh"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -81,8 +74,8 @@ def postgres() -> Iterator[PostgresServer]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PGPASSWORD": secrets.token_urlsafe(16),
         "EQLV2_SERVICES_DIR": str(folder),
-        "EQLV2_PG_PORT": str(_free_port()),
-        "EQLV2_MLFLOW_PORT": str(_free_port()),
+        "EQLV2_PG_PORT": str(free_port()),
+        "EQLV2_MLFLOW_PORT": str(free_port()),
         "EQLV2_DB_USER": "eqlv2",
     }
     try:

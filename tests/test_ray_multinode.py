@@ -1,4 +1,5 @@
-"""Ray Train across two nodes: a ``ray.cluster_utils.Cluster`` of two 1-CPU nodes, STRICT_SPREAD.
+"""Ray Train across two nodes: a ``ray.cluster_utils.Cluster`` of two 1-CPU nodes, STRICT_SPREAD;
+and a search submitted with ``ray job submit`` to two nodes started with ``ray start``.
 
 Both nodes run on this machine, as two raylets of one cluster. Ray places the two workers on
 different nodes, and the EQL v2 all-reduce and DDP go between them. Ray ranks nodes by IP
@@ -10,6 +11,9 @@ distinct, unequally filled node ranks are tested without Ray in ``test_local_pro
 from __future__ import annotations
 
 import functools
+import os
+import re
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -66,3 +70,37 @@ def test_two_workers_on_two_nodes_share_the_statistics(two_node_cluster, tmp_pat
         assert torch.equal(rank0["end"][key], rank1["end"][key])
     assert rank0["end"]["num_updates"] == max_iter
     assert rank0["end"]["neg_grad"].sum() > 0
+
+
+# --------------------------------------------------------------------------- ray start + ray job submit
+@pytest.mark.slow
+def test_search_submitted_as_a_job_to_a_two_node_ray_start_cluster(tmp_path):
+    """``ray start --head``, ``ray start --address ...`` and ``ray job submit --working-dir . --
+    python tune/search.py --ray-address auto ...``: the job succeeds, its status and logs read
+    back, and the trial's two Ray Train workers fill both one-CPU nodes."""
+    from cluster_fixtures import ray_start_cluster
+    from ray_fixtures import ROOT
+
+    runs = tmp_path / "runs"
+    datasets = {"EQLV2_SYNTHETIC_ROOT": os.environ.get("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets/eqlv2_synthetic"))}
+    with ray_start_cluster(num_workers=1, cpus_per_node=1, env=datasets) as cluster:
+        submission_id = f"search-{os.getpid()}"
+        submitted = cluster.ray(
+            "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
+            "--working-dir", str(ROOT), "--", sys.executable, "tune/search.py", "--ray-address", "auto",
+            "--smoke", "--num-trials", "1", "--workers-per-trial", "2", "--results-dir", str(runs),
+            "--name", "two_nodes",
+            timeout=900,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        status = cluster.ray("job", "status", "--address", cluster.dashboard_url, submission_id)
+        assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+        logs = cluster.ray("job", "logs", "--address", cluster.dashboard_url, submission_id).stdout
+        assert re.search(r"^\| 1 +\| .* \| complete", logs, re.M), logs[-3000:]
+        assert "2 Ray Train worker(s) per trial" in logs, logs[-3000:]
+
+    optuna = pytest.importorskip("optuna")
+    (summary,) = optuna.get_all_study_summaries(storage=f"sqlite:///{runs}/optuna.db")
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{runs}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert (runs / "ray_results/two_nodes").is_dir()
