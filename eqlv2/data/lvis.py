@@ -264,14 +264,26 @@ def validate_lvis_dict(data: Any, path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     require_keys(path, data, ["images", "annotations", "categories"], "top level")
     category_ids = {c["id"] for c in _sorted_categories(data, path)}
-    images: dict[Any, dict] = {}
-    if not isinstance(data["images"], list):
+    images = _validated_images(data["images"], path, category_ids)
+    if not isinstance(data["annotations"], list):
+        raise DatasetFormatError(path, "'annotations' must be a list")
+    ann_ids: set[Any] = set()
+    empty = 0
+    for index, anno in enumerate(data["annotations"]):
+        if not _check_annotation(anno, index, path, images, category_ids, ann_ids):
+            empty += 1
+    return {"category_ids": sorted(category_ids), "num_empty_boxes": empty}
+
+
+def _validated_images(images: Any, path: str, category_ids: set[int]) -> dict[Any, dict]:
+    """``{image id: image}`` of the ``images`` list, each entry checked."""
+    if not isinstance(images, list):
         raise DatasetFormatError(path, "'images' must be a list")
-    for index, image in enumerate(data["images"]):
+    by_id: dict[Any, dict] = {}
+    for index, image in enumerate(images):
         require_keys(path, image, ["id", "height", "width"], f"images[{index}]")
-        image_id = image["id"]
-        where = f"image id {image_id}"
-        if image_id in images:
+        where = f"image id {image['id']}"
+        if image["id"] in by_id:
             raise DatasetFormatError(path, f"{where}: duplicate image id")
         if not all(is_number(image[key]) and image[key] > 0 for key in ("height", "width")):
             raise DatasetFormatError(
@@ -292,40 +304,38 @@ def validate_lvis_dict(data: Any, path: str | os.PathLike) -> dict[str, Any]:
             )
             if unknown:
                 raise DatasetFormatError(path, f"{where}: {key} has unknown category ids {unknown}")
-        images[image_id] = image
+        by_id[image["id"]] = image
+    return by_id
 
-    if not isinstance(data["annotations"], list):
-        raise DatasetFormatError(path, "'annotations' must be a list")
-    ann_ids: set[Any] = set()
-    negatives = {
-        image_id: set(image.get("neg_category_ids", [])) for image_id, image in images.items()
-    }
-    empty = 0
-    for index, anno in enumerate(data["annotations"]):
-        require_keys(
+
+def _check_annotation(
+    anno: Any,
+    index: int,
+    path: str,
+    images: dict[Any, dict],
+    category_ids: set[int],
+    ann_ids: set[Any],
+) -> bool:
+    """Check one annotation (adding its id to ``ann_ids``); False when its box is empty."""
+    keys = ["id", "image_id", "category_id", "bbox", "segmentation"]
+    require_keys(path, anno, keys, f"annotations[{index}]")
+    where = f"annotation id {anno['id']} (image {anno['image_id']})"
+    if anno["id"] in ann_ids:
+        raise DatasetFormatError(path, f"{where}: duplicate annotation id")
+    ann_ids.add(anno["id"])
+    image = images.get(anno["image_id"])
+    if image is None:
+        raise DatasetFormatError(path, f"{where}: unknown image id {anno['image_id']!r}")
+    if anno["category_id"] not in category_ids:
+        raise DatasetFormatError(path, f"{where}: unknown category id {anno['category_id']!r}")
+    if anno["category_id"] in image.get("neg_category_ids", []):
+        raise DatasetFormatError(
             path,
-            anno,
-            ["id", "image_id", "category_id", "bbox", "segmentation"],
-            f"annotations[{index}]",
+            f"{where}: category {anno['category_id']} is listed in the image's neg_category_ids",
         )
-        where = f"annotation id {anno['id']} (image {anno['image_id']})"
-        if anno["id"] in ann_ids:
-            raise DatasetFormatError(path, f"{where}: duplicate annotation id")
-        ann_ids.add(anno["id"])
-        image = images.get(anno["image_id"])
-        if image is None:
-            raise DatasetFormatError(path, f"{where}: unknown image id {anno['image_id']!r}")
-        if anno["category_id"] not in category_ids:
-            raise DatasetFormatError(path, f"{where}: unknown category id {anno['category_id']!r}")
-        if anno["category_id"] in negatives[anno["image_id"]]:
-            raise DatasetFormatError(
-                path,
-                f"{where}: category {anno['category_id']} is listed in the image's neg_category_ids",
-            )
-        if not check_xywh_box(path, anno["bbox"], image["width"], image["height"], where):
-            empty += 1
-        _check_polygons(path, anno["segmentation"], where)
-    return {"category_ids": sorted(category_ids), "num_empty_boxes": empty}
+    nonempty = check_xywh_box(path, anno["bbox"], image["width"], image["height"], where)
+    _check_polygons(path, anno["segmentation"], where)
+    return nonempty
 
 
 def _image_path(image_root: str, image: dict) -> str:

@@ -5,7 +5,8 @@ it evaluates, which may be hours later. :func:`check_dataset_files` looks at the
 dataset in ``DATASETS.TRAIN`` and ``DATASETS.TEST`` first, so that a truncated
 ``lvis_v1_val.json`` is named before the first iteration:
 
-* test files are read in full, as the evaluator will read them: LVIS / COCO JSON parsed (with its
+* test files are read in full, as the evaluator will read them, by the main process (the others
+  check them cheaply, to spare each GPU process a parse): LVIS / COCO JSON parsed (with its
   ``images`` and ``categories``), OpenImages CSVs through their readers;
 * training files, which the trainer's loader parses and validates moments later, are checked
   cheaply: they exist, a JSON file starts and ends like a JSON document, a CSV has the needed
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
 
 from .openimages_files import (
     ClassHierarchy,
@@ -61,7 +63,8 @@ def check_dataset_files(cfg: Any) -> list[str]:
         for name in names:
             if name not in DatasetCatalog:
                 raise KeyError(f"{key}: dataset {name!r} is not registered")
-            checked += _check_dataset(name, full=key == "DATASETS.TEST")
+            full = key == "DATASETS.TEST" and comm.is_main_process()
+            checked += _check_dataset(name, full)
     logger.info("Checked %d dataset files before training", len(checked))
     return checked
 

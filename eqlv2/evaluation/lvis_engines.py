@@ -445,60 +445,72 @@ def _evaluate_group(
     gt = job.gt
     in_group = np.zeros(gt.num_categories, dtype=bool)
     in_group[group_cols] = True
-    segm = job.iou_type == "segm"
-
     # Ground truth and detections of the group, each sorted by (category, virtual image) with
     # a stable sort: within a pair, gt keep the file order and detections the score order.
     g_in = in_group[gt.ann_cols[g_sel]]
     g_idx, g_v = g_sel[g_in], g_virtual[g_in]
+    g_order, g_pair = _pair_order(gt, gt.ann_cols[g_idx], g_v)
+    g_idx, g_v = g_idx[g_order], g_v[g_order]
     g_cat = gt.category_ids[gt.ann_cols[g_idx]]
-    g_pair = g_cat * (gt.num_images + 1) + g_v
-    g_order = np.argsort(g_pair, kind="stable")
-    g_idx, g_v, g_cat, g_pair = g_idx[g_order], g_v[g_order], g_cat[g_order], g_pair[g_order]
-
     d_in = in_group[job.cols[d_sel]]
     d_idx, d_v, d_mark = d_sel[d_in], d_virtual[d_in], d_not_exhaustive[d_in]
+    d_order, d_pair = _pair_order(gt, job.cols[d_idx], d_v)
+    d_idx, d_v, d_mark = d_idx[d_order], d_v[d_order], d_mark[d_order]
     d_cat = gt.category_ids[job.cols[d_idx]]
-    d_pair = d_cat * (gt.num_images + 1) + d_v
-    d_order = np.argsort(d_pair, kind="stable")
-    d_idx, d_v, d_mark, d_cat, d_pair = (
-        d_idx[d_order],
-        d_v[d_order],
-        d_mark[d_order],
-        d_cat[d_order],
-        d_pair[d_order],
-    )
 
     gt_anns = [
         {"id": i, "image_id": v, "category_id": c, "area": a, "ignore": 0, "iscrowd": 0}
         for i, v, c, a in zip(
-            gt.ann_ids[g_idx].tolist(),
-            g_v.tolist(),
-            g_cat.tolist(),
-            gt.ann_areas[g_idx].tolist(),
-            strict=True,
+            gt.ann_ids[g_idx].tolist(), g_v.tolist(), g_cat.tolist(),
+            gt.ann_areas[g_idx].tolist(), strict=True,
         )
-    ]
+    ]  # fmt: skip
     dt_anns = [
         {"id": i, "image_id": v, "category_id": c, "score": s, "area": a, "lvis_mark": m}
         for i, v, c, s, a, m in zip(
-            job.ids[d_idx].tolist(),
-            d_v.tolist(),
-            d_cat.tolist(),
-            job.scores[d_idx].tolist(),
-            job.areas[d_idx].tolist(),
-            d_mark.tolist(),
-            strict=True,
+            job.ids[d_idx].tolist(), d_v.tolist(), d_cat.tolist(), job.scores[d_idx].tolist(),
+            job.areas[d_idx].tolist(), d_mark.tolist(), strict=True,
         )
-    ]
+    ]  # fmt: skip
+    ious = _pair_ious(job, g_idx, g_v, g_cat, g_pair, d_idx, d_pair)
+    num_virtual = int(max(g_v.max(initial=0), d_v.max(initial=0)))
+    coco_eval = _PreparedCOCOeval(
+        gt_anns, dt_anns, ious, job.iou_type, gt.category_ids[group_cols].tolist(),
+        num_virtual, job.max_dets,
+    )  # fmt: skip
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    # eval["precision"]: (T, R, K, A, M), K in ascending category id order, as group_cols.
+    return coco_eval.eval["precision"][..., -1], coco_eval.eval["recall"][..., -1]
 
-    # IoU (detections x ground truth) of every pair that has both, as COCOeval computes it.
+
+def _pair_order(
+    gt: _GroundTruthIndex, cols: np.ndarray, virtual: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stable sort order of rows by (category id, virtual image), and their sorted keys."""
+    keys = gt.category_ids[cols] * (gt.num_images + 1) + virtual
+    order = np.argsort(keys, kind="stable")
+    return order, keys[order]
+
+
+def _pair_ious(
+    job: _Job,
+    g_idx: np.ndarray,
+    g_v: np.ndarray,
+    g_cat: np.ndarray,
+    g_pair: np.ndarray,
+    d_idx: np.ndarray,
+    d_pair: np.ndarray,
+) -> dict[tuple[int, int], np.ndarray]:
+    """IoU (detections x ground truth) of every (virtual image, category) pair that has both,
+    as COCOeval computes it."""
     g_slices, d_slices = _pair_slices(g_pair), _pair_slices(d_pair)
-    ious: dict[tuple[int, int], np.ndarray] = {}
+    segm = job.iou_type == "segm"
     if segm:
-        gt_rles, dt_rles = gt.ann_rles(), job.masks
+        gt_rles, dt_rles = job.gt.ann_rles(), job.masks
     else:
-        g_boxes, d_boxes = gt.ann_boxes[g_idx], job.boxes[d_idx]
+        g_boxes, d_boxes = job.gt.ann_boxes[g_idx], job.boxes[d_idx]
+    ious: dict[tuple[int, int], np.ndarray] = {}
     for key, gs in g_slices.items():
         ds = d_slices.get(key)
         if ds is None:
@@ -511,21 +523,7 @@ def _evaluate_group(
             ious[pair] = mask_api.iou(dt_m, gt_m, crowd)
         else:
             ious[pair] = mask_api.iou(d_boxes[ds], g_boxes[gs], crowd)
-
-    num_virtual = int(max(g_v.max(initial=0), d_v.max(initial=0)))
-    coco_eval = _PreparedCOCOeval(
-        gt_anns,
-        dt_anns,
-        ious,
-        job.iou_type,
-        gt.category_ids[group_cols].tolist(),
-        num_virtual,
-        job.max_dets,
-    )
-    coco_eval.evaluate()
-    coco_eval.accumulate()
-    # eval["precision"]: (T, R, K, A, M), K in ascending category id order, as group_cols.
-    return coco_eval.eval["precision"][..., -1], coco_eval.eval["recall"][..., -1]
+    return ious
 
 
 def _split_categories(costs: np.ndarray, cols: np.ndarray, parts: int) -> list[np.ndarray]:
