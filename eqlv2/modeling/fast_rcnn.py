@@ -42,8 +42,9 @@ class EQLv2FastRCNNOutputLayers(FastRCNNOutputLayers):
         """
         Args:
             input_shape: shape of the per-region features.
-            classification_loss: maps ``(R, C+1)`` logits and ``(R,)`` labels to a scalar loss and
-                ``(R, C+1)`` logits to ``(R, C)`` test-time probabilities.
+            classification_loss: maps ``(R, K)`` logits and ``(R,)`` labels to a scalar loss and
+                ``(R, K)`` logits to ``(R, C)`` test-time probabilities; the classifier gets
+                ``K = classification_loss.num_logits`` outputs.
             prior_prob: if given, the classification biases start so that every category's
                 probability is ``p`` (``-log((1-p)/p)`` for a sigmoid classifier).
             kwargs: the arguments of :class:`FastRCNNOutputLayers`.
