@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlflow_server import MlflowServer, free_port  # isort: skip (before mlflow: switches its telemetry off)
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
 from eqlv2.search.mlflow_outbox import (
@@ -209,13 +210,18 @@ def test_dead_server_journals_and_pickled_copy_shares_the_outbox(tmp_path, fast_
     copy.log_metrics(run, {"AP": 1.0}, step=1)
     mlflow.log_metrics(run, {"AP": float("inf")}, step=2)  # not finite: nothing to log
     copy.terminate(run, "FAILED")
-    assert pending_count(tmp_path / "outbox") == 3 == mlflow.pending()
+    figure = Figure()
+    figure.subplots().plot([0, 1], [1, 0])
+    copy.log_figure(run, figure, "plots/ratio.png")
+    (kept,) = (tmp_path / "outbox" / "blobs").glob("*/ratio.png")
+    assert kept.read_bytes().startswith(b"\x89PNG")
+    assert pending_count(tmp_path / "outbox") == 4 == mlflow.pending()
     outbox = Outbox(tmp_path / "outbox")
     # the first call was tried: the server may have taken it, so its replay checks before resending
-    assert outbox.next_entry().state == "sent" and outbox.count("pending") == 2
+    assert outbox.next_entry().state == "sent" and outbox.count("pending") == 3
     assert pending_count(tmp_path / "nothing") == 0
     report = mlflow.flush()
-    assert report.pending == 3 and report.replayed == {} and "MlflowException" in report.error
+    assert report.pending == 4 and report.replayed == {} and "MlflowException" in report.error
 
 
 def test_outbox_belongs_to_one_tracking_uri(tmp_path):

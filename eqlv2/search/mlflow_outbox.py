@@ -56,6 +56,7 @@ import math
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -794,6 +795,20 @@ class DurableMlflow:
                 run_id,
                 {"text": text, "artifact_file": artifact_file},
             )
+
+    def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
+        """Uploads a matplotlib figure as the image ``artifact_file`` (e.g. ``plots/ratio.png``)."""
+        if not run_id:
+            return
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            try:
+                figure.savefig(path)
+            except Exception as error:
+                logger.warning("MLflow figure %s not logged: %s", artifact_file, error)
+                return
+            self.log_artifact(run_id, path, folder or None)
 
     def terminate(self, run_id: str | None, status: str) -> None:
         """Closes a run with ``status`` (FINISHED, FAILED or KILLED), at the time of this call."""
