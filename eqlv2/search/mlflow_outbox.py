@@ -19,13 +19,15 @@ gives atomic, ordered (``INTEGER PRIMARY KEY AUTOINCREMENT``), durable (``journa
 file would need a second progress file, its own locking and torn-line recovery.
 
 Exactly once. Every entry is marked *sent* (committed) before its call goes out and *done*
-(committed, in the same transaction as the placeholder's real run id) after it returns. An entry
-found *sent* when a replay starts was interrupted between the two marks, and the server may
-already hold it; it is sent again only after checking:
+(committed, in the same transaction as the placeholder's real run id) after it returns; a call
+that :class:`DurableMlflow` tried to send at once and that failed on the way (a timeout, a
+connection reset) is journaled *sent* too. The server may already hold a *sent* entry, so it is
+sent again only after checking:
 
-* ``create_run``: every run created from the outbox carries the tag :data:`OUTBOX_RUN_TAG` =
-  placeholder id; an existing run with it is reused;
-* metrics: points already in the run's history (same key, step, timestamp and value) are dropped;
+* ``create_run``: every run :class:`DurableMlflow` creates carries the tag
+  :data:`OUTBOX_RUN_TAG` = its placeholder id; an existing run with it is reused;
+* metrics: points already in the run's history (same key, step, timestamp and value) are dropped
+  (MLflow's SQL store also drops exact duplicates itself; its file store does not);
   params already set to the same value are dropped;
 * tags, artifacts, ``log_text`` and ``set_terminated`` (with its recorded end time) overwrite with
   the same value, so sending them again changes nothing.
@@ -54,6 +56,7 @@ import math
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -245,6 +248,11 @@ class Outbox:
             if placeholder and run_id:
                 db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (placeholder, run_id))
 
+    def map_placeholder(self, placeholder: str, run_id: str) -> None:
+        """Records the real run id of ``placeholder`` (a run created at once)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (placeholder, run_id))
+
     # -- reading -------------------------------------------------------------------------------
 
     def resolve(self, run_ref: str | None) -> str | None:
@@ -353,8 +361,11 @@ def _drop_already_logged(
     }
 
 
-def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str | None) -> str:
-    if placeholder:
+def _create_run(
+    client: MlflowClient, payload: dict[str, Any], placeholder: str | None, lookup: bool
+) -> str:
+    """Creates the run tagged with its placeholder; with ``lookup``, reuses a run already tagged."""
+    if placeholder and lookup:
         found = client.search_runs(
             [payload["experiment_id"]],
             filter_string=f"tags.`{OUTBOX_RUN_TAG}` = '{placeholder}'",
@@ -391,7 +402,7 @@ def _send(
     """
     try:
         if op == "create_run":
-            return _create_run(client, payload, placeholder)
+            return _create_run(client, payload, placeholder, lookup=resent)
         if run_id is None:
             raise _Rejected("its run was never created (the create_run entry failed)")
         if op == "log_batch":
@@ -664,15 +675,20 @@ class DurableMlflow:
     def _submit(
         self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]
     ) -> str | None:
-        """Sends or journals one call; returns the run id (or placeholder) of ``create_run``."""
+        """Sends or journals one call; returns the run id (or placeholder) of ``create_run``.
+
+        A run is created with its placeholder as tag even when sent at once, and a call that
+        fails on the way is journaled as *sent*: the server may have done it before the
+        connection broke (a timeout), so its replay checks first (see the module docstring).
+        """
         with self._lock:
+            if op == "create_run":
+                run_ref = self.outbox.new_placeholder()
             if self.available and self._backlog_cleared():
                 run_id = None if op == "create_run" else self.outbox.resolve(run_ref)
                 if op == "create_run" or run_id is not None:
                     try:
-                        created = _send(self.client, op, run_id, payload)
-                        self._down_since = None
-                        return created
+                        created = _send(self.client, op, run_id, payload, placeholder=run_ref)
                     except _Rejected as rejected:
                         logger.warning("MLflow refused %s: %s", what, rejected)
                         self.outbox.append(
@@ -681,16 +697,19 @@ class DurableMlflow:
                         return None
                     except Exception as error:
                         self._went_down(what, error)
+                        return self._journal(what, op, run_ref, payload, state=SENT)
+                    self._down_since = None
+                    if created is not None:
+                        self.outbox.map_placeholder(run_ref, created)
+                    return created
             return self._journal(what, op, run_ref, payload)
 
     def _journal(
-        self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]
+        self, what: str, op: str, run_ref: str | None, payload: dict[str, Any], state: str = PENDING
     ) -> str | None:
-        if op == "create_run":
-            run_ref = self.outbox.new_placeholder()
         if op == "log_artifact":
             payload = {**payload, "path": self.outbox.keep_file(payload["path"])}
-        self.outbox.append(op, run_ref, payload)
+        self.outbox.append(op, run_ref, payload, state=state)
         self.journaled[what.split(" ")[0]] = self.journaled.get(what.split(" ")[0], 0) + 1
         return run_ref if op == "create_run" else None
 
@@ -776,6 +795,20 @@ class DurableMlflow:
                 run_id,
                 {"text": text, "artifact_file": artifact_file},
             )
+
+    def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
+        """Uploads a matplotlib figure as the image ``artifact_file`` (e.g. ``plots/ratio.png``)."""
+        if not run_id:
+            return
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            try:
+                figure.savefig(path)
+            except Exception as error:
+                logger.warning("MLflow figure %s not logged: %s", artifact_file, error)
+                return
+            self.log_artifact(run_id, path, folder or None)
 
     def terminate(self, run_id: str | None, status: str) -> None:
         """Closes a run with ``status`` (FINISHED, FAILED or KILLED), at the time of this call."""
