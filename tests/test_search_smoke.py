@@ -15,8 +15,10 @@ The three trials are the search space's seed points, chosen so that each outcome
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +49,16 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The offline benchmark where the project keeps it (generated once, shared by the tests).
     env.setdefault("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
-    return subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tune/search.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:  # on a timeout too: the search's session (its Ray cluster included) goes with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

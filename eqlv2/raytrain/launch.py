@@ -167,10 +167,8 @@ def build_torch_trainer(
     worker) are picklable ``(cfg, trainer) -> HookBase`` factories.
 
     Raises:
-        FileNotFoundError: the config file does not exist.
-        ValueError: bad arguments or overrides; ``UnknownDatasetError`` (unregistered datasets)
-            and ``InsufficientResourcesError`` (cluster too small) of :mod:`eqlv2.raytrain.checks`.
-        ConnectionError: ``ClusterConnectionError``, ``RAY_ADDRESS`` does not answer.
+        FileNotFoundError, ValueError, ConnectionError: a missing config; bad arguments,
+            overrides, datasets or resources; an unreachable ``RAY_ADDRESS`` (see ``checks``).
     """
     _check_arguments(num_workers, cpus_per_worker, max_failures, placement_strategy)
     opts = [str(option) for option in opts]

@@ -76,7 +76,7 @@ def category_table(dataset_name: str | None, num_classes: int) -> dict[str, list
     table: dict[str, Any] = {"names": [str(i) for i in range(num_classes)], "counts": [0.0] * num_classes, "groups": None}
     try:
         stats = category_statistics(dataset_name) if dataset_name else None
-    except (KeyError, ValueError, FileNotFoundError) as error:  # the plots go on without names
+    except (KeyError, ValueError, FileNotFoundError, AttributeError) as error:  # plots go on without names
         logger.warning("No category statistics for %s: %s", dataset_name, error)
         stats = None
     if stats is not None and len(stats.image_counts) == num_classes:
