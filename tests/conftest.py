@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# MLflow telemetry's background thread edits the environment while requests reads it (a rare KeyError).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 #: Categories of the hand-made dataset: (name, colour, image_count class) — 4 categories whose
 #: training image counts make one rare, two common and one frequent under thresholds scaled down.

@@ -60,6 +60,10 @@ def test_options_and_overrides_are_parsed():
         (["--multi-objective"], "at least two --datasets"),
         (["--search-space", "nowhere.yaml"], "search-space file not found"),
         (["SOLVER.NO_SUCH_KEY", "1"], "bad config or override"),
+        (["--metric", "AP+"], "--metric"),
+        (["--mlflow-uri", "http://user:s3cret@127.0.0.1:9/"], "MLFLOW_TRACKING_PASSWORD"),
+        (["--optuna-storage", "postgresql://eqlv2:s3cret@127.0.0.1:9/optuna"], "PGPASSWORD"),
+        (["--search-space", str(ROOT / "tests/data/negative_gamma_space.yaml")], "negative_gamma_space.yaml.*gamma"),
     ],
 )
 def test_bad_options_fail_before_anything_starts(tmp_path, monkeypatch, argv, message):
@@ -73,6 +77,18 @@ def test_bad_options_fail_before_anything_starts(tmp_path, monkeypatch, argv, me
     from eqlv2.search.driver import run_search
 
     options = _cli().options_from_args([*argv, "--results-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=message) as raised:
         run_search(options)
     assert not ray.is_initialized()
+    assert "s3cret" not in str(raised.value)  # a refused URL's password is not echoed back
+
+
+def test_results_folder_that_is_a_file_is_named(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune/search.py"), "--results-dir", str(blocker)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert str(blocker) in proc.stderr and "Traceback" not in proc.stderr

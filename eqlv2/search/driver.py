@@ -39,6 +39,7 @@ from ray.tune.search import ConcurrencyLimiter
 from eqlv2.engine import setup_cfg
 from eqlv2.raytrain.launch import pin_dataset_roots
 
+from .credentials import check_url_has_no_credentials
 from .mlflow_client import ui_command
 from .mlflow_driver import SearchTracking
 from .mlflow_worker import read_gradient_ratio
@@ -66,12 +67,12 @@ from .settings import (
     Objective,
     TrialSettings,
     dataset_specs,
-    parse_objective,
     repository_root,
 )
-from .space import SearchSpace, load_search_space
+from .space import SearchSpace
 from .stores import store_url
 from .trial import run_trial
+from .validation import load_checked_search_space, prepare_writable_dir, strict_objective
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def _configure_libraries() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter shows chosen columns
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a search
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
@@ -228,13 +230,20 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     """Checks the inputs and fixes locations and names (those of the search resumed, if so)."""
     results_dir = Path(options.results_dir).expanduser().resolve()
     storage_path = Path(options.storage_path).expanduser().resolve() if options.storage_path else results_dir / "ray_results"
-    storage_path.mkdir(parents=True, exist_ok=True)
+    try:
+        for flag, url in (("--mlflow-uri", options.mlflow_uri), ("--optuna-storage", options.optuna_storage)):
+            if url:
+                check_url_has_no_credentials(url, flag)
+        prepare_writable_dir(results_dir, "--results-dir")
+        prepare_writable_dir(storage_path, "--storage-path")
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     name = _search_name(options, storage_path)
     state = _read_json(storage_path / name / STATE_FILE) if options.resume else {}
     space_file = _space_path(options.search_space)
     try:
-        space = load_search_space(space_file)
-        objective = parse_objective(options.metric)
+        space = load_checked_search_space(space_file)
+        objective = strict_objective(options.metric)
         specs = dataset_specs(options.datasets, options.config_files)
         objective.check(specs)
     except (ValueError, FileNotFoundError) as error:

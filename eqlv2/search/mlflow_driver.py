@@ -27,6 +27,7 @@ from typing import Any
 from ray.tune import Callback
 
 from .mlflow_client import SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow, prepare_tracking_store
+from .mlflow_ui import tag_experiment_for_training
 from .plots import optuna_history_figure, optuna_importance_figure
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class SearchTracking(Callback):
             )  # fmt: skip
             return None
         mlflow = SafeMlflow(uri)
+        # MLflow's UI opens an experiment without a kind on its GenAI pages: mark it as training.
+        mlflow.call("tagging the experiment", lambda c: tag_experiment_for_training(c, experiment_id))
         if parent_run_id:
             mlflow.call("reopening the parent run", lambda c: c.update_run(parent_run_id, status="RUNNING"))
             close_stale_child_runs(mlflow, experiment_id, parent_run_id, "interrupted")
