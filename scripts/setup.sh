@@ -23,10 +23,10 @@ inputs_digest() {
 }
 
 # System packages of the cluster tests: PostgreSQL (the Optuna study and MLflow's backend store),
-# an SSH server, rsync, netcat and acl (`ray up` with the local provider). Checked on every run
-# (cheap); apt-get runs only when one is missing. No service is started: the tests start their
-# own, on loopback.
-SYSTEM_PACKAGES=(postgresql openssh-server rsync netcat-openbsd acl)
+# an SSH server, rsync, netcat and acl (`ray up` with the local provider), headless Chromium (the
+# MLflow UI test). Checked on every run (cheap); apt-get runs only when one is missing. No
+# service is started: the tests start their own, on loopback.
+SYSTEM_PACKAGES=(postgresql openssh-server rsync netcat-openbsd acl chromium)
 missing_system_packages() {
   local pkg
   for pkg in "${SYSTEM_PACKAGES[@]}"; do
