@@ -151,6 +151,7 @@ def _prepare_datasets(specs, opts: Sequence[str]) -> dict[str, tuple[int, int]]:
     from detectron2.data import DatasetCatalog
 
     from eqlv2.engine import setup_cfg
+    from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
 
     schedules = {}
     for spec in specs:
@@ -160,6 +161,7 @@ def _prepare_datasets(specs, opts: Sequence[str]) -> dict[str, tuple[int, int]]:
             count = len(DatasetCatalog.get(name))
             logger.info("Dataset %s: %d images (%.1f s)", name, count, time.perf_counter() - start)
         schedules[spec.name] = (int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
+        ensure_base_checkpoint(cfg)  # the config's base checkpoint, trained once before any trial
     return schedules
 
 

@@ -1,0 +1,113 @@
+"""Does the default trial learn? Sigmoid against EQL v2's paper point over seeds, on the default budget.
+
+Trains default search trials (``benchmarks/default_trial.py``: the tiny config, the default
+search space's ``trial_overrides``, Ray Train with 2 workers x 1 CPU, from the cached base
+checkpoint) with the plain sigmoid loss and with EQL v2 at the paper's point (gamma 12, mu 0.8,
+alpha 4), ``--seeds`` seeds each, and prints per loss the mean +- sample standard deviation over
+the seeds of
+
+* LVIS: box AP, APr, APc, APf and mask AP, APr, APc, APf (the LVIS protocol on
+  ``synthetic_lvis_val``);
+* OpenImages: AP@0.5 (the Challenge 2019 protocol on ``synthetic_openimages_val``).
+
+The targets of the benchmark (issue 8): on the default budget, EQL v2 at the paper's point
+reaches box AP >= 20 (OpenImages AP@0.5 >= 20) with APr, APc and APf each above 0. The sigmoid
+rows say whether the task is learnable at all; they are what the benchmark is calibrated on.
+
+Usage: ``python benchmarks/calibration.py [--datasets lvis,openimages] [--seeds 3] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_trial import (  # noqa: E402
+    CONFIGS,
+    PAPER_POINT,
+    SIGMOID,
+    fit_trial,
+    prepare,
+    trial_opts,
+    use_project_benchmark,
+)
+
+LOSSES = {"sigmoid": SIGMOID, "eqlv2 (12, 0.8, 4)": PAPER_POINT}
+COLUMNS = {
+    "lvis": {
+        "box AP": "bbox/AP", "APr": "bbox/APr", "APc": "bbox/APc", "APf": "bbox/APf",
+        "mask AP": "segm/AP", "mAPr": "segm/APr", "mAPc": "segm/APc", "mAPf": "segm/APf",
+    },
+    "openimages": {"AP@0.5": "AP"},
+}  # fmt: skip
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean +- sample std`` (std ``n/a`` for one value)."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "n/a"
+    return f"{mean:.1f} +- {std}"
+
+
+def table(dataset: str, runs: dict[str, list[dict]]) -> str:
+    """The printed table of one dataset: one row per loss, one column per metric."""
+    columns = COLUMNS[dataset]
+    header = f"{'loss':<20}{'seeds':>6}" + "".join(f"{name:>14}" for name in columns)
+    lines = [header, "-" * len(header)]
+    for loss, metrics in runs.items():
+        cells = [mean_std([m[key] for m in metrics if key in m]) for key in columns.values()]
+        lines.append(f"{loss:<20}{len(metrics):>6}" + "".join(f"{cell:>14}" for cell in cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="lvis,openimages")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--json", help="also write every run's metrics to this file")
+    args = parser.parse_args(argv)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = sorted(set(datasets) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(CONFIGS)}")
+
+    import ray
+
+    use_project_benchmark()
+    all_runs: dict[str, dict[str, list[dict]]] = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="eqlv2-calibration-") as work:
+            for dataset in datasets:
+                config = str(CONFIGS[dataset])
+                print(f"{dataset}: preparation (data, base checkpoint) {prepare(config, trial_opts(SIGMOID, 0)):.0f} s", flush=True)
+                runs: dict[str, list[dict]] = {loss: [] for loss in LOSSES}
+                for seed in range(args.seeds):
+                    for loss, overrides in LOSSES.items():
+                        start = time.perf_counter()
+                        out = os.path.join(work, f"{dataset}-{len(runs[loss])}-{seed}-{loss.split()[0]}")
+                        metrics = fit_trial(config, trial_opts(overrides, seed), out)
+                        runs[loss].append(metrics)
+                        shown = {k: round(metrics[v], 2) for k, v in COLUMNS[dataset].items() if v in metrics}
+                        print(f"  {dataset} {loss} seed {seed}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+                all_runs[dataset] = runs
+    finally:
+        ray.shutdown()
+    for dataset, runs in all_runs.items():
+        print(f"\n{dataset}: default trial, mean +- std over {args.seeds} seed(s)\n{table(dataset, runs)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_runs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
