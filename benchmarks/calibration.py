@@ -34,7 +34,9 @@ from default_trial import (  # noqa: E402
     PAPER_POINT,
     SIGMOID,
     fit_trial,
+    local_metrics,
     prepare,
+    train_local,
     trial_opts,
     use_project_benchmark,
 )
@@ -45,7 +47,7 @@ COLUMNS = {
         "box AP": "bbox/AP", "APr": "bbox/APr", "APc": "bbox/APc", "APf": "bbox/APf",
         "mask AP": "segm/AP", "mAPr": "segm/APr", "mAPc": "segm/APc", "mAPf": "segm/APf",
     },
-    "openimages": {"AP@0.5": "AP"},
+    "openimages": {"AP@0.5": "bbox/AP"},
 }  # fmt: skip
 
 
@@ -69,10 +71,62 @@ def table(dataset: str, runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _run_ray(datasets, seeds, work) -> dict[str, dict[str, list[dict]]]:
+    import ray
+
+    all_runs: dict[str, dict[str, list[dict]]] = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for dataset in datasets:
+            runs: dict[str, list[dict]] = {loss: [] for loss in LOSSES}
+            for seed in range(seeds):
+                for loss, overrides in LOSSES.items():
+                    start = time.perf_counter()
+                    out = os.path.join(work, f"{dataset}-{seed}-{loss.split()[0]}")
+                    runs[loss].append(fit_trial(str(CONFIGS[dataset]), trial_opts(overrides, seed), out))
+                    _report(dataset, loss, seed, runs[loss][-1], time.perf_counter() - start)
+            all_runs[dataset] = runs
+    finally:
+        ray.shutdown()
+    return all_runs
+
+
+def _run_local(datasets, seeds, work, jobs: int) -> dict[str, dict[str, list[dict]]]:
+    """Every trial as one ``train_net.py`` process, ``jobs`` at a time."""
+    pending = [(d, loss, seed) for d in datasets for seed in range(seeds) for loss in LOSSES]
+    all_runs: dict[str, dict[str, list[dict]]] = {d: {loss: [] for loss in LOSSES} for d in datasets}
+    running: list = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            dataset, loss, seed = pending.pop(0)
+            out = os.path.join(work, f"{dataset}-{seed}-{loss.split()[0]}")
+            proc = train_local(str(CONFIGS[dataset]), trial_opts(LOSSES[loss], seed), out)
+            running.append((proc, dataset, loss, seed, out, time.perf_counter()))
+        time.sleep(2)
+        for item in [r for r in running if r[0].poll() is not None]:
+            running.remove(item)
+            proc, dataset, loss, seed, out, start = item
+            metrics = local_metrics(out)
+            all_runs[dataset][loss].append(metrics)
+            _report(dataset, loss, seed, metrics, time.perf_counter() - start)
+    return all_runs
+
+
+def _report(dataset, loss, seed, metrics, seconds) -> None:
+    shown = {k: round(metrics[v], 2) for k, v in COLUMNS[dataset].items() if v in metrics}
+    print(f"  {dataset} {loss} seed {seed}: {shown} ({seconds:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="lvis,openimages")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--backend", choices=("ray", "local"), default="ray",
+        help="ray: each trial as the search runs it (Ray Train, 2 workers x 1 CPU); local: each "
+        "trial as one train_net.py process with the same total batch, --jobs at a time",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=2, help="local backend: trials at a time")
     parser.add_argument("--json", help="also write every run's metrics to this file")
     args = parser.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -80,30 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(CONFIGS)}")
 
-    import ray
-
     use_project_benchmark()
-    all_runs: dict[str, dict[str, list[dict]]] = {}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="eqlv2-calibration-") as work:
-            for dataset in datasets:
-                config = str(CONFIGS[dataset])
-                print(f"{dataset}: preparation (data, base checkpoint) {prepare(config, trial_opts(SIGMOID, 0)):.0f} s", flush=True)
-                runs: dict[str, list[dict]] = {loss: [] for loss in LOSSES}
-                for seed in range(args.seeds):
-                    for loss, overrides in LOSSES.items():
-                        start = time.perf_counter()
-                        out = os.path.join(work, f"{dataset}-{len(runs[loss])}-{seed}-{loss.split()[0]}")
-                        metrics = fit_trial(config, trial_opts(overrides, seed), out)
-                        runs[loss].append(metrics)
-                        shown = {k: round(metrics[v], 2) for k, v in COLUMNS[dataset].items() if v in metrics}
-                        print(f"  {dataset} {loss} seed {seed}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
-                all_runs[dataset] = runs
-    finally:
-        ray.shutdown()
+    for dataset in datasets:
+        seconds = prepare(str(CONFIGS[dataset]), trial_opts(SIGMOID, 0))
+        print(f"{dataset}: preparation (data, base checkpoint) {seconds:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="eqlv2-calibration-") as work:
+        if args.backend == "ray":
+            all_runs = _run_ray(datasets, args.seeds, work)
+        else:
+            all_runs = _run_local(datasets, args.seeds, work, args.jobs)
     for dataset, runs in all_runs.items():
-        print(f"\n{dataset}: default trial, mean +- std over {args.seeds} seed(s)\n{table(dataset, runs)}")
+        print(f"\n{dataset}: default trial ({args.backend}), mean +- std over {args.seeds} seed(s)\n{table(dataset, runs)}")
     if args.json:
         Path(args.json).write_text(json.dumps(all_runs, indent=1))
     return 0

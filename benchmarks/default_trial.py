@@ -9,7 +9,10 @@ a trial on a 2-core machine). Used by ``benchmarks/trial_time.py`` and
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,3 +86,29 @@ def fit_trial(config_file: str, opts: Sequence[str], output_dir: str, extra_hook
     if getattr(result, "error", None) is not None:
         raise RuntimeError(f"the trial failed: {result.error}") from result.error
     return {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def train_local(config_file: str, opts: Sequence[str], output_dir: str, threads: int = 1) -> subprocess.Popen:
+    """Starts one trial as ``train/train_net.py`` in a child process (one process, ``threads``
+    torch threads, the same total batch as the Ray trial); read its result with :func:`local_metrics`."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    os.makedirs(output_dir, exist_ok=True)
+    log = open(os.path.join(output_dir, "stdout.txt"), "w")  # noqa: SIM115  (closed with the process)
+    command = [sys.executable, str(ROOT / "train/train_net.py"), "--config-file", config_file,
+               *opts, "OUTPUT_DIR", output_dir]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def local_metrics(output_dir: str) -> dict[str, Any]:
+    """The final evaluation of a :func:`train_local` run (detectron2's ``metrics.json``).
+
+    Raises:
+        RuntimeError: the run wrote no evaluation.
+    """
+    path = Path(output_dir, "metrics.json")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    for row in reversed(rows):
+        if "bbox/AP" in row:
+            return row
+    raise RuntimeError(f"no evaluation in {path}; see {Path(output_dir, 'stdout.txt')}")
