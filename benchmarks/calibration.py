@@ -14,7 +14,12 @@ The targets of the benchmark (issue 8): on the default budget, EQL v2 at the pap
 reaches box AP >= 20 (OpenImages AP@0.5 >= 20) with APr, APc and APf each above 0. The sigmoid
 rows say whether the task is learnable at all; they are what the benchmark is calibrated on.
 
-Usage: ``python benchmarks/calibration.py [--datasets lvis,openimages] [--seeds 3] [--json out.json]``
+``--backend ray`` (default) trains each trial as the search does; ``--backend local`` as one
+``train/train_net.py`` process with the same total batch (the same learning, no Ray start-up or
+DDP), ``--jobs`` at a time, which is faster on a loaded machine.
+
+Usage: ``python benchmarks/calibration.py [--datasets lvis,openimages] [--seeds 3]
+[--backend ray|local] [--jobs 2] [--json out.json]``
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The tiny config of a dataset with the default search space's ``trial_overrides``
 (``configs/search/default.yaml``), a loss and a seed, trained by Ray Train
-(:func:`eqlv2.cluster.ray_train.build_torch_trainer`, 2 workers x 1 CPU, what the search gives
+(``build_torch_trainer`` (:mod:`eqlv2.raytrain`), 2 workers x 1 CPU, what the search gives
 a trial on a 2-core machine). Used by ``benchmarks/trial_time.py`` and
 ``benchmarks/calibration.py``.
 """
@@ -70,7 +70,10 @@ def fit_trial(config_file: str, opts: Sequence[str], output_dir: str, extra_hook
     Raises:
         RuntimeError: the training failed.
     """
-    from eqlv2.cluster.ray_train import build_torch_trainer
+    try:  # the Ray Train package moved (eqlv2.cluster -> eqlv2.raytrain) while this was written
+        from eqlv2.raytrain.launch import build_torch_trainer
+    except ImportError:
+        from eqlv2.cluster.ray_train import build_torch_trainer
 
     trainer = build_torch_trainer(
         config_file,

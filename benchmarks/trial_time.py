@@ -2,7 +2,7 @@
 
 Runs one trial the way ``tune/search.py`` runs each of its trials, in one run: a Ray Tune
 function trainable (no CPU of its own) that builds a Ray Train ``TorchTrainer`` with
-:func:`eqlv2.cluster.ray_train.build_torch_trainer` -- the LVIS tiny config with the default
+``build_torch_trainer`` (benchmarks/default_trial.py) -- the LVIS tiny config with the default
 search space's ``trial_overrides`` (``configs/search/default.yaml``) at the paper's point
 (gamma 12, mu 0.8, alpha 4), 2 workers x 1 CPU -- and ``fit()``\\ s it. What a search does once
 and not per trial comes first and is timed apart: generating the benchmark, training the base
