@@ -52,6 +52,14 @@ def add_eqlv2_config(cfg: CN) -> None:
     # file carries. Such files are refused unless this is True, except detectron2's own model zoo
     # (detectron2://...). Set it only for files you trust. .pth files are loaded weights-only (no code).
     cfg.MODEL.EQLV2.ALLOW_UNSAFE_PICKLED_WEIGHTS = False
+    # Offline stand-in for the paper's ImageNet-pretrained backbone: a detectron2 config (a path;
+    # relative paths are looked up from the working directory, then from the repository) whose
+    # training run gives this model its initial weights -- backbone, RPN, box and mask heads, box
+    # regression and mask predictors copied to every category; the classifier starts afresh.
+    # The run happens once and is cached under <benchmark root>/base_checkpoints/, keyed by a
+    # digest of its config, the benchmark's generation parameters and the library versions
+    # (see eqlv2.engine.base_checkpoint). Used only when MODEL.WEIGHTS is empty. Empty: none.
+    cfg.MODEL.EQLV2.BASE_CHECKPOINT_CONFIG = ""
 
     cfg.DATASETS.EQLV2 = CN()
     # A user's own LVIS-format dataset, registered as "<NAME>_train" / "<NAME>_val" before training:
@@ -64,6 +72,10 @@ def add_eqlv2_config(cfg: CN) -> None:
     # Root folder of the generated offline benchmark; empty means $EQLV2_SYNTHETIC_ROOT or
     # $DETECTRON2_DATASETS/eqlv2_synthetic (default ./datasets/eqlv2_synthetic).
     cfg.DATASETS.EQLV2.SYNTHETIC_ROOT = ""
+    # Train on every annotation as one category (class-agnostic detection, MODEL.ROI_HEADS.
+    # NUM_CLASSES 1): how the base checkpoint (MODEL.EQLV2.BASE_CHECKPOINT_CONFIG) is trained, so
+    # that it learns objects, boxes and masks without the long tail of the categories.
+    cfg.DATASETS.EQLV2.CLASS_AGNOSTIC = False
 
     cfg.TEST.EQLV2 = CN()
     # LVIS evaluation engine: "fast" (faster-coco-eval, sharded) or "lvis" (the official API).

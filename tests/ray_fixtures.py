@@ -109,6 +109,7 @@ def tiny_opts(data: dict[str, str], max_iter: int, **overrides) -> list[str]:
         "INPUT.MAX_SIZE_TEST": "96",
         "TEST.DETECTIONS_PER_IMAGE": "50",
         "SEED": "0",
+        "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG": "",  # random initialisation: no base to train first
         **{key: str(value) for key, value in overrides.items()},
     }
     return [item for pair in values.items() for item in pair]

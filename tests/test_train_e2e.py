@@ -28,6 +28,7 @@ def handful_opts(handful_lvis, output_dir, max_iter):
         "INPUT.MIN_SIZE_TRAIN", "(96,)",
         "INPUT.MIN_SIZE_TEST", "96",
         "OUTPUT_DIR", str(output_dir),
+        "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",
     ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ import logging
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from eqlv2.engine import EQLv2Trainer, setup_cfg
 from eqlv2.engine.trainer import load_model_weights
@@ -29,6 +30,8 @@ def setup(args):
     """Frozen config from ``args`` with detectron2's logging and output folder set up."""
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    # The project's own messages (the base checkpoint, the data) in the console and log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="eqlv2")
     return cfg
 
 
@@ -36,7 +39,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = EQLv2Trainer.build_model(cfg)
-        load_model_weights(model, cfg.MODEL.WEIGHTS)
+        load_model_weights(model, cfg.MODEL.WEIGHTS, allow_pickle=cfg.MODEL.EQLV2.ALLOW_UNSAFE_PICKLED_WEIGHTS)
         results = EQLv2Trainer.test(cfg, model)
         if comm.is_main_process():
             logger.info("Evaluation results: %s", results)

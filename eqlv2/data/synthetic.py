@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -61,6 +62,7 @@ from .synthetic_plan import (
     SyntheticPlan,
     SyntheticSpec,
     make_plan,
+    make_pretrain_plan,
     parent_mid,
 )
 from .synthetic_render import RenderedImage, render_image
@@ -69,10 +71,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS",
+    "PRETRAIN_FORMATS",
     "MARKER_FILE",
     "LVIS_SPLIT_FOLDERS",
     "OPENIMAGES_SPLITS",
     "generate_synthetic",
+    "PRETRAIN_DATASETS",
+    "register_synthetic_pretrain",
     "ensure_synthetic",
     "synthetic_dir",
     "openimages_image_id",
@@ -81,6 +86,10 @@ __all__ = [
 
 #: Dataset formats the generator writes.
 FORMATS = ("lvis", "openimages")
+#: The benchmark's pretraining images (:func:`~eqlv2.data.synthetic_plan.make_pretrain_plan`),
+#: LVIS v1 files of a training split: folder name -> their categories.
+PRETRAIN_FORMATS = {"lvis_pretrain": "benchmark", "lvis_pretrain_other": "other"}
+_KINDS = (*FORMATS, *PRETRAIN_FORMATS)
 #: Name of the marker file holding the generation parameters.
 MARKER_FILE = "eqlv2-synthetic.json"
 #: LVIS image folders per split (the COCO 2017 folder names LVIS v1 uses).
@@ -92,9 +101,10 @@ _JPEG_QUALITY = 92
 
 
 def synthetic_dir(root: str | os.PathLike, fmt: str) -> Path:
-    """Folder of format ``fmt`` under a benchmark root: ``<root>/lvis`` or ``<root>/openimages``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    """Folder of format ``fmt`` under a benchmark root: ``<root>/lvis``, ``<root>/openimages`` or
+    ``<root>/lvis_pretrain[_other]``."""
+    if fmt not in _KINDS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {_KINDS}")
     return Path(root) / fmt
 
 
@@ -113,7 +123,7 @@ def _render_split(
     spec = plan.spec
     for image in plan.split(split):
         rng = np.random.default_rng(
-            [spec.seed, _SPLIT_CODES[split], image.index, GENERATOR_VERSION]
+            [spec.seed, _SPLIT_CODES[split] + plan.render_stream, image.index, GENERATOR_VERSION]
         )
         rendered = render_image(
             image, plan.appearances, rng, spec.min_image_size, spec.max_image_size
@@ -357,7 +367,7 @@ def generate_synthetic(
 
     Args:
         out_dir: the dataset folder (its content is described in the module docstring).
-        fmt: "lvis" or "openimages".
+        fmt: "lvis", "openimages", or a key of :data:`PRETRAIN_FORMATS` (pretraining images).
         spec: generation parameters (default :class:`SyntheticSpec`).
         force: regenerate even if ``out_dir`` holds this very dataset.
 
@@ -367,8 +377,8 @@ def generate_synthetic(
     Raises:
         FileExistsError: ``out_dir`` exists, is not empty and was not written by this generator.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in _KINDS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {_KINDS}")
     spec = spec or SyntheticSpec()
     out_dir = Path(out_dir).absolute()
     expected = _marker(fmt, spec)
@@ -388,12 +398,12 @@ def generate_synthetic(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
-            plan = make_plan(spec)
-            total = spec.num_train_images + spec.num_val_images
+            plan = make_pretrain_plan(spec, PRETRAIN_FORMATS[fmt]) if fmt in PRETRAIN_FORMATS else make_plan(spec)
+            total = len(plan.train) + len(plan.val)
             with tqdm(
                 total=total, desc=f"eqlv2 synthetic {fmt}", unit="img", disable=None
             ) as progress:
-                (_write_lvis if fmt == "lvis" else _write_openimages)(plan, tmp, progress)
+                (_write_openimages if fmt == "openimages" else _write_lvis)(plan, tmp, progress)
             (tmp / MARKER_FILE).write_text(
                 json.dumps(expected, sort_keys=True, indent=1), encoding="utf-8"
             )
@@ -410,9 +420,9 @@ def generate_synthetic(
     logger.info(
         "Generated the synthetic %s benchmark (%d classes, %d+%d images) in %s in %.1f s",
         fmt,
-        spec.num_classes,
-        spec.num_train_images,
-        spec.num_val_images,
+        len(plan.appearances),
+        len(plan.train),
+        len(plan.val),
         out_dir,
         time.perf_counter() - start,
     )
@@ -440,6 +450,50 @@ def ensure_synthetic(
             num_val_images=num_val_images,
         )
     return generate_synthetic(synthetic_dir(root, fmt), fmt, spec)
+
+
+#: Registered names of the benchmark's pretraining images -> their folder (a PRETRAIN_FORMATS key).
+PRETRAIN_DATASETS = {
+    "synthetic_lvis_pretrain": "lvis_pretrain",
+    "synthetic_lvis_pretrain_other": "lvis_pretrain_other",
+}
+_registered_pretrain: dict[str, tuple[str, SyntheticSpec]] = {}
+
+
+def _load_pretrain(root: str, fmt: str, spec: SyntheticSpec, name: str) -> list[dict]:
+    from .lvis import load_lvis_dataset
+
+    folder = ensure_synthetic(root, fmt, spec=spec)
+    return load_lvis_dataset(folder / "lvis_v1_train.json", str(folder) + os.sep, name)
+
+
+def register_synthetic_pretrain(root: str | os.PathLike, spec: SyntheticSpec | None = None) -> list[str]:
+    """Register the pretraining images of the benchmark ``spec`` under ``root`` as the names of
+    :data:`PRETRAIN_DATASETS` (generated on first use); re-registering the same does nothing.
+
+    Returns:
+        The registered names.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from .lvis import register_lvis_json
+
+    spec = spec or SyntheticSpec()
+    key = (str(Path(root).absolute()), spec)
+    for name, fmt in PRETRAIN_DATASETS.items():
+        if _registered_pretrain.get(name) == key and name in DatasetCatalog:
+            continue
+        folder = synthetic_dir(key[0], fmt)
+        register_lvis_json(
+            name,
+            folder / "lvis_v1_train.json",
+            str(folder) + os.sep,
+            statistics=make_pretrain_plan(spec, PRETRAIN_FORMATS[fmt]).statistics("lvis"),
+            loader=functools.partial(_load_pretrain, key[0], fmt, spec, name),
+        )
+        MetadataCatalog.get(name).set(synthetic_root=key[0], synthetic_spec={**spec.as_dict(), "images": fmt})
+        _registered_pretrain[name] = key
+    return list(PRETRAIN_DATASETS)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -39,6 +39,9 @@ __all__ = [
     "SyntheticPlan",
     "lvis_profile_counts",
     "make_plan",
+    "make_pretrain_plan",
+    "PRETRAIN_CATEGORIES",
+    "pretrain_num_classes",
     "leaf_mid",
     "parent_mid",
 ]
@@ -180,6 +183,9 @@ class SyntheticPlan:
     appearances: list[Appearance]
     train: list[PlannedImage]
     val: list[PlannedImage]
+    #: Added to the split code of each image's drawing seed: images of another plan of the same
+    #: spec (the pretraining images) get other pixels than the benchmark's.
+    render_stream: int = 0
 
     def split(self, split: str) -> list[PlannedImage]:
         """The images of ``split`` ("train" or "val")."""
@@ -325,20 +331,30 @@ def _assign_negatives(
         image.neg_categories = np.flatnonzero(negative[index]).tolist()
 
 
+def _appearance_order(rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Every ``(pair index, texture index)``, in the order the generator hands categories out.
+
+    Every (shape, colour) pair is used once, with a random texture, before any pair comes back
+    with another texture: categories differ in shape or colour whenever there are few enough.
+    """
+    pair_order = rng.permutation(len(SHAPES) * len(COLOURS))
+    textures = [rng.permutation(len(TEXTURES)) for _ in range(len(SHAPES) * len(COLOURS))]
+    return [
+        (int(pair), int(textures[pair][round_]))
+        for round_ in range(len(TEXTURES))
+        for pair in pair_order
+    ]
+
+
+def _appearances(chosen: list[tuple[int, int]]) -> list[Appearance]:
+    pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+    return [Appearance(*pairs[pair], TEXTURES[texture]) for pair, texture in sorted(chosen)]
+
+
 def make_plan(spec: SyntheticSpec) -> SyntheticPlan:
     """The deterministic plan of the benchmark described by ``spec``."""
     rng = np.random.default_rng([spec.seed, 0x5EED, GENERATOR_VERSION])
-    # Every (shape, colour) pair is used once, with a random texture, before any pair comes back
-    # with another texture: categories differ in shape or colour whenever there are few enough.
-    pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
-    pair_order = rng.permutation(len(pairs))
-    textures = [rng.permutation(len(TEXTURES)) for _ in pairs]
-    chosen = [
-        (pair, int(textures[pair][round_]))
-        for round_ in range(len(TEXTURES))
-        for pair in pair_order
-    ][: spec.num_classes]
-    appearances = [Appearance(*pairs[pair], TEXTURES[texture]) for pair, texture in sorted(chosen)]
+    appearances = _appearances(_appearance_order(rng)[: spec.num_classes])
 
     profile = lvis_profile_counts(spec.num_classes, spec.num_train_images)
     train_counts = np.empty(spec.num_classes, dtype=int)
@@ -362,6 +378,53 @@ def make_plan(spec: SyntheticSpec) -> SyntheticPlan:
     return SyntheticPlan(
         spec=spec, appearances=appearances, train=splits["train"], val=splits["val"]
     )
+
+
+#: Category sets of the pretraining images: the benchmark's own categories, or others.
+PRETRAIN_CATEGORIES = ("benchmark", "other")
+
+
+def pretrain_num_classes(spec: SyntheticSpec, categories: str = "benchmark") -> int:
+    """Categories of the pretraining images of ``spec``: the benchmark's number, or for
+    ``categories="other"`` at most the appearances the benchmark leaves unused."""
+    if categories not in PRETRAIN_CATEGORIES:
+        raise ValueError(f"unknown pretraining categories {categories!r}; expected one of {PRETRAIN_CATEGORIES}")
+    if categories == "benchmark":
+        return spec.num_classes
+    return min(spec.num_classes, MAX_CLASSES - spec.num_classes)
+
+
+def make_pretrain_plan(spec: SyntheticSpec, categories: str = "benchmark") -> SyntheticPlan:
+    """The pretraining images of the benchmark ``spec``: the offline stand-in for ImageNet.
+
+    Every category in the same number of images (no long tail): ``spec.num_train_images`` images
+    with as many categories per image as the benchmark's training images, drawn by the same
+    renderer, but other images than the benchmark's. ``categories`` chooses them:
+
+    * ``"benchmark"``: the benchmark's own categories (as ImageNet holds many of LVIS's);
+    * ``"other"``: categories the benchmark does not have -- the next appearances in the
+      generator's order, the same shapes, colours and textures in other combinations.
+
+    Only a training split (``val`` is empty).
+
+    Raises:
+        ValueError: unknown ``categories``, or none left for ``"other"``.
+    """
+    num_classes = pretrain_num_classes(spec, categories)
+    if num_classes < 1:
+        raise ValueError(f"a benchmark of {spec.num_classes} categories leaves none for pretraining")
+    order = _appearance_order(np.random.default_rng([spec.seed, 0x5EED, GENERATOR_VERSION]))
+    first = 0 if categories == "benchmark" else spec.num_classes
+    appearances = _appearances(order[first : first + num_classes])
+    stream = 1 + PRETRAIN_CATEGORIES.index(categories)
+    rng = np.random.default_rng([spec.seed, 0x9E7A, stream, GENERATOR_VERSION])
+    profile = lvis_profile_counts(spec.num_classes, spec.num_train_images)
+    per_category = int(round(profile.sum() / num_classes))
+    counts = np.full(num_classes, min(per_category, spec.num_train_images), dtype=int)
+    members = _assign_categories(counts, spec.num_train_images, rng)
+    images = [_plan_image(index, categories, rng) for index, categories in enumerate(members)]
+    _assign_negatives(images, num_classes, rng)
+    return SyntheticPlan(spec=spec, appearances=appearances, train=images, val=[], render_stream=16 * stream)
 
 
 def leaf_mid(index: int) -> str:

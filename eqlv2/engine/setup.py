@@ -18,7 +18,8 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -
 
     Also registers the datasets the config needs that are not built in (the offline benchmark is
     registered on import of :mod:`eqlv2.data`; a user's LVIS JSON through the
-    ``DATASETS.EQLV2.CUSTOM_*`` keys) and imports :mod:`eqlv2.modeling` so the project's ROI heads
+    ``DATASETS.EQLV2.CUSTOM_*`` keys; the benchmark's pretraining images, which base checkpoints
+    train on, as ``synthetic_lvis_pretrain``) and imports :mod:`eqlv2.modeling` so the project's ROI heads
     are in detectron2's registry.
 
     Raises:
@@ -26,7 +27,8 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -
         ValueError: an override is not a ``KEY VALUE`` pair or names an unknown key.
     """
     import eqlv2.modeling  # noqa: F401  (registers the ROI heads)
-    from eqlv2.data import register_from_config
+    from eqlv2.data import register_from_config, synthetic_root
+    from eqlv2.data.synthetic import register_synthetic_pretrain
 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file}")
@@ -40,6 +42,7 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -
     except (KeyError, AssertionError, ValueError) as error:
         raise ValueError(f"bad override in {list(opts)}: {error}") from error
     register_from_config(cfg)
+    register_synthetic_pretrain(synthetic_root(cfg))
     if freeze:
         cfg.freeze()
     return cfg

@@ -7,6 +7,7 @@ import os
 import weakref
 
 from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -14,6 +15,8 @@ from detectron2.utils import comm
 from eqlv2.data.preflight import check_dataset_files
 from eqlv2.engine.checkpoint import SafeDetectionCheckpointer, UntrustedWeightsError
 from eqlv2.hooks import GradientStatisticsHook
+
+from .base_checkpoint import ensure_base_checkpoint, load_base_weights
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,21 @@ class EQLv2Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
 
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """detectron2's loader; with ``DATASETS.EQLV2.CLASS_AGNOSTIC`` every annotation is category 0."""
+        if not cfg.DATASETS.EQLV2.CLASS_AGNOSTIC:
+            return super().build_train_loader(cfg)
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES != 1:
+            raise ValueError(
+                "DATASETS.EQLV2.CLASS_AGNOSTIC needs MODEL.ROI_HEADS.NUM_CLASSES 1, got "
+                f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+            )
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        return build_detection_train_loader(cfg, dataset=class_agnostic(dicts))
+
     def build_hooks(self) -> list[hooks.HookBase]:
         hook_list = super().build_hooks()
         period = self.cfg.MODEL.EQLV2.LOG_PERIOD
@@ -72,14 +90,20 @@ class EQLv2Trainer(DefaultTrainer):
         return hook_list
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """As detectron2's, but a missing or unreadable ``MODEL.WEIGHTS`` raises an error naming it."""
+        """As detectron2's, but a missing or unreadable ``MODEL.WEIGHTS`` raises an error naming it,
+        and an empty one starts from the config's base checkpoint (trained first if needed; see
+        :mod:`eqlv2.engine.base_checkpoint`) or, without one, from random initialisation."""
         weights = self.cfg.MODEL.WEIGHTS
         if resume and self.checkpointer.has_checkpoint():
             super().resume_or_load(resume=True)
             return
         if not weights:
-            logger.info("MODEL.WEIGHTS is empty: training from random initialisation")
             self.start_iter = 0
+            base = ensure_base_checkpoint(self.cfg)
+            if base is None:
+                logger.info("MODEL.WEIGHTS is empty: training from random initialisation")
+            else:
+                load_base_weights(self.model, base)
             return
         try:
             super().resume_or_load(resume=resume)
@@ -91,6 +115,14 @@ class EQLv2Trainer(DefaultTrainer):
                 "Give a readable local path or a URL this machine can reach, "
                 "or MODEL.WEIGHTS '' to start from random initialisation."
             ) from error
+
+
+def class_agnostic(dataset_dicts: list[dict]) -> list[dict]:
+    """Copies of detectron2 dataset dicts with every annotation's ``category_id`` set to 0."""
+    return [
+        {**record, "annotations": [{**a, "category_id": 0} for a in record.get("annotations", [])]}
+        for record in dataset_dicts
+    ]
 
 
 def load_model_weights(model, path: str, allow_pickle: bool = False) -> None:

@@ -37,6 +37,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 from eqlv2.engine import setup_cfg
+from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
 from eqlv2.raytrain.launch import pin_dataset_roots
 
 from .credentials import check_url_has_no_credentials
@@ -287,6 +288,7 @@ def prepare_datasets(plan: SearchPlan) -> None:
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"bad config or override: {error}") from error
         plan.schedules[spec.name] = (int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
+        ensure_base_checkpoint(cfg)  # the config's base checkpoint, trained once before any trial
     for entry in plan.options.baseline_gradients:
         dataset, _, path = entry.partition("=")
         if not path:
