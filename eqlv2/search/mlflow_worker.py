@@ -67,8 +67,7 @@ def classifier_weight_norms(model) -> list[float] | None:
     predictors = [m for m in module.modules() if isinstance(m, EQLv2FastRCNNOutputLayers)]
     if not predictors:
         return None
-    weight = predictors[-1].cls_score.weight.detach().float().cpu()
-    return [float(v) for v in weight[: predictors[-1].num_classes].norm(dim=1)]
+    return [float(v) for v in predictors[-1].category_weight_norms().float().cpu()]
 
 
 def category_table(dataset_name: str | None, num_classes: int) -> dict[str, list]:
