@@ -95,7 +95,7 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "INPUT.MIN_SIZE_TEST", "96",
     "INPUT.MAX_SIZE_TEST", "160",
     "MODEL.EQLV2.LOG_PERIOD", "6",
-    "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",  # no base checkpoint to build: a smoke run only runs
+    "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",  # a smoke run tests the plumbing: no base to train
 )  # fmt: skip
 
 #: The search's state in its Tune folder (written once, by the driver): what ``--resume`` reads.
