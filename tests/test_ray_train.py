@@ -35,7 +35,7 @@ from ray_fixtures import (
 )
 
 from eqlv2.losses import EQLv2Loss
-from eqlv2.losses import eqlv2 as eqlv2_module
+from eqlv2.losses import base as loss_base  # where the statistics all-reduce lives
 from eqlv2.raytrain import launch
 from eqlv2.raytrain.checks import (
     ClusterConnectionError,
@@ -220,9 +220,9 @@ def _replay_with_all_reduce(per_rank_batches: list[list]) -> EQLv2Loss:
             return values.add_(sum(parts))
 
         for _, logits, labels in steps[1:]:
-            with mock.patch.object(eqlv2_module, "_distributed_sum", capture):
+            with mock.patch.object(loss_base, "_distributed_sum", capture):
                 copy.deepcopy(loss)(logits, labels)
-        with mock.patch.object(eqlv2_module, "_distributed_sum", all_reduce):
+        with mock.patch.object(loss_base, "_distributed_sum", all_reduce):
             loss(steps[0][1], steps[0][2])
     return loss
 
@@ -254,7 +254,7 @@ def test_statistics_are_shared_by_the_workers_and_equal_one_process_on_the_union
     assert torch.equal(replay.neg_grad, rank0["end"]["neg_grad"])
     # A worker without the all-reduce would hold about half of them.
     alone = EQLv2Loss(4)
-    with mock.patch.object(eqlv2_module, "_distributed_sum", lambda v: v):
+    with mock.patch.object(loss_base, "_distributed_sum", lambda v: v):
         for _, logits, labels in rank0["batches"]:
             alone(logits, labels)
     assert not torch.allclose(alone.neg_grad, rank0["end"]["neg_grad"], rtol=0.05)
