@@ -162,9 +162,9 @@ def train_one(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> d
 
     from eqlv2.engine import EQLv2Trainer, setup_cfg
     from eqlv2.evaluation import summary
+    from eqlv2.losses.statistics import GradientStatistics
     from eqlv2.modeling import EQLv2FastRCNNOutputLayers
     from eqlv2.modeling.roi_heads import classification_losses
-    from eqlv2.statistics import GradientStatistics
 
     torch.set_num_threads(1)
     cfg = setup_cfg(job.config_file, job_opts(job, scaled))

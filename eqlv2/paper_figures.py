@@ -1,7 +1,7 @@
 """The paper's figures drawn from data, for the reproduction report (matplotlib, headless).
 
 * Figure 1/2 analogue, :func:`plot_gradient_ratios`: the accumulated positive-to-negative
-  gradient ratio of each category (``pos_grad / neg_grad`` of :mod:`eqlv2.statistics`), one curve
+  gradient ratio of each category (``pos_grad / neg_grad`` of :mod:`eqlv2.losses.statistics`), one curve
   per loss, one panel per training iteration, categories sorted by training instance count;
 * Figure 3 analogue, :func:`plot_weight_norms`: the L2 norm of each category's classifier
   weight, one curve per model, sorted the same way;

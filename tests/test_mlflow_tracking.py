@@ -13,6 +13,7 @@ pytest.importorskip("ray")
 
 from mlflow import MlflowClient  # noqa: E402
 
+from eqlv2.losses.statistics import GradientStatistics  # noqa: E402
 from eqlv2.search.mlflow_client import (  # noqa: E402
     PARENT_TAG,
     STATUS_TAG,
@@ -32,7 +33,6 @@ from eqlv2.search.plots import (  # noqa: E402
     weight_norms_figure,
 )
 from eqlv2.search.stores import sqlite_url  # noqa: E402
-from eqlv2.statistics import GradientStatistics  # noqa: E402
 
 
 @pytest.fixture()

@@ -120,8 +120,8 @@ class _FakeTrainer:
 
 
 def test_gradient_statistics_hook_writes_group_summaries():
-    from eqlv2.hooks import GradientStatisticsHook
-    from eqlv2.statistics import GradientStatistics
+    from eqlv2.engine.hooks import GradientStatisticsHook
+    from eqlv2.losses.statistics import GradientStatistics
 
     model = build_model(tiny_cfg())
     loss = classification_losses(model)[0]
@@ -191,7 +191,7 @@ def test_real_training_steps_collect_statistics_and_the_hook_reports_them(loss_n
     trains, every loss accumulates statistics and the hook summarises them."""
     from detectron2.engine import SimpleTrainer
 
-    from eqlv2.hooks import GradientStatisticsHook
+    from eqlv2.engine.hooks import GradientStatisticsHook
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", loss_name, "MODEL.MASK_ON", False))
@@ -220,7 +220,7 @@ def test_real_training_steps_collect_statistics_and_the_hook_reports_them(loss_n
 
 
 def test_baseline_snapshot_has_statistics_without_weights():
-    from eqlv2.statistics import GradientStatistics, summarize
+    from eqlv2.losses.statistics import GradientStatistics, summarize
 
     model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", "softmax"))
     loss = classification_losses(model)[0]

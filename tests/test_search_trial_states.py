@@ -118,11 +118,6 @@ def _live_groups() -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: in the first full-suite run the placement group of an ASHA-stopped trial was still "
-    "held after the trial ended (Ray Train's own cleaner did not release it); open in issue 10",
-)
 def test_placement_group_of_an_asha_stopped_trial_is_released(ray_local, tmp_path):  # noqa: F811
     """The second trial lags at its first evaluation: ASHA stops it, which kills its Ray Train
     controller while the worker still trains; the group of that worker must not stay reserved."""
@@ -136,7 +131,9 @@ def test_placement_group_of_an_asha_stopped_trial_is_released(ray_local, tmp_pat
     results = tuner.fit()
     last_steps = sorted(r.metrics[STEP_KEY] for r in results)
     assert last_steps == [1, 3]  # one stopped at its first evaluation, one complete
-    deadline = time.monotonic() + 60
+    # Ray Train's cleaner is a detached actor polling the State API every second: on a loaded
+    # 2-core machine its start and its first answers can take a minute or more.
+    deadline = time.monotonic() + 240
     while _live_groups() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _live_groups() == []

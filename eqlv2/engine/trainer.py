@@ -14,7 +14,7 @@ from detectron2.utils import comm
 
 from eqlv2.data.preflight import check_dataset_files
 from eqlv2.engine.checkpoint import SafeDetectionCheckpointer, UntrustedWeightsError
-from eqlv2.hooks import GradientStatisticsHook
+from eqlv2.engine.hooks import GradientStatisticsHook
 
 from .base_checkpoint import ensure_base_checkpoint, load_base_weights
 

@@ -7,7 +7,7 @@ and writes the checkpoint (:mod:`eqlv2.raytrain.checkpoints`); the other ranks r
 * ``iteration``: completed iterations (``SOLVER.MAX_ITER`` in the final report);
 * training, in every report: every scalar of detectron2's ``EventStorage`` (losses, ``lr``,
   ``time``, ``fast_rcnn/...``, the ``eqlv2/...`` summaries of
-  :class:`eqlv2.hooks.GradientStatisticsHook`), averaged over the workers that have it, smoothed
+  :class:`eqlv2.engine.hooks.GradientStatisticsHook`), averaged over the workers that have it, smoothed
   like detectron2's writers (median of the last 20 iterations for losses);
 * evaluation, in the reports that follow one: the results detectron2's ``EvalHook`` put into
   the ``EventStorage`` (``bbox/AP``, ``segm/APr``, ...; prefixed by the dataset name when

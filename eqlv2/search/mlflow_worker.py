@@ -24,9 +24,9 @@ from detectron2.engine import HookBase, PeriodicWriter
 from detectron2.utils.events import EventWriter, get_event_storage
 
 from eqlv2.data import category_statistics
+from eqlv2.losses.statistics import summarize
 from eqlv2.modeling import EQLv2FastRCNNOutputLayers
 from eqlv2.raytrain.report_hook import evaluation_at, evaluation_metrics, is_evaluation_key
-from eqlv2.statistics import summarize
 
 from .mlflow_client import SafeMlflow
 from .plots import gradient_ratio_figure, weight_norms_figure

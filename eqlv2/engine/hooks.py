@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
-from .modeling.roi_heads import classification_losses
-from .statistics import GradientStatistics, summarize
+from eqlv2.losses.statistics import GradientStatistics, summarize
+from eqlv2.modeling.roi_heads import classification_losses
 
 __all__ = ["GradientStatisticsHook"]
 
@@ -22,7 +22,7 @@ class GradientStatisticsHook(HookBase):
     Every classification loss collects the statistics (EQL v2 and the baselines alike); q and r
     are summarised only for the losses that reweigh (EQL v2).
 
-    The summaries (see :func:`eqlv2.statistics.summarize`) go into detectron2's ``EventStorage``
+    The summaries (see :func:`eqlv2.losses.statistics.summarize`) go into detectron2's ``EventStorage``
     under ``eqlv2/...`` (``eqlv2/stage{k}/...`` for cascade heads with several losses), so every
     event writer sees them: detectron2's console, JSON and TensorBoard writers, and in a search
     :class:`eqlv2.search.mlflow_worker.MlflowEventWriter`.
