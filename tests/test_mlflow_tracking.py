@@ -18,11 +18,11 @@ from eqlv2.search.mlflow_client import (  # noqa: E402
     PARENT_TAG,
     STATUS_TAG,
     TRIAL_TAG,
-    SafeMlflow,
     prepare_tracking_store,
     ui_command,
 )
 from eqlv2.search.mlflow_driver import close_stale_child_runs  # noqa: E402
+from eqlv2.search.mlflow_outbox import DurableMlflow  # noqa: E402
 from eqlv2.search.mlflow_worker import gradient_table, read_gradient_ratio  # noqa: E402
 from eqlv2.search.plots import (  # noqa: E402
     frequency_order,
@@ -56,7 +56,7 @@ def test_default_store_is_an_absolute_sqlite_file(tmp_path, store):
 
 def test_parent_and_child_runs_read_back(tmp_path, store):
     uri, experiment_id = store
-    mlflow = SafeMlflow(uri)
+    mlflow = DurableMlflow(uri, tmp_path / "outbox")
     parent = mlflow.create_run(experiment_id, "search", {"kind": "search"})
     child = mlflow.create_run(experiment_id, "trial", {PARENT_TAG: parent, TRIAL_TAG: "abc123", STATUS_TAG: "running"})
     stale = mlflow.create_run(experiment_id, "trial2", {PARENT_TAG: parent, TRIAL_TAG: "def456"})
@@ -78,29 +78,30 @@ def test_parent_and_child_runs_read_back(tmp_path, store):
     assert [(m.step, m.value) for m in history] == [(10, 1.5), (20, 1.2)]
     assert "lvis/AP" not in run.data.metrics  # NaN is not logged
     assert [a.path for a in client.list_artifacts(child, "gradient_statistics/lvis")] == ["gradient_statistics/lvis/g.csv"]
-    assert [r.info.run_id for r in mlflow.find_child_runs(experiment_id, parent, "abc123")] == [child]
+    assert [r.ref for r in mlflow.find_runs(experiment_id, {PARENT_TAG: parent, TRIAL_TAG: "abc123"})] == [child]
 
     assert close_stale_child_runs(mlflow, experiment_id, parent, "interrupted") == 1
     assert client.get_run(stale).info.status == "KILLED"
     assert client.get_run(stale).data.tags[STATUS_TAG] == "interrupted"
     assert client.get_run(child).info.status == "FINISHED"
-    assert mlflow.dropped == {}
+    assert mlflow.pending() == 0
 
 
-def test_unreachable_server_only_warns(monkeypatch, caplog):
+def test_unreachable_server_only_warns(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    mlflow = SafeMlflow("http://127.0.0.1:9", retry_after=60)  # nothing listens on port 9
-    with caplog.at_level(logging.WARNING, logger="eqlv2.search.mlflow_client"):
-        assert mlflow.create_run("0", "trial") is None
-        mlflow.log_metrics("run", {"lvis/AP": 1.0}, step=5)  # skipped while the server is down
-        mlflow.terminate("run", "FINISHED")
-        mlflow.warn_dropped("test")
-    assert sum(mlflow.dropped.values()) == 3
+    mlflow = DurableMlflow("http://127.0.0.1:9", tmp_path / "outbox", retry_after=60)  # nothing listens on port 9
+    with caplog.at_level(logging.WARNING, logger="eqlv2.search.mlflow_outbox"):
+        run = mlflow.create_run("0", "trial")
+        mlflow.log_metrics(run, {"lvis/AP": 1.0}, step=5)  # journaled while the server is down
+        mlflow.terminate(run, "FINISHED")
+        assert mlflow.call("a read", lambda client: client.search_runs(["0"])) is None
+    assert run.startswith("outbox-") and mlflow.pending() == 3
     assert not mlflow.available
+    (found,) = mlflow.find_runs("0", {})  # known from the outbox, closed there
+    assert (found.ref, found.open) == (run, False)
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "not logged: new run 'trial'" in messages
-    assert "Optuna study hold the trial results" in messages
+    assert "unreachable" in messages and "calls are kept in" in messages
 
 
 def test_plots_and_tables(tmp_path):

@@ -32,8 +32,9 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from search_fixtures import ray_local  # noqa: E402,F401
 
-from eqlv2.search.mlflow_client import STATUS_TAG, TRIAL_TAG, SafeMlflow  # noqa: E402
+from eqlv2.search.mlflow_client import PARENT_TAG, STATUS_TAG, TRIAL_TAG  # noqa: E402
 from eqlv2.search.mlflow_driver import SearchTracking  # noqa: E402
+from eqlv2.search.mlflow_outbox import DurableMlflow, node_outbox  # noqa: E402
 from eqlv2.search.mlflow_worker import MlflowEventWriter  # noqa: E402
 from eqlv2.search.optuna_study import STEP_KEY  # noqa: E402
 from eqlv2.search.scheduling import build_scheduler  # noqa: E402
@@ -50,7 +51,7 @@ def reporting_trial(config, settings):
     when ``config["fail"]``."""
     trial_id = tune.get_context().get_trial_id()
     run_id = _start_run(settings, trial_id, None, {"alpha": config["alpha"]})
-    writer = MlflowEventWriter(SafeMlflow(settings.tracking_uri), run_id, "lvis", 10_000, ())
+    writer = MlflowEventWriter(DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox)), run_id, "lvis", 10_000, ())
     with EventStorage() as storage:
         for iteration in range(10_000):
             storage.iter = iteration
@@ -64,10 +65,11 @@ def reporting_trial(config, settings):
 @pytest.mark.slow
 def test_final_states_are_written_by_the_driver_alone(ray_local, tmp_path):  # noqa: F811
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking = SearchTracking.open(uri, "race", tmp_path / "artifacts", "race", None)
+    tracking = SearchTracking.open(uri, "race", tmp_path / "artifacts", "race", None, tmp_path / "mlflow_outbox")
     settings = TrialSettings(
         space=SPACE, datasets=dataset_specs(["lvis"]), objective=parse_objective("AP"), tracking_uri=uri,
         experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, search_name="race",
+        mlflow_outbox=tracking.outbox_root,
     )  # fmt: skip
     fails = [False, True, False, False, True, False, False, True]
     tuner = tune.Tuner(
@@ -83,11 +85,11 @@ def test_final_states_are_written_by_the_driver_alone(ray_local, tmp_path):  # n
     assert sorted(r.error is not None for r in results) == sorted(fails)
     time.sleep(3)  # anything a stopped trial process still had in flight has landed by now
     client = MlflowClient(uri)
-    runs = tracking.mlflow.find_child_runs(tracking.experiment_id, tracking.parent_run_id)
+    runs = tracking.mlflow.find_runs(tracking.experiment_id, {PARENT_TAG: tracking.parent_run_id})
     assert len(runs) == len(fails)
     failed_by_trial = {r.metrics["trial_id"]: r.error is not None for r in results}
     for run in runs:
-        run = client.get_run(run.info.run_id)
+        run = client.get_run(run.ref)
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         if failed_by_trial[run.data.tags[TRIAL_TAG]]:
             assert (run.info.status, run.data.tags[STATUS_TAG]) == ("FAILED", "failed")

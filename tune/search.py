@@ -10,9 +10,13 @@ folder, mlflow.db, optuna.db)::
     python tune/search.py --datasets lvis,openimages --num-trials 8
     python tune/search.py --search-space configs/search/alpha_only.yaml --metric 0.5*AP+0.5*APr
     python tune/search.py --resume                         # continue the latest interrupted search
+    python tune/search.py --sync --results-dir eqlv2_runs  # send MLflow what an outage kept back
     python tune/search.py --config-file my.yaml SOLVER.MAX_ITER 600 TEST.EVAL_PERIOD 200
 
 Trailing ``KEY VALUE`` pairs override config keys of every trial.
+
+Exit codes: 0 success; 1 no trial completed; 3 MLflow calls are still pending in the results
+folder's outbox (the tracking server was unreachable): ``--sync`` replays them.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from eqlv2.search.options import SearchOptions  # noqa: E402
+
+#: Exit code while MLflow calls wait in the outbox.
+EXIT_PENDING = 3
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -108,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--resume", action="store_true",
                        help="continue an interrupted search (same arguments): the Tune experiment "
                        "and the study, without re-running finished trials")
+    where.add_argument("--sync", action="store_true",
+                       help="replay the MLflow calls kept in RESULTS_DIR/mlflow_outbox while the "
+                       "tracking server was unreachable (after a crash or an outage), then exit: "
+                       f"0 when nothing is left, {EXIT_PENDING} while calls are pending")
     where.add_argument("-v", "--verbose", action="store_true", help="show the trials' training logs")
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
                         help="config overrides for every trial (options may follow them)")
@@ -118,9 +130,35 @@ def options_from_args(argv: list[str]) -> SearchOptions:
     """Parses ``argv`` into :class:`SearchOptions`."""
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.sync:  # a separate command: nothing else is read
+        return SearchOptions(results_dir=args.results_dir, argv=tuple(argv), sync=True)
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
     return SearchOptions.from_namespace(args, argv)
+
+
+def sync(results_dir: str) -> int:
+    """``--sync``: replays the outboxes of ``results_dir`` with a progress display; the exit code."""
+    from eqlv2.search.mlflow_outbox import outbox_folders, pending_count, replay_all
+
+    root = Path(results_dir).expanduser().resolve() / "mlflow_outbox"
+    total = sum(pending_count(folder) for folder in outbox_folders(root))
+    print(f"{total} MLflow call(s) pending in {root}", flush=True)
+    done = 0
+
+    def progress(entry) -> None:
+        nonlocal done
+        done += 1
+        if done == total or done % max(1, total // 20) == 0:
+            print(f"  replayed {done}/{total} ({entry.op})", flush=True)
+
+    report = replay_all(root, progress=progress)
+    print(report.summary())
+    for seq, op, error in report.failed:
+        print(f"  rejected by the server: entry {seq} ({op}): {error[:300]}")
+    if report.pending:
+        print(f"{report.pending} call(s) still pending: run this again once the server answers.")
+    return EXIT_PENDING if report.pending else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("ray", "mlflow", "alembic", "optuna", "detectron2", "fvcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     options = options_from_args(argv)
+    if options.sync:
+        return sync(options.results_dir)
     # Imported once the arguments are read: Ray, detectron2 and MLflow take seconds to import,
     # which --help and a bad flag should not wait for.
     from eqlv2.search.driver import run_search
 
     outcome = run_search(options)
-    return 0 if outcome.best is not None else 1
+    if outcome.best is None:
+        return 1
+    return EXIT_PENDING if outcome.mlflow_pending else 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,7 @@ from eqlv2.raytrain.launch import pin_dataset_roots
 from .credentials import check_url_has_no_credentials
 from .mlflow_client import ui_command
 from .mlflow_driver import SearchTracking
+from .mlflow_ui import experiment_url
 from .mlflow_worker import read_gradient_ratio
 from .options import SearchOptions
 from .optuna_study import (
@@ -137,8 +139,9 @@ class SearchPlan:
 @dataclass
 class SearchOutcome:
     """What a search produced: the Tune experiment, the ranked ``table`` and its ``records``, the
-    ``best`` record (None if no trial completed), MLflow's ids (None if not tracked), the study
-    and the written ``report_paths``."""
+    ``best`` record (None if no trial completed), MLflow's ids (None if not tracked), the study,
+    the written ``report_paths``, and the MLflow calls still in the outbox ``mlflow_outbox``
+    (``mlflow_pending``: ``tune/search.py --sync`` replays them)."""
 
     name: str
     experiment_path: str
@@ -151,6 +154,8 @@ class SearchOutcome:
     optuna_storage: str | None = None
     study_name: str | None = None
     report_paths: dict = field(default_factory=dict)
+    mlflow_outbox: str | None = None
+    mlflow_pending: int = 0
 
 
 def run_search(options: SearchOptions) -> SearchOutcome:
@@ -177,6 +182,7 @@ def _configure_libraries() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter shows chosen columns
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a search
+    # The driver's own MLflow calls; trials and their workers set theirs lower (TRIAL_HTTP_LIMITS).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
@@ -338,9 +344,10 @@ def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
 
 
 def open_tracking(plan: SearchPlan) -> SearchTracking | None:
-    """The MLflow store and the search's parent run (reopened on resume); None if unreachable."""
-    artifacts = plan.results_dir / "mlartifacts"
-    return SearchTracking.open(plan.tracking_uri, plan.options.mlflow_experiment, artifacts, plan.name, plan.parent_run_id)
+    """The MLflow store and the search's parent run (reopened on resume); None if unreachable.
+    MLflow calls the server does not take wait in ``<results dir>/mlflow_outbox/<host>``."""
+    artifacts, outbox = plan.results_dir / "mlartifacts", plan.results_dir / "mlflow_outbox"
+    return SearchTracking.open(plan.tracking_uri, plan.options.mlflow_experiment, artifacts, plan.name, plan.parent_run_id, outbox)
 
 
 def _workers_per_trial(options: SearchOptions, cluster: dict[str, float]) -> int:
@@ -375,6 +382,7 @@ def trial_settings(plan: SearchPlan, tracking: SearchTracking | None) -> TrialSe
         tracking_uri=tracking.tracking_uri if tracking else None,
         experiment_id=tracking.experiment_id if tracking else None,
         parent_run_id=tracking.parent_run_id if tracking else None,
+        mlflow_outbox=tracking.outbox_root if tracking else None,
         search_name=plan.name,
         optuna_storage=plan.optuna_url,
         study_name=plan.study_name,
@@ -514,8 +522,17 @@ def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: Searc
     print(f"Ray Tune results: {plan.experiment_path}")
     print(f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}")
     if tracking is not None:
-        print(f"MLflow runs:      {tracking.tracking_uri}")
-        print(f"Open the MLflow UI with:\n  {ui_command(tracking.tracking_uri)}", flush=True)
+        uri, remote = tracking.tracking_uri, tracking.tracking_uri.startswith(("http://", "https://"))
+        print(f"MLflow runs:      {uri}")
+        print(f"Open the MLflow UI with:\n  {ui_command(uri)}")
+        print(f"  then the search's trials: {experiment_url(uri if remote else 'http://127.0.0.1:5000', tracking.experiment_id)}")
+        state = tracking.outbox_state
+        if state is not None:
+            print(state.summary() + f" (outbox {tracking.outbox_root})")
+            if state.pending:
+                print(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
+                      f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
+        sys.stdout.flush()
     else:
         print("MLflow: not tracked (the store was unreachable at start)", flush=True)
 
@@ -552,4 +569,6 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
         optuna_storage=plan.optuna_url,
         study_name=plan.study_name,
         report_paths={k: str(v) for k, v in paths.items()},
+        mlflow_outbox=tracking.outbox_root if tracking else None,
+        mlflow_pending=tracking.outbox_state.pending if tracking and tracking.outbox_state else 0,
     )

@@ -4,15 +4,20 @@ Layout of one search in MLflow (experiment ``eqlv2-search`` by default):
 
 * one **parent run** per search (tags ``kind=search``, ``search_name``): the search space and
   settings as params; at the end the ranked table, the best configuration, Optuna's figures;
-* one **child run** per trial attempt, created by the trial process (tags
-  ``mlflow.parentRunId``, ``tune_trial_id``; params ``gamma``, ``mu``, ``alpha``, ...), filled by
-  its rank-0 workers (:mod:`eqlv2.search.mlflow_worker`).
+* one **child run** per trial, created by the trial process (tags ``mlflow.parentRunId``,
+  ``tune_trial_id``; params ``gamma``, ``mu``, ``alpha``, ...) and continued by it when a resumed
+  search restarts the trial, filled by its rank-0 workers (:mod:`eqlv2.search.mlflow_worker`).
 
 :class:`SearchTracking` is the only writer of a trial run's final state, because only the driver
 knows why a trial ended: completed (``FINISHED``, tag ``trial_status=completed``), stopped by the
 scheduler (``KILLED``, ``stopped_early``), failed (``FAILED``, ``failed``, the error as tag and
 ``error.txt``), or cut short by an interrupted driver (``KILLED``, ``interrupted``). A trial
 process that is stopped while it still reports cannot change that.
+
+Every write goes through :class:`~eqlv2.search.mlflow_outbox.DurableMlflow`, into the node's
+outbox while the server is down. The driver finds a trial's run by its tags on the server and in
+the outbox (so a run created while the server was down, known only by its placeholder, is closed
+too), and replays the outbox at the end of the search before it closes what is still open.
 """
 
 from __future__ import annotations
@@ -20,13 +25,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from .mlflow_client import SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow, prepare_tracking_store
+from .mlflow_client import (
+    PARENT_TAG,
+    SEARCH_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    first_line,
+    prepare_tracking_store,
+)
+from .mlflow_outbox import DurableMlflow, ReplayReport, node_outbox, outbox_report
 from .mlflow_ui import tag_experiment_for_training
 from .plots import optuna_history_figure, optuna_importance_figure
 
@@ -41,7 +55,6 @@ FINAL_STATES = {
     "failed": ("failed", "FAILED"),
     "running": ("interrupted", "KILLED"),
 }
-_OPEN = ("RUNNING", "SCHEDULED")
 
 
 def _error_text(trial) -> str:
@@ -63,14 +76,14 @@ def error_summary(text: str) -> str:
     return lines[-1][:4000] if lines else text
 
 
-def close_stale_child_runs(mlflow: SafeMlflow, experiment_id: str, parent_run_id: str, status: str) -> int:
+def close_stale_child_runs(mlflow: DurableMlflow, experiment_id: str, parent_run_id: str, status: str) -> int:
     """Closes ``KILLED`` (tag ``trial_status=status``) the child runs left open by an interrupted
     driver; returns how many."""
     closed = 0
-    for run in mlflow.find_child_runs(experiment_id, parent_run_id):
-        if run.info.status in _OPEN:
-            mlflow.set_tags(run.info.run_id, {STATUS_TAG: status})
-            mlflow.terminate(run.info.run_id, "KILLED")
+    for run in mlflow.find_runs(experiment_id, {PARENT_TAG: parent_run_id}):
+        if run.open:
+            mlflow.set_tags(run.ref, {STATUS_TAG: status})
+            mlflow.terminate(run.ref, "KILLED")
             closed += 1
     if closed:
         logger.info("Closed %d trial run(s) left open by the interrupted search", closed)
@@ -84,16 +97,22 @@ class SearchTracking(Callback):
         tracking_uri: the store.
         experiment_id: the search's experiment.
         parent_run_id: the search's parent run.
+        outbox_root: the search's outbox folder (``<results dir>/mlflow_outbox``); each node
+            keeps its outbox in a subfolder (:func:`~eqlv2.search.mlflow_outbox.node_outbox`).
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, outbox_root: str | os.PathLike) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.mlflow = SafeMlflow(tracking_uri)
+        self.outbox_root = str(Path(outbox_root).expanduser().resolve())
+        self.started = time.time()
+        #: what the outboxes held at the end of the search (set by :meth:`finish`).
+        self.outbox_state: ReplayReport | None = None
+        self.mlflow = DurableMlflow(tracking_uri, node_outbox(self.outbox_root))
 
     @classmethod
-    def open(cls, uri: str, experiment: str, artifact_root: Path, name: str, parent_run_id: str | None) -> SearchTracking | None:
+    def open(cls, uri: str, experiment: str, artifact_root: Path, name: str, parent_run_id: str | None, outbox_root: Path) -> SearchTracking | None:
         """The tracking of search ``name``: its parent run created, or reopened on resume (the
         runs its interrupted trials left open closed); None when the store is unreachable."""
         try:
@@ -101,26 +120,25 @@ class SearchTracking(Callback):
         except Exception as error:  # the never-raise guard: an untracked search still runs
             logger.warning(
                 "MLflow tracking store %s is unreachable (%s: %s): this search is NOT tracked in MLflow; "
-                "results stay in the Tune folder and the Optuna study.",
-                uri, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "",
+                "results stay in the Tune folder and the Optuna study.", uri, type(error).__name__, first_line(error),
             )  # fmt: skip
             return None
-        mlflow = SafeMlflow(uri)
+        mlflow = DurableMlflow(uri, node_outbox(outbox_root))
         # MLflow's UI opens an experiment without a kind on its GenAI pages: mark it as training.
         mlflow.call("tagging the experiment", lambda c: tag_experiment_for_training(c, experiment_id))
         if parent_run_id:
-            mlflow.call("reopening the parent run", lambda c: c.update_run(parent_run_id, status="RUNNING"))
+            mlflow.reopen(parent_run_id, {SEARCH_TAG: name, "kind": "search"})
             close_stale_child_runs(mlflow, experiment_id, parent_run_id, "interrupted")
         else:
             parent_run_id = mlflow.create_run(experiment_id, name, {SEARCH_TAG: name, "kind": "search"})
-        return cls(uri, experiment_id, parent_run_id) if parent_run_id else None
+        return cls(uri, experiment_id, parent_run_id, outbox_root) if parent_run_id else None
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if key != "mlflow"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.mlflow = SafeMlflow(self.tracking_uri)
+        self.mlflow = DurableMlflow(self.tracking_uri, node_outbox(self.outbox_root))
 
     def _close(self, run_id: str, status: str, metrics: Mapping[str, Any], error: str | None) -> None:
         tag, run_status = FINAL_STATES[status]
@@ -135,10 +153,10 @@ class SearchTracking(Callback):
         self.mlflow.terminate(run_id, run_status)
 
     def _close_trial(self, trial, status: str, error: str | None = None) -> None:
-        runs = self.mlflow.find_child_runs(self.experiment_id, self.parent_run_id, trial.trial_id)
+        runs = self.mlflow.find_runs(self.experiment_id, {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id})
         for run in runs:
-            if run.info.status in _OPEN:
-                self._close(run.info.run_id, status, dict(trial.last_result or {}), error)
+            if run.open:
+                self._close(run.ref, status, dict(trial.last_result or {}), error)
         if not runs:
             logger.info("No MLflow run found for trial %s (%s)", trial.trial_id, status)
 
@@ -149,12 +167,14 @@ class SearchTracking(Callback):
         self._close_trial(trial, "failed", _error_text(trial))
 
     def close_open_runs(self, statuses: Mapping[str, str]) -> None:
-        """Closes the runs still open, by their trial's status (``statuses``: Tune trial id →
-        status); a run whose create call was in flight when its trial ended is caught here."""
-        for run in self.mlflow.find_child_runs(self.experiment_id, self.parent_run_id):
-            if run.info.status in _OPEN:
-                status = statuses.get(run.data.tags.get(TRIAL_TAG, ""), "running")
-                self._close(run.info.run_id, status, {}, None if status != "failed" else "see the Ray Tune trial folder")
+        """Replays the outbox, then closes the runs still open by their trial's status
+        (``statuses``: Tune trial id → status); a run whose create call was in flight when its
+        trial ended is caught here."""
+        self.mlflow.flush()
+        for run in self.mlflow.find_runs(self.experiment_id, {PARENT_TAG: self.parent_run_id}):
+            if run.open:
+                status = statuses.get(run.tags.get(TRIAL_TAG, ""), "running")
+                self._close(run.ref, status, {}, None if status != "failed" else "see the Ray Tune trial folder")
 
     def log_start(self, params: Mapping[str, Any], files: Mapping[str, str]) -> None:
         """The search's settings (params) and ``{artifact name: text}`` on the parent run."""
@@ -180,4 +200,7 @@ class SearchTracking(Callback):
         self.mlflow.log_metrics(self.parent_run_id, metrics, step=0)
         self.mlflow.set_tags(self.parent_run_id, {**tags, "search_status": "interrupted" if interrupted else "finished"})
         self.mlflow.terminate(self.parent_run_id, "KILLED" if interrupted else "FINISHED")
-        self.mlflow.warn_dropped("search driver")
+        self.mlflow.flush()
+        self.outbox_state = outbox_report(self.outbox_root, self.started)
+        if self.outbox_state.pending:
+            logger.warning("%s, kept in %s", self.outbox_state.summary(), self.outbox_root)

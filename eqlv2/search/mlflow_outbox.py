@@ -4,47 +4,50 @@ local disk, in order, and replayed exactly once when it is back.
 Pieces:
 
 * :class:`Outbox` — the journal of one folder: an SQLite file ``outbox.sqlite`` plus copies of the
-  artifact files (``blobs/``);
+  artifact files (``blobs/``), and the registry of the runs created through it;
 * :func:`replay` — sends the pending entries in order and returns a :class:`ReplayReport`;
-  :func:`pending_count` says how many are left (the search's exit code is non-zero while any are);
-* :class:`DurableMlflow` — the never-raising client the search uses (same conveniences as
-  ``SafeMlflow``): it writes through while the server answers, journals while it does not, and
-  replays the backlog in order before it writes through again.
+  :func:`outbox_report` says what was replayed and what is left (the search's exit code is
+  non-zero while anything is);
+* :class:`DurableMlflow` — the never-raising client every MLflow writer of a search uses: it
+  writes through while the server answers, journals while it does not, and replays the backlog
+  in order before it writes through again.
+
+Where. One outbox per node: :func:`node_outbox` is ``<root>/<hostname>``, with ``root`` the
+search's ``<results dir>/mlflow_outbox`` (absolute, in the trial settings). The driver, its trials
+and their rank-0 workers on one node append to the same journal (SQLite's locking; a local disk,
+since SQLite locking is not safe on NFS), so their calls are replayed in the order they were made
+whichever process replays. A folder belongs to one tracking URI (stored at creation; opening it for
+another raises) and holds no credentials: URIs carrying passwords are refused earlier
+(``eqlv2.search.credentials``).
 
 Why SQLite and not an append-only JSONL file: each entry needs a state that changes after it is
 written (pending → sent → done), placeholders need a table that maps them to real run ids, and
-several processes of one node (the driver and the Ray trial processes) append to one outbox. SQLite
-gives atomic, ordered (``INTEGER PRIMARY KEY AUTOINCREMENT``), durable (``journal_mode=WAL`` with
-``synchronous=FULL`` fsyncs the log at every commit) updates and cross-process locking; a JSONL
-file would need a second progress file, its own locking and torn-line recovery.
+several processes append to one outbox. SQLite gives atomic, ordered, durable (``journal_mode=WAL``
+with ``synchronous=FULL``) updates and cross-process locking.
 
 Exactly once. Every entry is marked *sent* (committed) before its call goes out and *done*
 (committed, in the same transaction as the placeholder's real run id) after it returns; a call
-that :class:`DurableMlflow` tried to send at once and that failed on the way (a timeout, a
-connection reset) is journaled *sent* too. The server may already hold a *sent* entry, so it is
-sent again only after checking:
+that failed on the way (a timeout, a connection reset) is journaled *sent* too. The server may
+already hold a *sent* entry, so it is sent again only after checking:
 
 * ``create_run``: every run :class:`DurableMlflow` creates carries the tag
   :data:`OUTBOX_RUN_TAG` = its placeholder id; an existing run with it is reused;
 * metrics: points already in the run's history (same key, step, timestamp and value) are dropped
   (MLflow's SQL store also drops exact duplicates itself; its file store does not);
   params already set to the same value are dropped;
-* tags, artifacts, ``log_text`` and ``set_terminated`` (with its recorded end time) overwrite with
-  the same value, so sending them again changes nothing.
+* tags, artifacts, ``log_text``, ``update_run`` and ``set_terminated`` (with its recorded end
+  time) overwrite with the same value, so sending them again changes nothing.
 
 Run handles. ``create_run`` while the server is down returns a placeholder id
-(``outbox-<hex>``) that every method accepts; the mapping to the real id is stored in the outbox,
-so another process (``tune/search.py --sync``) can replay it. One outbox folder belongs to one
-tracking URI (stored at creation; opening it for another URI raises), lives on a local disk of
-the node (SQLite locking is not safe on NFS), and holds no credentials: URIs carrying passwords
-are refused earlier (``eqlv2.search.credentials``).
+(``outbox-<hex>``) that every method accepts; the outbox maps it to the real id, so another
+process of the node (the driver closing a trial's run, ``tune/search.py --sync``) can use it.
+:meth:`DurableMlflow.find_runs` finds runs by tag on the server and in this registry, so the
+driver finds a trial's run even while the server is down.
 
 Failures. An unreachable server (connection errors, timeouts, 5xx, authentication) leaves an
 entry pending. A call the server rejects (MLflow's 4xx error codes, or a client-side error such
 as a missing file) is not retried: it is marked *failed* with its error and reported, so one bad
 call cannot block the calls after it.
-
-Only public ``MlflowClient`` methods are used.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
 import threading
@@ -70,6 +73,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from .mlflow_client import finite_metrics, first_line, search_tagged_runs
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -78,11 +83,16 @@ __all__ = [
     "JournalEntry",
     "Outbox",
     "ReplayReport",
+    "TrackedRun",
+    "node_outbox",
+    "outbox_folders",
+    "outbox_report",
     "pending_count",
     "replay",
+    "replay_all",
 ]
 
-#: Tag of a run created from the outbox: its placeholder id (makes re-creation idempotent).
+#: Tag of a run created through the outbox: its placeholder id (makes re-creation idempotent).
 OUTBOX_RUN_TAG = "eqlv2.outbox_run"
 #: Prefix of placeholder run ids.
 PLACEHOLDER_PREFIX = "outbox-"
@@ -102,6 +112,8 @@ REJECTION_CODES = frozenset(
 #: MLflow's batch limits: metrics per ``log_batch`` (1000; 900 leaves room) and params or tags (100).
 METRICS_PER_BATCH = 900
 PARAMS_PER_BATCH = 100
+#: Run statuses of an open run.
+OPEN_STATUSES = ("RUNNING", "SCHEDULED")
 
 PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
 
@@ -117,7 +129,12 @@ CREATE TABLE IF NOT EXISTS entries (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
-CREATE TABLE IF NOT EXISTS runs (placeholder TEXT PRIMARY KEY, run_id TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    placeholder TEXT PRIMARY KEY,
+    run_id TEXT,
+    tags TEXT NOT NULL DEFAULT '{}',
+    closed INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -126,23 +143,38 @@ def is_placeholder(run_ref: str | None) -> bool:
     return bool(run_ref) and str(run_ref).startswith(PLACEHOLDER_PREFIX)
 
 
+def node_outbox(root: str | os.PathLike) -> Path:
+    """This node's outbox folder under ``root`` (``<root>/<hostname>``)."""
+    return Path(root).expanduser().resolve() / socket.gethostname()
+
+
+def outbox_folders(root: str | os.PathLike) -> list[Path]:
+    """The outbox folders under ``root`` (one per node that wrote there), sorted."""
+    return sorted(path.parent for path in Path(root).glob("*/outbox.sqlite"))
+
+
 @dataclass(frozen=True)
 class JournalEntry:
-    """One journaled MLflow call.
-
-    Attributes:
-        seq: position in the outbox (replay order).
-        op: ``create_run``, ``log_batch``, ``log_artifact``, ``log_text`` or ``set_terminated``.
-        run_ref: the run (real id or placeholder).
-        payload: the call's arguments (JSON-able).
-        state: ``pending``, ``sent``, ``done`` or ``failed``.
-    """
+    """One journaled MLflow call: its position ``seq`` (replay order), operation ``op``
+    (``create_run``, ``log_batch``, ``log_artifact``, ``log_text``, ``update_run`` or
+    ``set_terminated``), run (real id or placeholder), arguments (JSON-able) and state
+    (``pending``, ``sent``, ``done`` or ``failed``)."""
 
     seq: int
     op: str
     run_ref: str | None
     payload: dict[str, Any]
     state: str
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A run found by :meth:`DurableMlflow.find_runs`: its id or placeholder, whether it is still
+    open (as far as this node knows), and its tags."""
+
+    ref: str
+    open: bool
+    tags: dict[str, str]
 
 
 class Outbox:
@@ -160,9 +192,7 @@ class Outbox:
     def __init__(self, folder: str | os.PathLike, tracking_uri: str | None = None) -> None:
         self.folder = Path(folder).expanduser().resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.folder / "outbox.sqlite", timeout=60.0, isolation_level=None
-        )
+        self._db = sqlite3.connect(self.folder / "outbox.sqlite", timeout=60.0, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -184,6 +214,7 @@ class Outbox:
         return row[0]
 
     def close(self) -> None:
+        """Closes the database connection."""
         self._db.close()
 
     @contextmanager
@@ -198,14 +229,7 @@ class Outbox:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def append(
-        self,
-        op: str,
-        run_ref: str | None,
-        payload: Mapping[str, Any],
-        state: str = PENDING,
-        error: str | None = None,
-    ) -> int:
+    def append(self, op: str, run_ref: str | None, payload: Mapping[str, Any], state: str = PENDING, error: str | None = None) -> int:
         """Journals one call durably; returns its sequence number."""
         with self._transaction() as db:
             cursor = db.execute(
@@ -214,11 +238,11 @@ class Outbox:
             )
             return int(cursor.lastrowid)
 
-    def new_placeholder(self) -> str:
-        """A fresh placeholder run id, registered unmapped."""
+    def new_placeholder(self, tags: Mapping[str, str] | None = None) -> str:
+        """A fresh placeholder run id, registered unmapped with the run's ``tags``."""
         placeholder = f"{PLACEHOLDER_PREFIX}{uuid.uuid4().hex}"
         with self._transaction() as db:
-            db.execute("INSERT INTO runs VALUES (?, NULL)", (placeholder,))
+            db.execute("INSERT INTO runs (placeholder, tags) VALUES (?, ?)", (placeholder, json.dumps(dict(tags or {}))))
         return placeholder
 
     def keep_file(self, source: str | os.PathLike) -> str:
@@ -226,32 +250,42 @@ class Outbox:
         source = Path(source)
         folder = self.folder / "blobs" / uuid.uuid4().hex
         folder.mkdir(parents=True)
-        target = folder / source.name
-        partial = folder / f".{source.name}.partial"
+        target, partial = folder / source.name, folder / f".{source.name}.partial"
         shutil.copyfile(source, partial)
         with open(partial, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(partial, target)
         return str(target)
 
-    def mark(
-        self,
-        seq: int,
-        state: str,
-        error: str | None = None,
-        run_id: str | None = None,
-        placeholder: str | None = None,
-    ) -> None:
+    def mark(self, seq: int, state: str, error: str | None = None, run_id: str | None = None, placeholder: str | None = None) -> None:
         """Sets an entry's state (and maps ``placeholder`` to ``run_id``) in one transaction."""
         with self._transaction() as db:
             db.execute("UPDATE entries SET state = ?, error = ? WHERE seq = ?", (state, error, seq))
             if placeholder and run_id:
-                db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (placeholder, run_id))
+                self._map(db, placeholder, run_id)
 
     def map_placeholder(self, placeholder: str, run_id: str) -> None:
         """Records the real run id of ``placeholder`` (a run created at once)."""
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?)", (placeholder, run_id))
+            self._map(db, placeholder, run_id)
+
+    @staticmethod
+    def _map(db: sqlite3.Connection, placeholder: str, run_id: str) -> None:
+        db.execute(
+            "INSERT INTO runs (placeholder, run_id) VALUES (?, ?) "
+            "ON CONFLICT (placeholder) DO UPDATE SET run_id = excluded.run_id",
+            (placeholder, run_id),
+        )
+
+    def set_closed(self, run_ref: str, closed: bool, tags: Mapping[str, str] | None = None) -> None:
+        """Records that ``run_ref`` was closed (or reopened) through this outbox; a run the
+        registry does not hold yet is added with ``tags``."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE runs SET closed = ? WHERE placeholder = ? OR run_id = ?", (int(closed), run_ref, run_ref)
+            ).rowcount
+            if not changed and tags is not None:
+                db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (run_ref, run_ref, json.dumps(dict(tags)), int(closed)))
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -260,9 +294,7 @@ class Outbox:
         run has not been created yet)."""
         if not is_placeholder(run_ref):
             return run_ref
-        row = self._db.execute(
-            "SELECT run_id FROM runs WHERE placeholder = ?", (run_ref,)
-        ).fetchone()
+        row = self._db.execute("SELECT run_id FROM runs WHERE placeholder = ?", (run_ref,)).fetchone()
         return row[0] if row else None
 
     def next_entry(self) -> JournalEntry | None:
@@ -271,29 +303,39 @@ class Outbox:
             "SELECT seq, op, run_ref, payload, state FROM entries WHERE state IN (?, ?) ORDER BY seq LIMIT 1",
             (PENDING, SENT),
         ).fetchone()
-        if row is None:
-            return None
-        return JournalEntry(row[0], row[1], row[2], json.loads(row[3]), row[4])
+        return None if row is None else JournalEntry(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
     def count(self, *states: str) -> int:
         """Entries in ``states``."""
         marks = ", ".join("?" * len(states))
-        return int(
-            self._db.execute(
-                f"SELECT COUNT(*) FROM entries WHERE state IN ({marks})", states
-            ).fetchone()[0]
-        )
+        return int(self._db.execute(f"SELECT COUNT(*) FROM entries WHERE state IN ({marks})", states).fetchone()[0])
 
-    def failures(self) -> list[tuple[int, str, str]]:
-        """``(seq, op, error)`` of the entries the server rejected."""
-        rows = self._db.execute(
-            "SELECT seq, op, error FROM entries WHERE state = ? ORDER BY seq", (FAILED,)
-        )
+    def tally(self, since: float = 0.0) -> dict[str, dict[str, int]]:
+        """``{state: {op: entries}}`` of the entries journaled at or after ``since`` (epoch s)."""
+        out: dict[str, dict[str, int]] = {}
+        rows = self._db.execute("SELECT state, op, COUNT(*) FROM entries WHERE created >= ? GROUP BY state, op", (since,))
+        for state, op, number in rows:
+            out.setdefault(state, {})[op] = int(number)
+        return out
+
+    def failures(self, since: float = 0.0) -> list[tuple[int, str, str]]:
+        """``(seq, op, error)`` of the entries the server rejected (journaled since ``since``)."""
+        rows = self._db.execute("SELECT seq, op, error FROM entries WHERE state = ? AND created >= ? ORDER BY seq", (FAILED, since))
         return [(int(seq), op, error or "") for seq, op, error in rows]
 
     def placeholders(self) -> dict[str, str | None]:
         """``{placeholder: run id or None}``."""
-        return dict(self._db.execute("SELECT placeholder, run_id FROM runs").fetchall())
+        rows = self._db.execute("SELECT placeholder, run_id FROM runs").fetchall()
+        return {ref: run_id for ref, run_id in rows if is_placeholder(ref)}
+
+    def tagged_runs(self, tags: Mapping[str, str]) -> list[tuple[str, str | None, dict[str, str], bool]]:
+        """``(ref, run id or None, tags, closed)`` of the registered runs carrying every tag of ``tags``."""
+        out = []
+        for ref, run_id, text, closed in self._db.execute("SELECT placeholder, run_id, tags, closed FROM runs"):
+            run_tags = json.loads(text)
+            if all(run_tags.get(key) == value for key, value in tags.items()):
+                out.append((ref, run_id, run_tags, bool(closed)))
+        return out
 
     @contextmanager
     def replay_lock(self, blocking: bool) -> Iterator[bool]:
@@ -335,24 +377,18 @@ def _is_rejection(error: BaseException) -> bool:
 
 
 def _batch(payload: Mapping[str, Any]) -> tuple[list[Metric], list[Param], list[RunTag]]:
-    metrics = [
-        Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in payload.get("metrics", [])
-    ]
+    metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in payload.get("metrics", [])]
     params = [Param(k, v) for k, v in payload.get("params", [])]
     tags = [RunTag(k, v) for k, v in payload.get("tags", [])]
     return metrics, params, tags
 
 
-def _drop_already_logged(
-    client: MlflowClient, run_id: str, payload: dict[str, Any]
-) -> dict[str, Any]:
+def _drop_already_logged(client: MlflowClient, run_id: str, payload: dict[str, Any]) -> dict[str, Any]:
     """The ``log_batch`` payload without the metric points and params the run already holds."""
     metrics = payload.get("metrics", [])
     seen: set[tuple] = set()
     for key in {m[0] for m in metrics}:
-        seen |= {
-            (m.key, m.value, m.timestamp, m.step) for m in client.get_metric_history(run_id, key)
-        }
+        seen |= {(m.key, m.value, m.timestamp, m.step) for m in client.get_metric_history(run_id, key)}
     params = client.get_run(run_id).data.params if payload.get("params") else {}
     return {
         "metrics": [m for m in metrics if (m[0], float(m[1]), int(m[2]), int(m[3])) not in seen],
@@ -361,28 +397,38 @@ def _drop_already_logged(
     }
 
 
-def _create_run(
-    client: MlflowClient, payload: dict[str, Any], placeholder: str | None, lookup: bool
-) -> str:
+def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str | None, lookup: bool) -> str:
     """Creates the run tagged with its placeholder; with ``lookup``, reuses a run already tagged."""
     if placeholder and lookup:
-        found = client.search_runs(
-            [payload["experiment_id"]],
-            filter_string=f"tags.`{OUTBOX_RUN_TAG}` = '{placeholder}'",
-            max_results=1,
-        )
+        query = f"tags.`{OUTBOX_RUN_TAG}` = '{placeholder}'"
+        found = client.search_runs([payload["experiment_id"]], filter_string=query, max_results=1)
         if found:
             return found[0].info.run_id
     tags = dict(payload.get("tags") or {})
     if placeholder:
         tags[OUTBOX_RUN_TAG] = placeholder
-    run = client.create_run(
-        payload["experiment_id"],
-        start_time=payload.get("start_time"),
-        tags=tags,
-        run_name=payload.get("run_name"),
-    )
+    run = client.create_run(payload["experiment_id"], start_time=payload.get("start_time"), tags=tags, run_name=payload.get("run_name"))
     return run.info.run_id
+
+
+def _call_client(client: MlflowClient, op: str, run_id: str, payload: dict[str, Any], resent: bool) -> None:
+    """Makes one call on an existing run."""
+    if op == "log_batch":
+        metrics, params, tags = _batch(_drop_already_logged(client, run_id, payload) if resent else payload)
+        if metrics or params or tags:
+            client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+    elif op == "log_artifact":
+        if not Path(payload["path"]).is_file():
+            raise _Rejected(f"the file {payload['path']} is gone")
+        client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
+    elif op == "log_text":
+        client.log_text(run_id, payload["text"], payload["artifact_file"])
+    elif op == "update_run":
+        client.update_run(run_id, status=payload["status"])
+    elif op == "set_terminated":
+        client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
+    else:
+        raise _Rejected(f"unknown operation {op!r}")
 
 
 def _send(
@@ -405,22 +451,7 @@ def _send(
             return _create_run(client, payload, placeholder, lookup=resent)
         if run_id is None:
             raise _Rejected("its run was never created (the create_run entry failed)")
-        if op == "log_batch":
-            metrics, params, tags = _batch(
-                _drop_already_logged(client, run_id, payload) if resent else payload
-            )
-            if metrics or params or tags:
-                client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-        elif op == "log_artifact":
-            if not Path(payload["path"]).is_file():
-                raise _Rejected(f"the file {payload['path']} is gone")
-            client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
-        elif op == "log_text":
-            client.log_text(run_id, payload["text"], payload["artifact_file"])
-        elif op == "set_terminated":
-            client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
-        else:
-            raise _Rejected(f"unknown operation {op!r}")
+        _call_client(client, op, run_id, payload, resent)
     except _Rejected:
         raise
     except Exception as error:
@@ -435,11 +466,11 @@ def _send(
 
 @dataclass
 class ReplayReport:
-    """What a replay did.
+    """What a replay did (or, from :func:`outbox_report`, what an outbox holds).
 
     Attributes:
         replayed: entries sent, by operation.
-        failed: ``(seq, op, error)`` of the entries the server rejected (in this outbox, ever).
+        failed: ``(seq, op, error)`` of the entries the server rejected.
         pending: entries still to send (the server went away again, or another process replays).
         runs: placeholders mapped to their real run ids.
         error: why the replay stopped early, if it did.
@@ -456,6 +487,15 @@ class ReplayReport:
         """Nothing pending and nothing rejected."""
         return self.pending == 0 and not self.failed
 
+    def add(self, other: ReplayReport) -> None:
+        """Adds ``other`` (another outbox folder) to this report."""
+        for op, number in other.replayed.items():
+            self.replayed[op] = self.replayed.get(op, 0) + number
+        self.failed += other.failed
+        self.pending += other.pending
+        self.runs.update(other.runs)
+        self.error = self.error or other.error
+
     def summary(self) -> str:
         """One line for the search's summary."""
         sent = ", ".join(f"{n} {op}" for op, n in sorted(self.replayed.items())) or "nothing"
@@ -463,30 +503,16 @@ class ReplayReport:
         return f"{line} (stopped: {self.error})" if self.error else line
 
 
-def _replay_entries(
-    outbox: Outbox,
-    client: MlflowClient,
-    report: ReplayReport,
-    progress: Callable[[JournalEntry], None] | None,
-) -> None:
+def _replay_entries(outbox: Outbox, client: MlflowClient, report: ReplayReport, progress: Callable[[JournalEntry], None] | None) -> None:
     while (entry := outbox.next_entry()) is not None:
         placeholder = entry.run_ref if entry.op == "create_run" else None
         run_id = None if entry.op == "create_run" else outbox.resolve(entry.run_ref)
         if entry.state == PENDING:
             outbox.mark(entry.seq, SENT)
         try:
-            new_run = _send(
-                client,
-                entry.op,
-                run_id,
-                entry.payload,
-                placeholder=placeholder,
-                resent=entry.state == SENT,
-            )
+            new_run = _send(client, entry.op, run_id, entry.payload, placeholder=placeholder, resent=entry.state == SENT)
         except _Rejected as rejected:
-            logger.warning(
-                "MLflow refused journaled call %d (%s): %s", entry.seq, entry.op, rejected
-            )
+            logger.warning("MLflow refused journaled call %d (%s): %s", entry.seq, entry.op, rejected)
             outbox.mark(entry.seq, FAILED, error=str(rejected)[:4000])
             continue
         if progress is not None:
@@ -498,11 +524,7 @@ def _replay_entries(
 
 
 def replay_outbox(
-    outbox: Outbox,
-    client: MlflowClient,
-    *,
-    blocking: bool = True,
-    progress: Callable[[JournalEntry], None] | None = None,
+    outbox: Outbox, client: MlflowClient, *, blocking: bool = True, progress: Callable[[JournalEntry], None] | None = None
 ) -> ReplayReport:
     """Sends ``outbox``'s pending entries in order with ``client`` (see :func:`replay`)."""
     report = ReplayReport()
@@ -513,7 +535,7 @@ def replay_outbox(
             try:
                 _replay_entries(outbox, client, report, progress)
             except Exception as error:  # the server went away again: the rest stays pending
-                report.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                report.error = f"{type(error).__name__}: {first_line(error)}"
     report.pending = outbox.count(PENDING, SENT)
     report.failed = outbox.failures()
     report.runs = outbox.placeholders()
@@ -521,10 +543,7 @@ def replay_outbox(
 
 
 def replay(
-    folder: str | os.PathLike,
-    tracking_uri: str | None = None,
-    *,
-    progress: Callable[[JournalEntry], None] | None = None,
+    folder: str | os.PathLike, tracking_uri: str | None = None, *, progress: Callable[[JournalEntry], None] | None = None
 ) -> ReplayReport:
     """Replays the outbox in ``folder`` to its tracking server, in order, exactly once.
 
@@ -540,23 +559,25 @@ def replay(
     """
     outbox = Outbox(folder, tracking_uri)
     try:
-        return replay_outbox(
-            outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress
-        )
+        return replay_outbox(outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress)
     finally:
         outbox.close()
 
 
+def outbox_report(root: str | os.PathLike, since: float = 0.0) -> ReplayReport:
+    """What the outboxes under ``root`` hold: the entries journaled since ``since`` (epoch
+    seconds) that were replayed or rejected, and every entry still pending."""
+    report = ReplayReport()
+    for folder in outbox_folders(root):
+        outbox = Outbox(folder)
+        try:
+            report.add(ReplayReport(outbox.tally(since).get(DONE, {}), outbox.failures(since), outbox.count(PENDING, SENT)))
+        finally:
+            outbox.close()
+    return report
+
+
 # --- the client the search uses -------------------------------------------------------------------
-
-
-def _finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        number = float(value) if isinstance(value, bool | int | float) else None
-        if number is not None and math.isfinite(number):
-            out[str(key)] = number
-    return out
 
 
 def _now_ms() -> int:
@@ -574,22 +595,17 @@ class DurableMlflow:
 
     Args:
         tracking_uri: the MLflow tracking URI (no credentials in it).
-        outbox_dir: the outbox folder, on a local disk of this node.
+        outbox_dir: the outbox folder, on a local disk of this node (:func:`node_outbox`).
         retry_after: seconds to journal without trying after the server was found unreachable.
 
-    MLflow's HTTP client retries a failing request for up to about two minutes by default; a
-    trial process that must not stall that long should set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` low in its environment (e.g. 1 and 10).
+    MLflow's HTTP client retries a failing request for minutes by default; trial processes set
+    it low (:func:`eqlv2.search.mlflow_client.limit_http_retries`).
     """
 
-    def __init__(
-        self, tracking_uri: str, outbox_dir: str | os.PathLike, retry_after: float = 30.0
-    ) -> None:
+    def __init__(self, tracking_uri: str, outbox_dir: str | os.PathLike, retry_after: float = 30.0) -> None:
         self.tracking_uri = tracking_uri
         self.outbox_dir = str(Path(outbox_dir).expanduser().resolve())
         self.retry_after = retry_after
-        #: calls journaled by this object (description → count), for the summary.
-        self.journaled: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -600,8 +616,7 @@ class DurableMlflow:
         self._lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("tracking_uri", "outbox_dir", "retry_after", "journaled")
-        return {key: self.__dict__[key] for key in keep}
+        return {key: self.__dict__[key] for key in ("tracking_uri", "outbox_dir", "retry_after")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -628,7 +643,7 @@ class DurableMlflow:
         return self._down_since is None or time.monotonic() - self._down_since >= self.retry_after
 
     def pending(self) -> int:
-        """Entries of the outbox not yet on the server (of every process using it)."""
+        """Entries of the outbox not yet on the server (of every process using it); -1 if unreadable."""
         return self._guard("count the outbox", lambda: self.outbox.count(PENDING, SENT), default=-1)
 
     def _guard(self, what: str, fn: Callable[[], Any], default: Any = None) -> Any:
@@ -643,17 +658,15 @@ class DurableMlflow:
         if self._down_since is None:
             logger.warning(
                 "MLflow at %s unreachable (%s); calls are kept in %s and sent when it is back (from: %s)",
-                self.tracking_uri, str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
-                self.outbox_dir, what,
+                self.tracking_uri, first_line(error), self.outbox_dir, what,
             )  # fmt: skip
         self._down_since = time.monotonic()
 
     def flush(self) -> ReplayReport:
-        """Replays the backlog now (e.g. at the end of a trial); never raises."""
+        """Replays the backlog now (at the end of a trial, of a training run, of the search);
+        waits for another process's replay of the same outbox; never raises."""
         with self._lock:
-            report = self._guard(
-                "replay", lambda: replay_outbox(self.outbox, self.client, blocking=True)
-            )
+            report = self._guard("replay", lambda: replay_outbox(self.outbox, self.client, blocking=True))
             if report is None:
                 return ReplayReport(error="the outbox could not be read", pending=-1)
             if report.error and report.pending:
@@ -672,9 +685,7 @@ class DurableMlflow:
             self._went_down("replay", report.error)
         return report.pending == 0
 
-    def _submit(
-        self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]
-    ) -> str | None:
+    def _submit(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
         """Sends or journals one call; returns the run id (or placeholder) of ``create_run``.
 
         A run is created with its placeholder as tag even when sent at once, and a call that
@@ -683,80 +694,88 @@ class DurableMlflow:
         """
         with self._lock:
             if op == "create_run":
-                run_ref = self.outbox.new_placeholder()
-            if self.available and self._backlog_cleared():
-                run_id = None if op == "create_run" else self.outbox.resolve(run_ref)
-                if op == "create_run" or run_id is not None:
-                    try:
-                        created = _send(self.client, op, run_id, payload, placeholder=run_ref)
-                    except _Rejected as rejected:
-                        logger.warning("MLflow refused %s: %s", what, rejected)
-                        self.outbox.append(
-                            op, run_ref, payload, state=FAILED, error=str(rejected)[:4000]
-                        )
-                        return None
-                    except Exception as error:
-                        self._went_down(what, error)
-                        return self._journal(what, op, run_ref, payload, state=SENT)
-                    self._down_since = None
-                    if created is not None:
-                        self.outbox.map_placeholder(run_ref, created)
-                    return created
-            return self._journal(what, op, run_ref, payload)
+                run_ref = self.outbox.new_placeholder(payload["tags"])
+            run_id = None if op == "create_run" else self.outbox.resolve(run_ref)
+            if not (self.available and self._backlog_cleared()) or (op != "create_run" and run_id is None):
+                return self._journal(op, run_ref, payload)
+            try:
+                created = _send(self.client, op, run_id, payload, placeholder=run_ref)
+            except _Rejected as rejected:
+                logger.warning("MLflow refused %s: %s", what, rejected)
+                self.outbox.append(op, run_ref, payload, state=FAILED, error=str(rejected)[:4000])
+                return None
+            except Exception as error:
+                self._went_down(what, error)
+                return self._journal(op, run_ref, payload, state=SENT)
+            self._down_since = None
+            if created is not None:
+                self.outbox.map_placeholder(run_ref, created)
+            return created
 
-    def _journal(
-        self, what: str, op: str, run_ref: str | None, payload: dict[str, Any], state: str = PENDING
-    ) -> str | None:
+    def _journal(self, op: str, run_ref: str | None, payload: dict[str, Any], state: str = PENDING) -> str | None:
         if op == "log_artifact":
             payload = {**payload, "path": self.outbox.keep_file(payload["path"])}
         self.outbox.append(op, run_ref, payload, state=state)
-        self.journaled[what.split(" ")[0]] = self.journaled.get(what.split(" ")[0], 0) + 1
         return run_ref if op == "create_run" else None
 
     def _call(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
         return self._guard(f"record {what}", lambda: self._submit(what, op, run_ref, payload))
 
-    # --- conveniences (those of SafeMlflow) -----------------------------------------------------
+    # --- reads ----------------------------------------------------------------------------------
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A read (``fn(client, ...)``, e.g. ``search_runs``): not journaled; None on failure."""
+        """A read (``fn(client, ...)``, e.g. ``search_runs``): not journaled; None when it fails
+        or while the server is known to be down."""
+        if not self.available:
+            return None
         try:
             return fn(self.client, *args, **kwargs)
         except Exception as error:
-            logger.warning(
-                "MLflow at %s: %s failed (%s)",
-                self.tracking_uri,
-                what,
-                str(error).splitlines()[0][:300],
-            )
+            logger.warning("MLflow at %s: %s failed (%s)", self.tracking_uri, what, first_line(error))
+            if not (isinstance(error, MlflowException) and _is_rejection(error)):
+                self._went_down(what, error)
             return None
 
-    def create_run(
-        self, experiment_id: str, run_name: str, tags: Mapping[str, str] | None = None
-    ) -> str | None:
+    def find_runs(self, experiment_id: str, tags: Mapping[str, str]) -> list[TrackedRun]:
+        """The runs carrying ``tags``: those on the server (when it answers) and those created
+        through this node's outbox (their creation may still be pending); a run closed through
+        the outbox counts as closed even while its closing call is pending."""
+        tags = {str(k): str(v) for k, v in tags.items()}
+        found = self.call(f"search of the runs tagged {tags}", search_tagged_runs, experiment_id, tags) or []
+        local = self._guard("read its runs", lambda: self.outbox.tagged_runs(tags), default=[])
+        closed_here = {run_id or ref: closed for ref, run_id, _, closed in local}
+        runs = {
+            run.info.run_id: TrackedRun(run.info.run_id, run.info.status in OPEN_STATUSES and not closed_here.get(run.info.run_id), dict(run.data.tags))
+            for run in found
+        }  # fmt: skip
+        for ref, run_id, run_tags, closed in local:
+            if (run_id or ref) not in runs:
+                runs[run_id or ref] = TrackedRun(ref if run_id is None else run_id, not closed, run_tags)
+        return list(runs.values())
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, Any] | None = None) -> str | None:
         """Creates a RUNNING run; returns its id, or a placeholder while the server is down."""
-        payload = {"experiment_id": str(experiment_id), "run_name": run_name,
-                   "tags": {str(k): str(v) for k, v in (tags or {}).items()}, "start_time": _now_ms()}  # fmt: skip
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        payload = {"experiment_id": str(experiment_id), "run_name": run_name, "tags": tags, "start_time": _now_ms()}
         return self._call(f"create_run {run_name!r}", "create_run", None, payload)
 
-    def log_metrics(
-        self,
-        run_id: str | None,
-        metrics: Mapping[str, Any],
-        step: int,
-        timestamp_ms: int | None = None,
-    ) -> None:
+    def reopen(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Sets a closed run RUNNING again (a resumed trial continuing its run)."""
+        self._guard("register the run", lambda: self.outbox.set_closed(run_id, False, {str(k): str(v) for k, v in tags.items()}))
+        self._call(f"reopening run {run_id}", "update_run", run_id, {"status": "RUNNING"})
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> None:
         """Logs the finite numeric entries of ``metrics`` at ``step`` (time: now, in ms)."""
-        values = _finite_metrics(metrics)
+        values = finite_metrics(metrics)
         if not run_id or not values:
             return
         stamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
         points = [[key, value, stamp, int(step)] for key, value in values.items()]
         for start in range(0, len(points), METRICS_PER_BATCH):
             part = points[start : start + METRICS_PER_BATCH]
-            self._call(
-                f"metrics ({len(part)} at step {step})", "log_batch", run_id, {"metrics": part}
-            )
+            self._call(f"metrics ({len(part)} at step {step})", "log_batch", run_id, {"metrics": part})
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         """Logs params (values as text, cut to MLflow's 6000 characters)."""
@@ -768,33 +787,24 @@ class DurableMlflow:
 
     def _log_pairs(self, run_id: str | None, kind: str, values: dict[str, str]) -> None:
         pairs = [[k, v] for k, v in values.items()]
-        if not run_id or not pairs:
-            return
-        for start in range(0, len(pairs), PARAMS_PER_BATCH):
+        for start in range(0, len(pairs) if run_id else 0, PARAMS_PER_BATCH):
             part = pairs[start : start + PARAMS_PER_BATCH]
             self._call(f"{kind} {[p[0] for p in part]}", "log_batch", run_id, {kind: part})
 
-    def log_artifact(
-        self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None
-    ) -> None:
+    def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Uploads one file (journaled as a copy, so the source may go away)."""
         if not run_id:
             return
         if not Path(path).is_file():
             logger.warning("MLflow artifact %s not logged: no such file", path)
             return
-        self._call(f"artifact {Path(path).name}", "log_artifact", run_id,
-                   {"path": str(path), "artifact_path": artifact_path})  # fmt: skip
+        payload = {"path": str(path), "artifact_path": artifact_path}
+        self._call(f"artifact {Path(path).name}", "log_artifact", run_id, payload)
 
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
         """Uploads ``text`` as the artifact ``artifact_file``."""
         if run_id:
-            self._call(
-                f"artifact {artifact_file}",
-                "log_text",
-                run_id,
-                {"text": text, "artifact_file": artifact_file},
-            )
+            self._call(f"artifact {artifact_file}", "log_text", run_id, {"text": text, "artifact_file": artifact_file})
 
     def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
         """Uploads a matplotlib figure as the image ``artifact_file`` (e.g. ``plots/ratio.png``)."""
@@ -813,21 +823,13 @@ class DurableMlflow:
     def terminate(self, run_id: str | None, status: str) -> None:
         """Closes a run with ``status`` (FINISHED, FAILED or KILLED), at the time of this call."""
         if run_id:
-            self._call(
-                f"status {status}",
-                "set_terminated",
-                run_id,
-                {"status": status, "end_time": _now_ms()},
-            )
+            self._guard("register the run's end", lambda: self.outbox.set_closed(run_id, True))
+            self._call(f"status {status}", "set_terminated", run_id, {"status": status, "end_time": _now_ms()})
 
-    def warn_pending(self, context: str) -> int:
-        """Flushes, then one warning if anything is still pending; returns the pending count."""
-        report = self.flush()
-        if report.pending or report.failed:
-            logger.warning(
-                "%s: %s. Replay later with the outbox %s",
-                context,
-                report.summary(),
-                self.outbox_dir,
-            )
-        return report.pending
+
+def replay_all(root: str | os.PathLike, progress: Callable[[JournalEntry], None] | None = None) -> ReplayReport:
+    """Replays every outbox under ``root`` (``tune/search.py --sync``); what it did, and what is left."""
+    report = ReplayReport()
+    for folder in outbox_folders(root):
+        report.add(replay(folder, progress=progress))
+    return report

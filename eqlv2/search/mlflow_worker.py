@@ -10,6 +10,8 @@
   ``<dataset>/grad/...``); after training the classifier weight norms (``weight_norms/``).
 
 Neither writes the run's status: the driver alone does (:mod:`eqlv2.search.mlflow_driver`).
+Both write through the node's MLflow outbox (:class:`~eqlv2.search.mlflow_outbox.DurableMlflow`)
+and replay it after training, so a server that was down during training gets the whole run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from eqlv2.losses.statistics import summarize
 from eqlv2.modeling import EQLv2FastRCNNOutputLayers
 from eqlv2.raytrain.report_hook import evaluation_at, evaluation_metrics, is_evaluation_key
 
-from .mlflow_client import SafeMlflow
+from .mlflow_client import limit_http_retries
+from .mlflow_outbox import DurableMlflow, node_outbox
 from .plots import gradient_ratio_figure, weight_norms_figure
 
 logger = logging.getLogger(__name__)
@@ -87,7 +90,7 @@ def category_table(dataset_name: str | None, num_classes: int) -> dict[str, list
 class MlflowEventWriter(EventWriter):
     """Writes the ``EventStorage``'s new scalars to a trial's run (see the module docstring)."""
 
-    def __init__(self, mlflow: SafeMlflow, run_id: str, dataset: str, max_iter: int, test_datasets: Sequence[str]) -> None:
+    def __init__(self, mlflow: DurableMlflow, run_id: str, dataset: str, max_iter: int, test_datasets: Sequence[str]) -> None:
         self._mlflow = mlflow
         self._run_id = run_id
         self._prefix = f"{dataset}/"
@@ -106,13 +109,15 @@ class MlflowEventWriter(EventWriter):
             self._last_write = iteration
 
     def close(self) -> None:
-        self._mlflow.warn_dropped(f"trial run {self._run_id} ({self._prefix[:-1]})")
+        """After training: replays what the outbox holds."""
+        report = self._mlflow.flush()
+        logger.info("Trial run %s (%s) after training: %s", self._run_id, self._prefix[:-1], report.summary())
 
 
 class TrialArtifactsHook(HookBase):
     """Logs the gradient statistics after every evaluation and the weight norms after training."""
 
-    def __init__(self, mlflow: SafeMlflow, run_id: str, dataset: str, cfg, baseline_ratio: Sequence[float] | None) -> None:
+    def __init__(self, mlflow: DurableMlflow, run_id: str, dataset: str, cfg, baseline_ratio: Sequence[float] | None) -> None:
         self._mlflow = mlflow
         self._run_id = run_id
         self._dataset = dataset
@@ -161,6 +166,7 @@ class TrialArtifactsHook(HookBase):
         if self.trainer.iter >= self.trainer.max_iter:  # training completed
             self._log_gradient_statistics(self.trainer.max_iter)
             self._log_weight_norms()
+        self._mlflow.flush()
 
 
 @dataclass(frozen=True)
@@ -169,24 +175,32 @@ class TrialRunHooks:
 
     Attributes:
         tracking_uri: the MLflow tracking URI (absolute for SQLite).
-        run_id: the trial's child run.
+        outbox_root: the search's outbox folder (absolute; the node's subfolder is used).
+        run_id: the trial's child run (its id, or its outbox placeholder).
         dataset: short dataset name (``lvis``, ``openimages``): the metric prefix.
         period: iterations between two writes of the training scalars.
         baseline_ratio: ``(C,)`` gradient ratio of a baseline model for the plots, or None.
     """
 
     tracking_uri: str
+    outbox_root: str
     run_id: str
     dataset: str
     period: int = 20
     baseline_ratio: tuple[float, ...] | None = None
 
+    def _mlflow(self) -> DurableMlflow:
+        limit_http_retries()  # in the rank-0 worker: a dead server must not stall training
+        return DurableMlflow(self.tracking_uri, node_outbox(self.outbox_root))
+
     def writer(self, cfg, trainer) -> PeriodicWriter:
-        writer = MlflowEventWriter(SafeMlflow(self.tracking_uri), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
+        """The rank-0 ``PeriodicWriter`` of the training scalars."""
+        writer = MlflowEventWriter(self._mlflow(), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
         return PeriodicWriter([writer], period=max(1, int(self.period)))
 
     def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
-        return TrialArtifactsHook(SafeMlflow(self.tracking_uri), self.run_id, self.dataset, cfg, self.baseline_ratio)
+        """The rank-0 hook of the gradient statistics and weight norms."""
+        return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
 
     def factories(self) -> list:
         """The factories for ``build_torch_trainer(extra_hooks=...)``."""

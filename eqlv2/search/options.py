@@ -47,6 +47,7 @@ class SearchOptions:
     num_cpus: int | None = None
     baseline_gradients: tuple[str, ...] = ()
     verbose: bool = False
+    sync: bool = False  # replay the MLflow outbox of results_dir instead of searching
     argv: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -202,6 +202,9 @@ class TrialSettings:
         seed: detectron2 ``SEED`` of every trial (the same for all: trials differ by their
             parameters only).
         tracking_uri, experiment_id, parent_run_id: MLflow (None: not tracked).
+        mlflow_outbox: the search's MLflow outbox folder, absolute (``<results dir>/mlflow_outbox``):
+            each node keeps its journal of the calls the server did not take in a subfolder named
+            after the host, on that node's disk (None: not tracked).
         search_name: Tune experiment name.
         optuna_storage, study_name: the study (a resumed trial checks it before training).
         log_period: iterations between two MLflow logs of the training scalars.
@@ -222,6 +225,7 @@ class TrialSettings:
     tracking_uri: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None
+    mlflow_outbox: str | None = None
     search_name: str = "eqlv2_search"
     optuna_storage: str | None = None
     study_name: str | None = None

@@ -15,8 +15,10 @@ Every result a trial reports to Tune carries:
 * after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY` = 1 with the
   final metrics of every dataset.
 
-The trial creates its MLflow run and reports what happens to it (a failure is a
-:class:`TrialFailedError`); it never writes the run's final state: the driver does.
+The trial creates its MLflow run (or, restarted by a resumed search, reopens the run of its
+first attempt) and reports what happens to it (a failure is a :class:`TrialFailedError`); it
+never writes the run's final state: the driver does. Its MLflow calls go through the node's
+outbox and are replayed when the trial ends, before its last report.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from eqlv2.raytrain.launch import build_torch_trainer
 
-from .mlflow_client import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow
+from .mlflow_client import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG, limit_http_retries
+from .mlflow_outbox import DurableMlflow, node_outbox
 from .mlflow_worker import TrialRunHooks
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
@@ -160,18 +163,40 @@ def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, f
     return out
 
 
-def _start_run(settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any]) -> str | None:
-    """Creates the trial's child run (RUNNING) with its params; None when not tracked."""
-    if not (settings.tracking_uri and settings.experiment_id):
+def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
+    """The trial's MLflow client (HTTP retries kept short in this process); None when not tracked."""
+    if not (settings.tracking_uri and settings.experiment_id and settings.mlflow_outbox):
         return None
-    mlflow = SafeMlflow(settings.tracking_uri)
-    label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    limit_http_retries()
+    return DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox))
+
+
+def _start_run(settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any]) -> str | None:
+    """Creates the trial's child run (RUNNING) with its params, or reopens the one a first
+    attempt of this trial created (a resumed search); None when not tracked."""
+    mlflow = _trial_mlflow(settings)
+    if mlflow is None:
+        return None
     tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, "optuna_trial_number": number}
     if settings.parent_run_id:
         tags[PARENT_TAG] = settings.parent_run_id
+        previous = mlflow.find_runs(settings.experiment_id, {PARENT_TAG: settings.parent_run_id, TRIAL_TAG: trial_id})
+        if previous:
+            logger.info("Trial %s continues its MLflow run %s", trial_id, previous[0].ref)
+            mlflow.reopen(previous[0].ref, {**previous[0].tags, **tags})
+            mlflow.set_tags(previous[0].ref, {STATUS_TAG: "running"})
+            return previous[0].ref
+    label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
     mlflow.log_params(run_id, _trial_params(settings, values))
     return run_id
+
+
+def _flush(settings: TrialSettings, trial_id: str) -> None:
+    """Replays the node's outbox at the end of the trial (what is left stays for the driver)."""
+    mlflow = _trial_mlflow(settings)
+    if mlflow is not None:
+        logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
 
 
 def _train(settings: TrialSettings, spec: DatasetSpec, opts: list[str], callback, hooks: list, trial_dir: str) -> dict:
@@ -217,6 +242,15 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     if done is not None:
         return _report_recorded(done, trial_id, number)
     run_id = _start_run(settings, trial_id, number, values)
+    try:
+        final, evals = _train_datasets(settings, values, run_id, trial_dir)
+    finally:
+        _flush(settings, trial_id)
+    tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
+
+
+def _train_datasets(settings: TrialSettings, values: Mapping[str, Any], run_id: str | None, trial_dir: str) -> tuple[dict[str, Any], int]:
+    """Trains on each dataset in turn; the trial's final metrics and its evaluations done."""
     finished: dict[str, float | None] = {}
     final: dict[str, Any] = {}
     evals = 0
@@ -228,7 +262,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
-            hooks = TrialRunHooks(settings.tracking_uri, run_id, spec.name, settings.log_period, baseline).factories()
+            hooks = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline).factories()
         metrics = _train(settings, spec, opts, SearchReportCallback(translator), hooks, trial_dir)
         found = _final_metrics(spec, metrics)
         if not found:
@@ -239,4 +273,4 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})
     # Final objective: every dataset must have one (else NaN, and the study records a failure).
     final["objective"] = combine_objectives(finished) if all(v is not None for v in finished.values()) else NAN
-    tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
+    return final, evals
