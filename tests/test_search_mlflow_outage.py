@@ -4,8 +4,10 @@ A real ``mlflow server`` subprocess (:mod:`mlflow_server`) and a real smoke sear
 (``tune/search.py --smoke``, two trials of 6 iterations, one Ray Train worker each) as a
 subprocess; the server is stopped once the search has written to it:
 
-* stopped once the first trial's run exists, restarted 45 s later while the search goes on: the
-  search replays the outbox itself, exits 0 and says what it replayed;
+* stopped once the first trial has logged its first training point, restarted 45 s later while
+  the search goes on: the rest of that trial (its last points, evaluation, artifacts, and the
+  driver's final state) waits in the outbox; the search replays it itself, exits 0 and says what
+  it replayed;
 * stopped once the parent run exists, before any trial run, and kept down until the search
   ends: the trials' runs exist only as outbox placeholders; the search exits 3 and names the
   pending calls and the ``--sync`` command; after the restart, ``tune/search.py --sync`` replays
@@ -77,16 +79,16 @@ def _runs(uri: str, **tags: str) -> list:
     return [r for r in client.search_runs([experiment.experiment_id], query) if all(k in r.data.tags for k in tags)]
 
 
-def _wait_for(proc: subprocess.Popen, log: Path, uri: str, tag: str, timeout: float = 900) -> None:
-    """Waits until a run carrying ``tag`` exists on the server."""
+def _wait_for(proc: subprocess.Popen, log: Path, uri: str, tag: str, metric: str | None = None, timeout: float = 900) -> None:
+    """Waits until a run carrying ``tag`` (and holding ``metric``) exists on the server."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-4000:]
         with contextlib.suppress(Exception):
-            if any(tag in r.data.tags for r in _runs(uri)):
+            if any(tag in r.data.tags and (metric is None or metric in r.data.metrics) for r in _runs(uri)):
                 return
-        time.sleep(1)
-    pytest.fail(f"no run tagged {tag} within {timeout} s: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no run tagged {tag} with {metric} within {timeout} s: {log.read_text()[-3000:]}")
 
 
 def _check_runs(uri: str) -> None:
@@ -115,8 +117,8 @@ def _check_runs(uri: str) -> None:
 
 
 def _replayed(text: str) -> int:
-    """Calls the summary line says were replayed."""
-    match = re.search(r"MLflow outbox: replayed (.*?); (\d+) call\(s\) pending", text)
+    """Calls the search's summary says were replayed."""
+    match = re.search(r"MLflow outbox: replayed (.*?); (\d+) call\(s\) pending; \d+ rejected \(outbox", text)
     assert match, text[-3000:]
     return sum(int(n) for n in re.findall(r"(\d+) \w+", match.group(1)))
 
@@ -128,7 +130,7 @@ def test_server_stopped_and_restarted_during_the_search(tmp_path):
     log = tmp_path / "search.log"
     try:
         proc = _search_cli([*SEARCH, "--results-dir", str(tmp_path / "runs"), "--name", "outage", "--mlflow-uri", server.uri], tmp_path, log)
-        _wait_for(proc, log, server.uri, "tune_trial_id")
+        _wait_for(proc, log, server.uri, "tune_trial_id", "lvis/total_loss")  # the first trial's first point
         server.stop()
         stopped = time.monotonic()
         time.sleep(45)

@@ -26,18 +26,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from .stores import is_local_uri
 
 __all__ = [
-    "PARENT_TAG",
-    "SEARCH_TAG",
-    "STATUS_TAG",
-    "TRIAL_HTTP_LIMITS",
-    "TRIAL_TAG",
-    "finite_metrics",
-    "first_line",
-    "limit_http_retries",
-    "prepare_tracking_store",
-    "search_tagged_runs",
-    "ui_command",
-]
+    "PARENT_TAG", "SEARCH_TAG", "STATUS_TAG", "TRIAL_HTTP_LIMITS", "TRIAL_TAG", "finite_metrics", "first_line",
+    "limit_http_retries", "prepare_tracking_store", "search_tagged_runs", "ui_command",
+]  # fmt: skip
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 TRIAL_TAG = "tune_trial_id"

@@ -1,53 +1,38 @@
 """A durable outbox for MLflow: calls made while the tracking server is unreachable are kept on
 local disk, in order, and replayed exactly once when it is back.
 
-Pieces:
-
-* :class:`Outbox` — the journal of one folder: an SQLite file ``outbox.sqlite`` plus copies of the
+* :class:`Outbox` — the journal of one folder: an SQLite file ``outbox.sqlite``, copies of the
   artifact files (``blobs/``), and the registry of the runs created through it;
-* :func:`replay` — sends the pending entries in order and returns a :class:`ReplayReport`;
-  :func:`outbox_report` says what was replayed and what is left (the search's exit code is
-  non-zero while anything is);
-* :class:`DurableMlflow` — the never-raising client every MLflow writer of a search uses: it
-  writes through while the server answers, journals while it does not, and replays the backlog
-  in order before it writes through again.
+* :func:`replay` (:func:`replay_all` for every node's folder) sends the pending entries in order;
+  :func:`outbox_report` says what was replayed and what is left;
+* :class:`DurableMlflow` — the never-raising client of every MLflow writer of a search: it writes
+  through while the server answers, journals while it does not, and replays the backlog in order
+  before it writes through again.
 
-Where. One outbox per node: :func:`node_outbox` is ``<root>/<hostname>``, with ``root`` the
-search's ``<results dir>/mlflow_outbox`` (absolute, in the trial settings). The driver, its trials
-and their rank-0 workers on one node append to the same journal (SQLite's locking; a local disk,
-since SQLite locking is not safe on NFS), so their calls are replayed in the order they were made
-whichever process replays. A folder belongs to one tracking URI (stored at creation; opening it for
-another raises) and holds no credentials: URIs carrying passwords are refused earlier
-(``eqlv2.search.credentials``).
+One outbox per node (:func:`node_outbox`: ``<results dir>/mlflow_outbox/<hostname>``, on a local
+disk: SQLite locking is not safe on NFS): the driver, its trials and their rank-0 workers append
+to the same journal, so their calls are replayed in the order they were made whichever process
+replays. A folder belongs to one tracking URI (opening it for another raises) and holds no
+credentials (URIs carrying passwords are refused earlier, ``eqlv2.search.credentials``). SQLite,
+not a JSONL file: entries change state, placeholders map to run ids, and several processes append.
 
-Why SQLite and not an append-only JSONL file: each entry needs a state that changes after it is
-written (pending → sent → done), placeholders need a table that maps them to real run ids, and
-several processes append to one outbox. SQLite gives atomic, ordered, durable (``journal_mode=WAL``
-with ``synchronous=FULL``) updates and cross-process locking.
+Exactly once. An entry is marked *sent* before its call goes out and *done* (in the same
+transaction as the placeholder's real run id) after it returns; a call that failed on the way
+(a timeout, a connection reset) is journaled *sent*. The server may hold a *sent* entry already,
+so it is sent again only after checking: a run is created with the tag :data:`OUTBOX_RUN_TAG` =
+its placeholder and an existing run with it is reused; metric points already in the history and
+params already set are dropped; tags, artifacts, texts and run states overwrite with the same
+value.
 
-Exactly once. Every entry is marked *sent* (committed) before its call goes out and *done*
-(committed, in the same transaction as the placeholder's real run id) after it returns; a call
-that failed on the way (a timeout, a connection reset) is journaled *sent* too. The server may
-already hold a *sent* entry, so it is sent again only after checking:
-
-* ``create_run``: every run :class:`DurableMlflow` creates carries the tag
-  :data:`OUTBOX_RUN_TAG` = its placeholder id; an existing run with it is reused;
-* metrics: points already in the run's history (same key, step, timestamp and value) are dropped
-  (MLflow's SQL store also drops exact duplicates itself; its file store does not);
-  params already set to the same value are dropped;
-* tags, artifacts, ``log_text``, ``update_run`` and ``set_terminated`` (with its recorded end
-  time) overwrite with the same value, so sending them again changes nothing.
-
-Run handles. ``create_run`` while the server is down returns a placeholder id
-(``outbox-<hex>``) that every method accepts; the outbox maps it to the real id, so another
-process of the node (the driver closing a trial's run, ``tune/search.py --sync``) can use it.
-:meth:`DurableMlflow.find_runs` finds runs by tag on the server and in this registry, so the
-driver finds a trial's run even while the server is down.
+Run handles. ``create_run`` while the server is down returns a placeholder (``outbox-<hex>``)
+that every method accepts; the outbox maps it to the real id, so another process of the node (the
+driver closing a trial's run, ``tune/search.py --sync``) can use it, and
+:meth:`DurableMlflow.find_runs` finds runs by tag in this registry as well as on the server.
 
 Failures. An unreachable server (connection errors, timeouts, 5xx, authentication) leaves an
-entry pending. A call the server rejects (MLflow's 4xx error codes, or a client-side error such
-as a missing file) is not retried: it is marked *failed* with its error and reported, so one bad
-call cannot block the calls after it.
+entry pending. A call the server rejects (MLflow's 4xx error codes, or a client-side error such as
+a missing file) is marked *failed* with its error and reported, so it cannot block the calls after
+it.
 """
 
 from __future__ import annotations
@@ -78,19 +63,9 @@ from .mlflow_client import finite_metrics, first_line, search_tagged_runs
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "OUTBOX_RUN_TAG",
-    "DurableMlflow",
-    "JournalEntry",
-    "Outbox",
-    "ReplayReport",
-    "TrackedRun",
-    "node_outbox",
-    "outbox_folders",
-    "outbox_report",
-    "pending_count",
-    "replay",
-    "replay_all",
-]
+    "OUTBOX_RUN_TAG", "DurableMlflow", "JournalEntry", "Outbox", "ReplayReport", "TrackedRun", "node_outbox",
+    "outbox_folders", "outbox_report", "pending_count", "replay", "replay_all",
+]  # fmt: skip
 
 #: Tag of a run created through the outbox: its placeholder id (makes re-creation idempotent).
 OUTBOX_RUN_TAG = "eqlv2.outbox_run"
@@ -98,17 +73,9 @@ OUTBOX_RUN_TAG = "eqlv2.outbox_run"
 PLACEHOLDER_PREFIX = "outbox-"
 #: MLflow error codes meaning "the server answered and refuses this call": not retried.
 REJECTION_CODES = frozenset(
-    {
-        "INVALID_PARAMETER_VALUE",
-        "RESOURCE_DOES_NOT_EXIST",
-        "RESOURCE_ALREADY_EXISTS",
-        "INVALID_STATE",
-        "BAD_REQUEST",
-        "MALFORMED_REQUEST",
-        "RESOURCE_LIMIT_EXCEEDED",
-        "REQUEST_LIMIT_EXCEEDED",
-    }
-)
+    {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+     "BAD_REQUEST", "MALFORMED_REQUEST", "RESOURCE_LIMIT_EXCEEDED", "REQUEST_LIMIT_EXCEEDED"}
+)  # fmt: skip
 #: MLflow's batch limits: metrics per ``log_batch`` (1000; 900 leaves room) and params or tags (100).
 METRICS_PER_BATCH = 900
 PARAMS_PER_BATCH = 100
