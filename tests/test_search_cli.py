@@ -30,7 +30,7 @@ def test_help_lists_the_options():
     for option in (
         "--search-space", "--datasets", "--config-file", "--num-trials", "--concurrency",
         "--workers-per-trial", "--use-gpu", "--scheduler", "--metric", "--multi-objective",
-        "--storage-path", "--mlflow-uri", "--optuna-storage", "--resume", "--smoke", "KEY VALUE",
+        "--storage-path", "--mlflow-uri", "--optuna-storage", "--resume", "--smoke", "--sync", "KEY VALUE",
     ):  # fmt: skip
         assert option in out, option
 
@@ -48,6 +48,8 @@ def test_options_and_overrides_are_parsed():
     assert later.opts == ("SOLVER.MAX_ITER", "6", "MODEL.X", "-1") and later.resume  # options may follow
     assert cli.options_from_args(["--smoke"]).num_trials == 3
     assert cli.options_from_args(["--smoke", "--num-trials", "2"]).num_trials == 2
+    synced = cli.options_from_args(["--sync", "--results-dir", "elsewhere"])
+    assert synced.sync and synced.results_dir == "elsewhere"
     with pytest.raises(SystemExit):
         cli.options_from_args(["SOLVER.MAX_ITER"])  # not a KEY VALUE pair
 

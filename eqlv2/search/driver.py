@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -527,12 +526,10 @@ def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: Searc
         print(f"Open the MLflow UI with:\n  {ui_command(uri)}")
         print(f"  then the search's trials: {experiment_url(uri if remote else 'http://127.0.0.1:5000', tracking.experiment_id)}")
         state = tracking.outbox_state
-        if state is not None:
-            print(state.summary() + f" (outbox {tracking.outbox_root})")
-            if state.pending:
-                print(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
-                      f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
-        sys.stdout.flush()
+        if state is not None and state.pending:
+            print(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
+                  f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
+        print(state.summary() + f" (outbox {tracking.outbox_root})" if state else "", flush=True)
     else:
         print("MLflow: not tracked (the store was unreachable at start)", flush=True)
 
