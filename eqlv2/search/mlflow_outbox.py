@@ -698,8 +698,9 @@ class DurableMlflow:
         try:
             return fn(self.client, *args, **kwargs)
         except Exception as error:
-            logger.warning("MLflow at %s: %s failed (%s)", self.tracking_uri, what, first_line(error))
-            if not (isinstance(error, MlflowException) and _is_rejection(error)):
+            if isinstance(error, MlflowException) and _is_rejection(error):
+                logger.warning("MLflow at %s: %s failed (%s)", self.tracking_uri, what, first_line(error))
+            else:
                 self._went_down(what, error)
             return None
 
