@@ -21,7 +21,7 @@ from eqlv2.search.mlflow_client import (  # noqa: E402
     prepare_tracking_store,
     ui_command,
 )
-from eqlv2.search.mlflow_driver import close_stale_child_runs  # noqa: E402
+from eqlv2.search.mlflow_driver import SearchTracking, close_stale_child_runs  # noqa: E402
 from eqlv2.search.mlflow_outbox import DurableMlflow  # noqa: E402
 from eqlv2.search.mlflow_worker import gradient_table, read_gradient_ratio  # noqa: E402
 from eqlv2.search.plots import (  # noqa: E402
@@ -32,7 +32,10 @@ from eqlv2.search.plots import (  # noqa: E402
     save_figure,
     weight_norms_figure,
 )
+from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
+from eqlv2.search.space import parse_search_space  # noqa: E402
 from eqlv2.search.stores import sqlite_url  # noqa: E402
+from eqlv2.search.trial import _start_run  # noqa: E402
 
 
 @pytest.fixture()
@@ -85,6 +88,29 @@ def test_parent_and_child_runs_read_back(tmp_path, store):
     assert client.get_run(stale).data.tags[STATUS_TAG] == "interrupted"
     assert client.get_run(child).info.status == "FINISHED"
     assert mlflow.pending() == 0
+
+
+def test_resumed_trial_continues_its_own_run(tmp_path, store):
+    """A search killed and resumed: its driver closes the trial's open run (KILLED), then the
+    restarted trial (same Tune trial id) reopens that run instead of creating a second one."""
+    uri, _ = store
+    first_driver = SearchTracking.open(uri, "test-search", tmp_path / "artifacts", "s", None, tmp_path / "outbox")
+    settings = TrialSettings(
+        space=parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}}), datasets=dataset_specs(["lvis"]),
+        objective=parse_objective("AP"), tracking_uri=uri, experiment_id=first_driver.experiment_id,
+        parent_run_id=first_driver.parent_run_id, mlflow_outbox=first_driver.outbox_root, search_name="s",
+    )  # fmt: skip
+    run_id = _start_run(settings, "t1", 0, {"alpha": 4.0})
+    client = MlflowClient(uri)
+    SearchTracking.open(uri, "test-search", tmp_path / "artifacts", "s", first_driver.parent_run_id, tmp_path / "outbox")
+    assert (client.get_run(run_id).info.status, client.get_run(run_id).data.tags[STATUS_TAG]) == ("KILLED", "interrupted")
+    assert _start_run(settings, "t1", 0, {"alpha": 4.0}) == run_id
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags[STATUS_TAG], run.data.params["alpha"]) == ("RUNNING", "running", "4.0")
+    assert client.get_run(first_driver.parent_run_id).info.status == "RUNNING"
+    assert _start_run(settings, "t2", 1, {"alpha": 2.0}) != run_id  # another trial: its own run
+    children = client.search_runs([settings.experiment_id], f"tags.`{PARENT_TAG}` = '{first_driver.parent_run_id}'")
+    assert sorted(r.data.tags[TRIAL_TAG] for r in children) == ["t1", "t2"]
 
 
 def test_unreachable_server_only_warns(monkeypatch, caplog, tmp_path):
