@@ -31,6 +31,7 @@ def test_help_lists_the_options():
         "--search-space", "--datasets", "--config-file", "--num-trials", "--concurrency",
         "--workers-per-trial", "--use-gpu", "--scheduler", "--metric", "--multi-objective",
         "--storage-path", "--mlflow-uri", "--optuna-storage", "--resume", "--smoke", "KEY VALUE",
+        "--baseline", "--noise-seeds",
     ):  # fmt: skip
         assert option in out, option
 
@@ -50,6 +51,19 @@ def test_options_and_overrides_are_parsed():
     assert cli.options_from_args(["--smoke", "--num-trials", "2"]).num_trials == 2
     with pytest.raises(SystemExit):
         cli.options_from_args(["SOLVER.MAX_ITER"])  # not a KEY VALUE pair
+    defaults = cli.options_from_args([])
+    assert (defaults.baseline, defaults.noise_seeds) == ("sigmoid", 2)
+    assert (cli.options_from_args(["--baseline", "none", "--noise-seeds", "0"]).baseline, later.noise_seeds) == ("none", 2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--noise-seeds", "-1"], "--noise-seeds: must be >= 0"), (["--baseline", "eqlv2"], "--baseline: invalid choice")],
+)
+def test_bad_reference_options_are_named(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        _cli().options_from_args(argv)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

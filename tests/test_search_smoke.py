@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 pytest.importorskip("ray")
@@ -67,7 +68,8 @@ def smoke(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
     (work / "space.yaml").write_text(SPACE)
     proc = run_cli(
-        ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke"],
+        ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke",
+         "--noise-seeds", "1"],  # fmt: skip
         cwd=work,
         timeout=1800,  # a hung search fails; a loaded 2-core machine may need 15+ min
     )
@@ -93,6 +95,22 @@ def test_ranked_table_and_best_config(smoke):
 
 
 @pytest.mark.slow
+def test_baseline_row_and_noise_band(smoke):
+    out = smoke["stdout"]
+    header = next(line for line in out.splitlines() if line.startswith("| rank"))
+    assert header.rstrip(" |").endswith("vs paper point")
+    references = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ref ")]
+    assert [(r[1], r[2]) for r in references] == [("baseline sigmoid", "complete"), ("paper point, seed 43", "complete")]
+    assert "Noise band of the paper point (2 seeds): AP = " in out
+    assert re.search(r"Best trial \S+ against the baseline sigmoid: AP [+-]\d", out)
+    assert "Parameter importance not computed: 1 completed trial(s)" in out
+    table = pd.read_csv(smoke["runs"] / "ray_results/smoke/ranked_trials.csv")
+    assert list(table["rank"].astype(str)) == ["1", "2", "3", "ref", "ref"]
+    assert list(table["trial"])[-2:] == ["baseline sigmoid", "paper point, seed 43"]
+    assert "vs paper point" in table.columns
+
+
+@pytest.mark.slow
 def test_optuna_study_holds_complete_pruned_and_failed(smoke):
     url = f"sqlite:///{smoke['runs'].resolve()}/optuna.db"
     (summary,) = optuna.get_all_study_summaries(storage=url)
@@ -115,7 +133,15 @@ def test_mlflow_runs_read_back(smoke):
     experiment = client.get_experiment_by_name("eqlv2-search")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("kind") == "search"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    all_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in all_children if r.data.tags["trial_role"] == "search"]
+    references = {r.data.tags["trial_role"]: r for r in all_children if r.data.tags["trial_role"] != "search"}
+    assert set(references) == {"baseline", "noise"} and len(all_children) == 5
+    assert all((r.info.status, r.data.tags["trial_status"]) == ("FINISHED", "completed") for r in references.values())
+    assert references["baseline"].data.params["overrides"].endswith("MODEL.EQLV2.LOSS sigmoid")
+    assert "alpha" not in references["baseline"].data.params and references["noise"].data.params["seed"] == "43"
+    assert parent.data.metrics["noise/runs"] == 2 and "noise/objective_std" in parent.data.metrics
+    assert parent.data.metrics["baseline/lvis/AP"] == pytest.approx(references["baseline"].data.metrics["lvis/AP"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["space/alpha"] == "uniform[0, 8]"
     assert parent.data.params["space/gamma"] == "fixed 12.0"

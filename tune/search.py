@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eqlv2.search.options import SearchOptions  # noqa: E402
+from eqlv2.search.options import BASELINE_LOSSES, SearchOptions  # noqa: E402
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -35,6 +35,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -64,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one Optuna objective per dataset (Pareto front reported) instead of the mean")
     what.add_argument("--num-trials", type=_positive, default=None, help="trials to run (default: 4; 3 with --smoke)")
     what.add_argument("--seed", type=int, default=42, help="sampler and detectron2 seed (default: %(default)s)")
+    what.add_argument("--baseline", choices=("none", *BASELINE_LOSSES), default="sigmoid",
+                      help="also train this loss once, as the table's reference row (default: %(default)s)")
+    what.add_argument("--noise-seeds", type=_non_negative, default=2, metavar="K",
+                      help="re-train the paper point (the first seed point) with K more seeds: the noise "
+                           "band every trial is compared with (default: %(default)s)")
     what.add_argument("--smoke", action="store_true",
                       help="the smallest real search (tests): 3 trials of 12 iterations, small "
                       "images, 2 evaluations per run")

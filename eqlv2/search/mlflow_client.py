@@ -31,12 +31,14 @@ from .stores import is_local_uri
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PARENT_TAG", "SEARCH_TAG", "STATUS_TAG", "TRIAL_TAG", "SafeMlflow", "prepare_tracking_store", "ui_command"]
+__all__ = ["PARENT_TAG", "ROLE_TAG", "SEARCH_TAG", "STATUS_TAG", "TRIAL_TAG", "SafeMlflow", "prepare_tracking_store", "ui_command"]
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 TRIAL_TAG = "tune_trial_id"
 STATUS_TAG = "trial_status"
 SEARCH_TAG = "search_name"
+#: What a trial run is: ``search`` (a trial of the search), ``baseline`` or ``noise`` (a reference).
+ROLE_TAG = "trial_role"
 
 
 def ui_command(uri: str) -> str:

@@ -10,7 +10,20 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-__all__ = ["SearchOptions"]
+__all__ = ["BASELINE_LOSSES", "SearchInputError", "SearchOptions"]
+
+class SearchInputError(ValueError):
+    """A search input is invalid; the message is one line naming the flag, file or parameter.
+
+    Raised before anything starts (``tune/search.py`` prints it and exits), by the ``--metric``
+    parser (:func:`eqlv2.search.settings.parse_objective`), the search-space reader
+    (:mod:`eqlv2.search.space`) and the folder checks (:mod:`eqlv2.search.stores`).
+    """
+
+
+#: Losses ``--baseline`` accepts (names of ``eqlv2.losses.LOSS_NAMES``, kept here so that
+#: ``--help`` does not import torch).
+BASELINE_LOSSES = ("sigmoid", "softmax", "eqlv1", "federated")
 
 
 @dataclass
@@ -45,6 +58,8 @@ class SearchOptions:
     max_failures: int = 0
     ray_address: str | None = None
     num_cpus: int | None = None
+    baseline: str = "sigmoid"  # loss of the reference trial, or "none"
+    noise_seeds: int = 2  # further seeds of the paper point (the noise band)
     baseline_gradients: tuple[str, ...] = ()
     verbose: bool = False
     argv: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -32,9 +33,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from eqlv2.raytrain.launch import build_torch_trainer
 
-from .mlflow_client import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow
+from .mlflow_client import PARENT_TAG, ROLE_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG, SafeMlflow
 from .mlflow_worker import TrialRunHooks
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
+from .references import REFERENCE_KEY, reference_label, reference_setup
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
@@ -127,13 +129,13 @@ class SearchReportCallback(TuneReportCallback):
         super().after_report(run_context, [translated], checkpoint)
 
 
-def _trial_params(settings: TrialSettings, values: Mapping[str, Any]) -> dict[str, Any]:
+def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
     params = {name: values[name] for name in values}
     params["datasets"] = ",".join(settings.dataset_names)
     for spec in settings.datasets:
         params[f"config/{spec.name}"] = spec.config_file
-    params["overrides"] = " ".join(settings.opts) or "-"
-    params["seed"] = settings.seed
+    params["overrides"] = " ".join([*settings.opts, *extra]) or "-"
+    params["seed"] = seed
     params["objective"] = settings.objective.text
     params["num_workers"] = settings.num_workers
     return params
@@ -160,17 +162,43 @@ def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, f
     return out
 
 
-def _start_run(settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any]) -> str | None:
+@dataclass(frozen=True)
+class TrialSetup:
+    """What one trial trains: its parameter ``values``, overrides beyond them, its detectron2
+    ``seed``, its ``role`` (``search``, ``baseline`` or ``noise``) and a run ``label``."""
+
+    values: dict[str, Any]
+    extra_opts: list[str]
+    seed: int
+    role: str
+    label: str | None
+
+
+def trial_setup(config: Mapping[str, Any], settings: TrialSettings) -> TrialSetup:
+    """A search trial's setup from its sampled config, or a reference trial's (see
+    :mod:`eqlv2.search.references`)."""
+    reference = config.get(REFERENCE_KEY)
+    if reference:
+        values, extra, seed = reference_setup(reference, settings.space, settings.seed)
+        return TrialSetup(values, extra, seed, str(reference["role"]), reference_label(reference))
+    return TrialSetup(settings.space.complete(config), [], settings.seed, "search", None)
+
+
+def _start_run(
+    settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any], setup: TrialSetup | None = None
+) -> str | None:
     """Creates the trial's child run (RUNNING) with its params; None when not tracked."""
     if not (settings.tracking_uri and settings.experiment_id):
         return None
+    setup = setup or TrialSetup(dict(values), [], settings.seed, "search", None)
     mlflow = SafeMlflow(settings.tracking_uri)
-    label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    label = setup.label or ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, "optuna_trial_number": number}
+    tags[ROLE_TAG] = setup.role
     if settings.parent_run_id:
         tags[PARENT_TAG] = settings.parent_run_id
     run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
-    mlflow.log_params(run_id, _trial_params(settings, values))
+    mlflow.log_params(run_id, _trial_params(settings, values, setup.seed, setup.extra_opts))
     return run_id
 
 
@@ -212,16 +240,17 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     context = tune.get_context()
     trial_id, trial_dir = context.get_trial_id(), context.get_trial_dir()
     number = config.get(TRIAL_NUMBER_KEY)
-    values = settings.space.complete(config)
+    setup = trial_setup(config, settings)
+    values = setup.values
     done = _already_finished(settings, number)
     if done is not None:
         return _report_recorded(done, trial_id, number)
-    run_id = _start_run(settings, trial_id, number, values)
+    run_id = _start_run(settings, trial_id, number, values, setup)
     finished: dict[str, float | None] = {}
     final: dict[str, Any] = {}
     evals = 0
     for spec in settings.datasets:
-        opts = [*settings.opts, *settings.space.config_overrides(values), "SEED", str(settings.seed)]
+        opts = [*settings.opts, *settings.space.config_overrides(values), *setup.extra_opts, "SEED", str(setup.seed)]
         opts += ["OUTPUT_DIR", f"{trial_dir}/{spec.name}"]
         schedule = settings.schedules.get(spec.name, (1, 0))
         translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
