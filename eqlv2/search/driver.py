@@ -469,10 +469,27 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
     )  # fmt: skip
 
 
+def _trainable(settings: TrialSettings):
+    return tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+
+
+def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
+    """Where a Tune experiment of the search lives, and what watches it; a failed trial never
+    stops the search (Tune records it, the study marks it ``FAIL``)."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(plan.storage_path),
+        callbacks=[tracking] if tracking else [],
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        progress_reporter=_reporter(settings),
+        verbose=1,
+    )
+
+
 def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner:
     """The interrupted Tune experiment restored (``--resume``), else a new one."""
     options, path = plan.options, str(plan.experiment_path)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+    trainable = _trainable(settings)
     if options.resume and tune.Tuner.can_restore(path):
         logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -491,14 +508,7 @@ def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTrack
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials),
-        run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=str(plan.storage_path),
-            callbacks=[tracking] if tracking else [],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            progress_reporter=_reporter(settings),
-            verbose=1,
-        ),
+        run_config=_run_config(plan.name, plan, settings, tracking),
     )
 
 
@@ -510,7 +520,7 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
     configs = reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed)
     if not configs:
         return None
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+    trainable = _trainable(settings)
     path = plan.storage_path / f"{plan.name}-references"
     if options.resume and tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -519,14 +529,7 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
         trainable,
         param_space={REFERENCE_KEY: tune.grid_search(configs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=options.concurrency),
-        run_config=tune.RunConfig(
-            name=path.name,
-            storage_path=str(plan.storage_path),
-            callbacks=[tracking] if tracking else [],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            progress_reporter=_reporter(settings),
-            verbose=1,
-        ),
+        run_config=_run_config(path.name, plan, settings, tracking),
     )
 
 
