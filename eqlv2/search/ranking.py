@@ -177,6 +177,11 @@ def best_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
     return max(complete, key=lambda r: r.objective) if complete else None
 
 
+def _param_text(value: Any) -> str:
+    """A parameter value with 4 significant digits (``0.0001``, ``12``, ``1e+05``)."""
+    return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else "-" if value is None else str(value)
+
+
 def _number(value: Any, digits: int = 3) -> str:
     try:
         number = float(value)
@@ -224,7 +229,7 @@ def ranked_rows(
         label = record.label or record.trial_id
         label = label if record.number is None else f"{label} (#{record.number})"
         row = [rank, label, record.status]
-        row += [_number(record.params.get(name)) for name in param_names]
+        row += [_param_text(record.params.get(name)) for name in param_names]
         row += [_number(record.metrics.get(key)) for key in metric_keys]
         row += [_number(record.objective, 4)] if show_objective else []
         row += ["*" if record.pareto else ""] if settings.multi_objective else []
