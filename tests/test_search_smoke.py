@@ -21,10 +21,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from listening_sockets import descendants, is_loopback, listening_sockets
 
 pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
@@ -45,8 +48,27 @@ seed_points:
 """
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """``tune/search.py`` in a subprocess (its own session, so nothing it starts outlives it)."""
+class ListeningSockets(threading.Thread):
+    """Samples, every second while ``pid`` lives, the listening TCP sockets of ``pid`` and its
+    descendants (the search driver, Ray's GCS, raylet, dashboard, agents and workers)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def run(self) -> None:
+        while Path(f"/proc/{self.pid}").exists():
+            for _, command, ip, port in listening_sockets(descendants({self.pid})):
+                self.seen.add((ip, port, Path(command.split(" ", 1)[0]).name))
+            time.sleep(1.0)
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float, sockets: list | None = None
+) -> subprocess.CompletedProcess:
+    """``tune/search.py`` in a subprocess (its own session, so nothing it starts outlives it);
+    with ``sockets``, the listening sockets its processes opened are appended to it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The offline benchmark where the project keeps it (generated once, shared by the tests).
     env.setdefault("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
@@ -54,11 +76,15 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
         [sys.executable, str(ROOT / "tune/search.py"), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    sampler = ListeningSockets(proc.pid)
+    sampler.start()
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:  # on a timeout too: the search's session (its Ray cluster included) goes with it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+    if sockets is not None:
+        sockets.extend(sorted(sampler.seen))
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -67,15 +93,17 @@ def smoke(tmp_path_factory):
     """Runs the smoke search once for the tests of this module."""
     work = tmp_path_factory.mktemp("smoke")
     (work / "space.yaml").write_text(SPACE)
+    sockets: list = []
     proc = run_cli(
         ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke",
          "--noise-seeds", "1"],  # fmt: skip
         cwd=work,
         timeout=1800,  # a hung search fails; a loaded 2-core machine may need 15+ min
+        sockets=sockets,
     )
     (work / "stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {"work": work, "runs": work / "runs", "stdout": proc.stdout}
+    return {"work": work, "runs": work / "runs", "stdout": proc.stdout, "sockets": sockets}
 
 
 @pytest.mark.slow
@@ -108,6 +136,14 @@ def test_baseline_row_and_noise_band(smoke):
     assert list(table["rank"].astype(str)) == ["1", "2", "3", "ref", "ref"]
     assert list(table["trial"])[-2:] == ["baseline sigmoid", "paper point, seed 43"]
     assert "vs paper point" in table.columns
+
+
+@pytest.mark.slow
+def test_search_listens_on_loopback_only(smoke):
+    """Every TCP socket the search's processes listened on (sampled each second) is loopback."""
+    names = {name for _, _, name in smoke["sockets"]}
+    assert {"gcs_server", "raylet"} <= names, smoke["sockets"]
+    assert [s for s in smoke["sockets"] if not is_loopback(s[0])] == []
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ from .ranking import (
     search_metrics,
     write_reports,
 )
+from .ray_local import init_local_ray
 from .references import REFERENCE_KEY, reference_configs, reference_label
 from .scheduling import build_scheduler
 from .settings import (
@@ -316,16 +317,17 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
     """Ray for the search: the running one, ``--ray-address``, or a new local instance (shut
-    down at the end) whose dashboard, on a free loopback port, serves the State API that Ray
-    Train's own placement-group cleaner needs to release the workers of stopped trials."""
+    down at the end) whose every server listens on 127.0.0.1 only
+    (:func:`~eqlv2.search.ray_local.init_local_ray`) and whose dashboard, on a free loopback port,
+    serves the State API that Ray Train's own placement-group cleaner needs to release the
+    workers of stopped trials."""
     if ray.is_initialized():
         yield
         return
     if options.ray_address:
         ray.init(address=options.ray_address, runtime_env={"env_vars": env}, log_to_driver=options.verbose)
     else:
-        ray.init(
-            address="local",  # a new instance, never another user's running cluster
+        init_local_ray(  # a new instance, never another user's running cluster; loopback only
             num_cpus=options.num_cpus,
             resources={TRIAL_RESOURCE: 1000},
             include_dashboard=True,
