@@ -287,7 +287,8 @@ def best_config_text(record: TrialRecord | None, settings: TrialSettings, band: 
         )
     overrides = " ".join(settings.space.config_overrides(record.params))
     if settings.opts:
-        lines.append(f"  (its trials also ran with: {' '.join(settings.opts)})")
+        last_values = dict(zip(settings.opts[::2], settings.opts[1::2], strict=True))  # later ones win
+        lines.append(f"  (its trials also ran with: {' '.join(f'{k} {v}' for k, v in last_values.items())})")
     for spec in settings.datasets:
         lines.append(
             f"  train it: python train/train_net.py --config-file {spec.config_file} {overrides}"
