@@ -106,3 +106,19 @@ def test_results_folder_that_is_a_file_is_named(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert str(blocker) in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, url",
+    [("--mlflow-uri", "http://eqlv2:s3cret-pw@127.0.0.1:9/"), ("--optuna-storage", "postgresql://eqlv2:s3cret-pw@127.0.0.1:9/optuna")],
+)
+def test_a_password_in_a_url_is_refused_and_written_nowhere(tmp_path, flag, url):
+    """The whole search run as a user runs it: the password appears in no output and no file."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune/search.py"), flag, url, "--results-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0 and f"{flag} " in proc.stderr and "carries a password" in proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+    assert written == []
