@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "0.5*AP+0.5*APr (default: %(default)s)")
     what.add_argument("--multi-objective", action="store_true",
                       help="one Optuna objective per dataset (Pareto front reported) instead of the mean")
-    what.add_argument("--num-trials", type=_positive, default=None, help="trials to run (default: 4; 3 with --smoke)")
+    what.add_argument("--num-trials", type=_positive, default=None, help="trials the search samples (default: 2, the paper point and one Optuna sample; 3 with --smoke); the reference trials come on top")
     what.add_argument("--seed", type=int, default=42, help="sampler and detectron2 seed (default: %(default)s)")
     what.add_argument("--baseline", choices=("none", *BASELINE_LOSSES), default="sigmoid",
                       help="also train this loss once, as the table's reference row (default: %(default)s)")

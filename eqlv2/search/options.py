@@ -34,7 +34,7 @@ class SearchOptions:
     datasets: tuple[str, ...] = ("lvis",)
     config_files: tuple[str, ...] = ()
     opts: tuple[str, ...] = ()
-    num_trials: int | None = None  # default: 3 with --smoke, else 4
+    num_trials: int | None = None  # default: 3 with --smoke, else 2 (plus the reference trials)
     concurrency: int = 1
     workers_per_trial: int | None = None
     cpus_per_worker: int = 1
@@ -69,7 +69,7 @@ class SearchOptions:
             if item.type.startswith("tuple"):
                 setattr(self, item.name, tuple(getattr(self, item.name)))
         if self.num_trials is None:
-            self.num_trials = 3 if self.smoke else 4
+            self.num_trials = 3 if self.smoke else 2
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, argv: Sequence[str] = ()) -> SearchOptions:
