@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 from listening_sockets import descendants, is_loopback, listening_sockets, processes, sys_proc
@@ -66,3 +67,12 @@ def test_every_ray_server_listens_on_loopback_only(short_temp_dir):
 def test_non_loopback_arguments_are_refused(kwargs, says):
     with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):
         init_local_ray(**kwargs)
+
+
+def test_the_private_ray_constant_ray_local_sets_still_exists():
+    """``init_local_ray`` sets ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` (no public API
+    chooses the bind address): fail loudly if Ray renames or drops it."""
+    from ray._private import ray_constants, services
+
+    assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    assert "ENABLE_RAY_CLUSTER" in Path(services.__file__).read_text()
