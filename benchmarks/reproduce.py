@@ -299,7 +299,8 @@ def claim_line(text: str, a: Sequence[float], b: Sequence[float], unit: str = "A
         verdict = "holds (no drop beyond 2 standard errors)" if diff > -2 * error else "does NOT hold"
     else:
         verdict = "holds beyond 2 standard errors" if diff > 2 * error else "does NOT hold beyond 2 standard errors"
-    return f"- {text}: difference {diff:+.3f} ± {error:.3f} {unit} (± one standard error): **{verdict}**."
+    amount = f"{diff:+.3f} ± {error:.3f}" + (f" {unit}" if unit else "")
+    return f"- {text}: difference {amount} (± one standard error): **{verdict}**."
 
 
 def tail_ratio_distance(results: list[dict], key: str, groups: list[str], last_iter: int) -> list[float]:
@@ -325,7 +326,7 @@ def claims_markdown(results: list[dict], groups: list[str], last_iter: int) -> s
         claim_line("EQL v2's rare-category gradient ratio closer to 1 than softmax CE's "
                    "(mean |1 - g| of softmax minus EQL v2's)",
                    tail_ratio_distance(results, softmax, groups, last_iter),
-                   tail_ratio_distance(results, eqlv2, groups, last_iter), unit=""),
+                   tail_ratio_distance(results, eqlv2, groups, last_iter), unit="(ratio units)"),
         "", "If a claim does not hold, look at the schedule (``--iters``), the benchmark's "
         "difficulty and the seed spread before concluding; do not tune the benchmark until it holds.",
     ])  # fmt: skip

@@ -1,21 +1,14 @@
-"""Credentials in URLs: refused with a how-to, redacted for display, scrubbed from logs and text."""
+"""Credentials in URLs: refused with a how-to, the URL named redacted."""
 
 from __future__ import annotations
-
-import io
-import logging
 
 import pytest
 
 from eqlv2.search.credentials import (
     MASK,
     CredentialsInUrlError,
-    SecretsFilter,
     check_url_has_no_credentials,
-    install_log_scrubbing,
     redact_url,
-    scrub_text,
-    secrets_from_environment,
 )
 
 
@@ -115,58 +108,3 @@ def test_url_with_credentials_is_refused_without_showing_them(url, flag, found, 
 )
 def test_url_without_password_is_accepted(url):
     check_url_has_no_credentials(url, "--x")
-
-
-def test_scrub_text_masks_urls_and_environment_secrets(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss w/rd")
-    monkeypatch.setenv("PGPASSWORD", "pg-secret")
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-    assert sorted(secrets_from_environment()) == ["p@ss w/rd", "pg-secret"]
-    command = (
-        "python tune/search.py --mlflow-uri 'http://alice:zz9@127.0.0.1:5000' "
-        "--optuna-storage postgresql://u:pg-secret@db/optuna # p%40ss%20w%2Frd and p@ss w/rd"
-    )
-    scrubbed = scrub_text(command)
-    assert scrubbed == (
-        "python tune/search.py --mlflow-uri 'http://127.0.0.1:5000' "
-        f"--optuna-storage postgresql://db/optuna # {MASK} and {MASK}"
-    )
-
-
-def test_short_values_are_not_masked():
-    assert scrub_text("a bc abc", secrets=["a", "bc"]) == "a bc abc"
-
-
-def _logger_with_scrubbing(secrets=()):
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.getLogger(f"test_credentials.{id(stream)}")
-    logger.propagate = False
-    logger.addHandler(handler)
-    install_log_scrubbing([handler], secrets)
-    return logger, stream
-
-
-def test_log_filter_scrubs_message_args_and_traceback(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123456")
-    logger, stream = _logger_with_scrubbing(secrets=["extra-secret"])
-    logger.warning(
-        "MLflow at %s failed with token %s", "http://bob:hunter22@[::1]:5000", "tok-123456"
-    )
-    try:
-        raise RuntimeError("cannot reach postgresql://u:extra-secret@db:5432/optuna")
-    except RuntimeError:
-        logger.exception("store failed")
-    text = stream.getvalue()
-    assert "MLflow at http://[::1]:5000 failed with token ***" in text
-    assert "cannot reach postgresql://db:5432/optuna" in text and "Traceback" in text
-    for secret in ("hunter22", "bob", "tok-123456", "extra-secret"):
-        assert secret not in text
-
-
-def test_filter_installed_once_per_handler():
-    handler = logging.StreamHandler(io.StringIO())
-    install_log_scrubbing([handler])
-    install_log_scrubbing([handler])
-    assert sum(isinstance(f, SecretsFilter) for f in handler.filters) == 1

@@ -4,85 +4,23 @@ socket of this session's processes (driver, GCS, raylet, agents, workers) is rea
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from listening_sockets import descendants, is_loopback, listening_sockets, processes, sys_proc
 
 from eqlv2.search.ray_local import init_local_ray, local_ray
 
-sys_proc = Path("/proc")
 pytestmark = pytest.mark.skipif(not (sys_proc / "net" / "tcp").exists(), reason="needs Linux /proc")
-
-
-def _listening_inodes() -> dict[str, tuple[str, int]]:
-    """``{socket inode: (ip, port)}`` of every listening TCP socket of the machine."""
-    out = {}
-    for name, width in (("tcp", 8), ("tcp6", 32)):
-        for line in (sys_proc / "net" / name).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A":  # TCP_LISTEN
-                continue
-            hex_ip, hex_port = local.split(":")
-            raw = bytes.fromhex(hex_ip)
-            # /proc prints each 32-bit word in host (little-endian) order
-            words = b"".join(raw[i : i + 4][::-1] for i in range(0, width // 2, 4))
-            out[inode] = (str(ipaddress.ip_address(words)), int(hex_port, 16))
-    return out
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """``{pid: (parent pid, command line)}`` of every process."""
-    out = {}
-    for entry in sys_proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        out[int(entry.name)] = (parent, cmdline)
-    return out
 
 
 def _session_pids(temp_dir: str) -> dict[int, str]:
     """This process, its descendants and every process naming ``temp_dir``, with command lines."""
-    procs = _processes()
-    chosen = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd} | {os.getpid()}
-    grew = True
-    while grew:
-        children = {pid for pid, (parent, _) in procs.items() if parent in chosen} - chosen
-        chosen |= children
-        grew = bool(children)
-    return {pid: procs[pid][1] for pid in chosen if pid in procs}
-
-
-def _listening_sockets(pids: dict[int, str]) -> list[tuple[int, str, str, int]]:
-    """``(pid, command, ip, port)`` of every listening TCP socket of ``pids``."""
-    listening = _listening_inodes()
-    found = []
-    for pid, cmd in pids.items():
-        try:
-            links = [os.readlink(fd) for fd in (sys_proc / str(pid) / "fd").iterdir()]
-        except OSError:
-            continue
-        for link in links:
-            inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
-            if inode in listening:
-                found.append((pid, cmd[:120], *listening[inode]))
-    return found
-
-
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
+    named = {pid for pid, (_, cmd) in processes().items() if temp_dir in cmd}
+    return descendants(named | {os.getpid()})
 
 
 @pytest.fixture
@@ -104,12 +42,12 @@ def test_every_ray_server_listens_on_loopback_only(short_temp_dir):
             return os.getpid()
 
         worker = ray.get(worker_pid.remote())
-        sockets = _listening_sockets(_session_pids(short_temp_dir))
+        sockets = listening_sockets(_session_pids(short_temp_dir))
         owners = " ".join(cmd for _, cmd, _, _ in sockets)
         assert worker in {pid for pid, *_ in sockets}, "the worker's gRPC server was not found"
         for name in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent"):
             assert name in owners, f"no listening socket of {name} found: {sockets}"
-        exposed = [s for s in sockets if not _is_loopback(s[2])]
+        exposed = [s for s in sockets if not is_loopback(s[2])]
         assert exposed == [], f"listening beyond loopback: {exposed}"
         assert ray.util.get_node_ip_address() == "127.0.0.1"
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None
@@ -129,3 +67,12 @@ def test_every_ray_server_listens_on_loopback_only(short_temp_dir):
 def test_non_loopback_arguments_are_refused(kwargs, says):
     with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):
         init_local_ray(**kwargs)
+
+
+def test_the_private_ray_constant_ray_local_sets_still_exists():
+    """``init_local_ray`` sets ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` (no public API
+    chooses the bind address): fail loudly if Ray renames or drops it."""
+    from ray._private import ray_constants, services
+
+    assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    assert "ENABLE_RAY_CLUSTER" in Path(services.__file__).read_text()

@@ -85,6 +85,8 @@ def test_report_tables_claims_and_figures(tmp_path):
 def test_claims_cannot_be_decided_with_one_seed():
     line = reproduce.claim_line("x", [1.0], [0.0])
     assert "cannot be decided" in line
+    assert "difference +1.000 ± nan AP points (" in line
+    assert "difference +1.000 ± nan (" in reproduce.claim_line("x", [1.0], [0.0], unit="")  # no empty unit
     diff, error = reproduce.difference([1.0, 3.0], [0.0, 0.0, 0.0])
     assert diff == 2.0 and error == pytest.approx(math.sqrt(2.0 / 2))
 

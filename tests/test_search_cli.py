@@ -31,6 +31,7 @@ def test_help_lists_the_options():
         "--search-space", "--datasets", "--config-file", "--num-trials", "--concurrency",
         "--workers-per-trial", "--use-gpu", "--scheduler", "--metric", "--multi-objective",
         "--storage-path", "--mlflow-uri", "--optuna-storage", "--resume", "--smoke", "--sync", "KEY VALUE",
+        "--baseline", "--noise-seeds",
     ):  # fmt: skip
         assert option in out, option
 
@@ -52,6 +53,19 @@ def test_options_and_overrides_are_parsed():
     assert synced.sync and synced.results_dir == "elsewhere"
     with pytest.raises(SystemExit):
         cli.options_from_args(["SOLVER.MAX_ITER"])  # not a KEY VALUE pair
+    defaults = cli.options_from_args([])
+    assert (defaults.baseline, defaults.noise_seeds) == ("sigmoid", 2)
+    assert (cli.options_from_args(["--baseline", "none", "--noise-seeds", "0"]).baseline, later.noise_seeds) == ("none", 2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--noise-seeds", "-1"], "--noise-seeds: must be >= 0"), (["--baseline", "eqlv2"], "--baseline: invalid choice")],
+)
+def test_bad_reference_options_are_named(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        _cli().options_from_args(argv)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -94,3 +108,19 @@ def test_results_folder_that_is_a_file_is_named(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert str(blocker) in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, url",
+    [("--mlflow-uri", "http://eqlv2:s3cret-pw@127.0.0.1:9/"), ("--optuna-storage", "postgresql://eqlv2:s3cret-pw@127.0.0.1:9/optuna")],
+)
+def test_a_password_in_a_url_is_refused_and_written_nowhere(tmp_path, flag, url):
+    """The whole search run as a user runs it: the password appears in no output and no file."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune/search.py"), flag, url, "--results-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0 and f"{flag} " in proc.stderr and "carries a password" in proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+    assert written == []

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eqlv2.search.options import SearchInputError
 from eqlv2.search.settings import DATASETS, parse_objective
-from eqlv2.search.validation import (
-    SearchInputError,
-    check_search_space,
-    load_checked_search_space,
-    parse_metric_strict,
-    prepare_writable_dir,
-    strict_objective,
-)
+from eqlv2.search.space import load_search_space as load_checked_search_space
+from eqlv2.search.stores import prepare_writable_dir
+
+
+def parse_metric_strict(text, known=None):
+    return parse_objective(text, known).terms
 
 ROOT = Path(__file__).resolve().parents[1]
 LVIS_METRICS = DATASETS["lvis"][1]
@@ -38,7 +37,8 @@ LVIS_METRICS = DATASETS["lvis"][1]
     ],
 )
 def test_valid_metric_matches_parse_objective(text):
-    assert strict_objective(text, LVIS_METRICS) == parse_objective(text)
+    objective = parse_objective(text, LVIS_METRICS)
+    assert objective.text == text.replace(" ", "") and objective == parse_objective(text)
 
 
 def test_signed_exponent_weights():
@@ -151,15 +151,14 @@ def test_fixed_value_out_of_domain(tmp_path):
 def test_fixed_mu_not_finite_by_config_key(tmp_path):
     from eqlv2.search.space import parse_search_space
 
-    space = parse_search_space(
-        {"params": {"alpha": {"low": 0, "high": 8}}, "fixed": {"MODEL.EQLV2.MU": float("nan")}},
-        source="inline.yaml",
-    )
     with pytest.raises(
         SearchInputError,
         match=r"inline.yaml: fixed value MODEL.EQLV2.MU=nan is invalid: EQL v2 needs mu finite",
-    ):
-        check_search_space(space)
+    ):  # parsing checks the domains (check_search_space) last
+        parse_search_space(
+            {"params": {"alpha": {"low": 0, "high": 8}}, "fixed": {"MODEL.EQLV2.MU": float("nan")}},
+            source="inline.yaml",
+        )
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from listening_sockets import descendants, is_loopback, listening_sockets
 
 pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
@@ -44,8 +48,27 @@ seed_points:
 """
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """``tune/search.py`` in a subprocess (its own session, so nothing it starts outlives it)."""
+class ListeningSockets(threading.Thread):
+    """Samples, every second while ``pid`` lives, the listening TCP sockets of ``pid`` and its
+    descendants (the search driver, Ray's GCS, raylet, dashboard, agents and workers)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def run(self) -> None:
+        while Path(f"/proc/{self.pid}").exists():
+            for _, command, ip, port in listening_sockets(descendants({self.pid})):
+                self.seen.add((ip, port, Path(command.split(" ", 1)[0]).name))
+            time.sleep(1.0)
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float, sockets: list | None = None
+) -> subprocess.CompletedProcess:
+    """``tune/search.py`` in a subprocess (its own session, so nothing it starts outlives it);
+    with ``sockets``, the listening sockets its processes opened are appended to it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The offline benchmark where the project keeps it (generated once, shared by the tests).
     env.setdefault("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
@@ -53,11 +76,15 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedP
         [sys.executable, str(ROOT / "tune/search.py"), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    sampler = ListeningSockets(proc.pid)
+    sampler.start()
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:  # on a timeout too: the search's session (its Ray cluster included) goes with it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+    if sockets is not None:
+        sockets.extend(sorted(sampler.seen))
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -66,14 +93,17 @@ def smoke(tmp_path_factory):
     """Runs the smoke search once for the tests of this module."""
     work = tmp_path_factory.mktemp("smoke")
     (work / "space.yaml").write_text(SPACE)
+    sockets: list = []
     proc = run_cli(
-        ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke"],
+        ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke",
+         "--noise-seeds", "1"],  # fmt: skip
         cwd=work,
         timeout=1800,  # a hung search fails; a loaded 2-core machine may need 15+ min
+        sockets=sockets,
     )
     (work / "stdout.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {"work": work, "runs": work / "runs", "stdout": proc.stdout}
+    return {"work": work, "runs": work / "runs", "stdout": proc.stdout, "sockets": sockets}
 
 
 @pytest.mark.slow
@@ -90,6 +120,30 @@ def test_ranked_table_and_best_config(smoke):
     uri = f"sqlite:///{smoke['runs'].resolve()}/mlflow.db"
     assert f"mlflow ui --backend-store-uri {uri}" in out
     assert (smoke["runs"] / "ray_results/smoke/ranked_trials.csv").is_file()
+
+
+@pytest.mark.slow
+def test_baseline_row_and_noise_band(smoke):
+    out = smoke["stdout"]
+    header = next(line for line in out.splitlines() if line.startswith("| rank"))
+    assert header.rstrip(" |").endswith("vs paper point")
+    references = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ref ")]
+    assert [(r[1], r[2]) for r in references] == [("baseline sigmoid", "complete"), ("paper point, seed 43", "complete")]
+    assert "Noise band of the paper point (2 seeds): AP = " in out
+    assert re.search(r"Best trial \S+ against the baseline sigmoid: AP [+-]\d", out)
+    assert "Parameter importance not computed: 1 completed trial(s)" in out
+    table = pd.read_csv(smoke["runs"] / "ray_results/smoke/ranked_trials.csv")
+    assert list(table["rank"].astype(str)) == ["1", "2", "3", "ref", "ref"]
+    assert list(table["trial"])[-2:] == ["baseline sigmoid", "paper point, seed 43"]
+    assert "vs paper point" in table.columns
+
+
+@pytest.mark.slow
+def test_search_listens_on_loopback_only(smoke):
+    """Every TCP socket the search's processes listened on (sampled each second) is loopback."""
+    names = {name for _, _, name in smoke["sockets"]}
+    assert {"gcs_server", "raylet"} <= names, smoke["sockets"]
+    assert [s for s in smoke["sockets"] if not is_loopback(s[0])] == []
 
 
 @pytest.mark.slow
@@ -115,7 +169,15 @@ def test_mlflow_runs_read_back(smoke):
     experiment = client.get_experiment_by_name("eqlv2-search")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("kind") == "search"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    all_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in all_children if r.data.tags["trial_role"] == "search"]
+    references = {r.data.tags["trial_role"]: r for r in all_children if r.data.tags["trial_role"] != "search"}
+    assert set(references) == {"baseline", "noise"} and len(all_children) == 5
+    assert all((r.info.status, r.data.tags["trial_status"]) == ("FINISHED", "completed") for r in references.values())
+    assert references["baseline"].data.params["overrides"].endswith("MODEL.EQLV2.LOSS sigmoid")
+    assert "alpha" not in references["baseline"].data.params and references["noise"].data.params["seed"] == "43"
+    assert parent.data.metrics["noise/runs"] == 2 and "noise/objective_std" in parent.data.metrics
+    assert parent.data.metrics["baseline/lvis/AP"] == pytest.approx(references["baseline"].data.metrics["lvis/AP"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["space/alpha"] == "uniform[0, 8]"
     assert parent.data.params["space/gamma"] == "fixed 12.0"

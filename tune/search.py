@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eqlv2.search.options import SearchOptions  # noqa: E402
+from eqlv2.search.options import BASELINE_LOSSES, SearchOptions  # noqa: E402
 
 #: Exit code while MLflow calls wait in the outbox.
 EXIT_PENDING = 3
@@ -43,6 +43,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -70,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "0.5*AP+0.5*APr (default: %(default)s)")
     what.add_argument("--multi-objective", action="store_true",
                       help="one Optuna objective per dataset (Pareto front reported) instead of the mean")
-    what.add_argument("--num-trials", type=_positive, default=None, help="trials to run (default: 4; 3 with --smoke)")
+    what.add_argument("--num-trials", type=_positive, default=None, help="trials the search samples (default: 2, the paper point and one Optuna sample; 3 with --smoke); the reference trials come on top")
     what.add_argument("--seed", type=int, default=42, help="sampler and detectron2 seed (default: %(default)s)")
+    what.add_argument("--baseline", choices=("none", *BASELINE_LOSSES), default="sigmoid",
+                      help="also train this loss once, as the table's reference row (default: %(default)s)")
+    what.add_argument("--noise-seeds", type=_non_negative, default=2, metavar="K",
+                      help="re-train the paper point (the first seed point) with K more seeds: the noise "
+                           "band every trial is compared with (default: %(default)s)")
     what.add_argument("--smoke", action="store_true",
                       help="the smallest real search (tests): 3 trials of 12 iterations, small "
                       "images, 2 evaluations per run")

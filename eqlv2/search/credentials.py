@@ -1,4 +1,4 @@
-"""Credentials stay in the environment: URLs are checked, redacted before display, logs scrubbed.
+"""Credentials stay in the environment: a URL carrying them is refused, and named redacted.
 
 Policy (chosen here, applied by the driver to ``--mlflow-uri``, ``--optuna-storage`` and any
 other URL flag before anything is printed, stored or pickled):
@@ -12,12 +12,9 @@ other URL flag before anything is printed, stored or pickled):
 * **A user name alone is accepted for a database URL** (``postgresql://eqlv2@db/optuna`` with the
   password in ``~/.pgpass`` is the usual setup) and refused for an MLflow server URL (its client
   reads the user from ``MLFLOW_TRACKING_USERNAME``, not from the URL).
-* **Every URL shown to a human is redacted** (:func:`redact_url`): the whole user-info is removed,
-  user name included, and secret query values become ``***``.
-* **Logs and text artifacts are scrubbed** (:class:`SecretsFilter`, :func:`scrub_text`): URL
-  user-info and the values of the secret environment variables (:data:`SECRET_ENV_VARS`), plain
-  or percent-encoded, become ``***`` in log records (message, arguments and traceback) and in
-  text written to files such as ``command.txt``.
+* **The refusal names the URL redacted** (:func:`redact_url`): the whole user-info is removed,
+  user name included, and secret query values become ``***``. Since no URL that reaches the
+  search carries a secret, nothing the search prints, logs, stores or pickles can.
 
 The user-info of a URL is everything between ``scheme://`` and the last ``@`` before the first
 ``/``, ``?`` or ``#`` (the rule of ``urllib.parse`` and SQLAlchemy). A password holding a raw
@@ -28,56 +25,19 @@ its text up to the last ``@`` is removed, so nothing of the password is shown.
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, unquote
 
-__all__ = [
-    "MASK",
-    "SECRET_ENV_VARS",
-    "CredentialsInUrlError",
-    "SecretsFilter",
-    "check_url_has_no_credentials",
-    "install_log_scrubbing",
-    "redact_url",
-    "scrub_text",
-    "secrets_from_environment",
-]
+__all__ = ["MASK", "CredentialsInUrlError", "check_url_has_no_credentials", "redact_url"]
 
 #: What a secret is replaced with.
 MASK = "***"
-#: Environment variables whose values are secrets, scrubbed from logs and text.
-SECRET_ENV_VARS = (
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "PGPASSWORD",
-    "AWS_SECRET_ACCESS_KEY",
-    "AZURE_STORAGE_ACCESS_KEY",
-)
 #: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
 SECRET_QUERY_KEYS = frozenset(
-    {
-        "password",
-        "passwd",
-        "pwd",
-        "pass",
-        "secret",
-        "token",
-        "access_token",
-        "api_key",
-        "apikey",
-        "sslpassword",
-    }
+    {"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey", "sslpassword"}
 )
-#: Secrets shorter than this are not scrubbed from free text (they would mask common words).
-MIN_SECRET_LENGTH = 3
-
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
-#: A URL inside free text: from the scheme to the next blank or quote.
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 
 
 class CredentialsInUrlError(ValueError):
@@ -199,85 +159,3 @@ def check_url_has_no_credentials(url: str, flag: str) -> None:
             f"{flag} {redact_url(url)} carries {' and '.join(found)} in the URL, where it would be printed, "
             f"logged and stored: remove it from the URL and {_how_to_pass(parts.scheme)}"
         )
-
-
-def secrets_from_environment(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of :data:`SECRET_ENV_VARS` that are set (at least :data:`MIN_SECRET_LENGTH` long)."""
-    environ = os.environ if environ is None else environ
-    return [
-        environ[name] for name in SECRET_ENV_VARS if len(environ.get(name, "")) >= MIN_SECRET_LENGTH
-    ]
-
-
-def _redact_urls_in_text(text: str) -> str:
-    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
-
-
-def _secret_forms(secret: str) -> set[str]:
-    """A secret as it may appear in text: as is, percent-encoded, and decoded."""
-    return {secret, quote(secret, safe=""), unquote(secret)} - {""}
-
-
-def scrub_text(text: str, secrets: Iterable[str] | None = None) -> str:
-    """``text`` with URL user-info removed and every known secret replaced by :data:`MASK`.
-
-    Args:
-        text: any text (a log message, a command line for ``command.txt``, a JSON file).
-        secrets: secret values to mask; None takes :func:`secrets_from_environment`.
-    """
-    scrubbed = _redact_urls_in_text(text)
-    values = secrets_from_environment() if secrets is None else list(secrets)
-    forms = {
-        form for value in values if len(value) >= MIN_SECRET_LENGTH for form in _secret_forms(value)
-    }
-    for form in sorted(forms, key=len, reverse=True):  # longest first: a secret may contain another
-        scrubbed = scrubbed.replace(form, MASK)
-    return scrubbed
-
-
-class SecretsFilter(logging.Filter):
-    """A ``logging.Filter`` that scrubs log records (:func:`scrub_text`) and lets them through.
-
-    Attached to a handler it sees every record that handler writes, whichever logger made it.
-    The message is formatted with its arguments, scrubbed, and stored back without arguments;
-    a traceback is formatted and scrubbed into ``record.exc_text``, which formatters print as is.
-
-    Args:
-        secrets: extra secret values to mask, besides the environment's (read at each record, so
-            a password set after the filter was installed is masked too).
-    """
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        super().__init__()
-        self._secrets = list(secrets)
-        self._formatter = logging.Formatter()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        secrets = self._secrets + secrets_from_environment()
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format string: leave it to the handler's error reporting
-            return True
-        record.msg, record.args = scrub_text(message, secrets), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self._formatter.formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = scrub_text(record.exc_text, secrets)
-        if record.stack_info:
-            record.stack_info = scrub_text(record.stack_info, secrets)
-        return True
-
-
-def install_log_scrubbing(
-    handlers: Iterable[logging.Handler] | None = None, secrets: Iterable[str] = ()
-) -> SecretsFilter:
-    """Adds one :class:`SecretsFilter` to ``handlers`` (default: the root logger's handlers).
-
-    Call it in every process that logs (driver start, and trial start in the Ray workers) after
-    logging is configured; handlers added later need ``handler.addFilter(filter)`` themselves.
-    """
-    scrubber = SecretsFilter(secrets)
-    for handler in logging.getLogger().handlers if handlers is None else handlers:
-        if not any(isinstance(f, SecretsFilter) for f in handler.filters):
-            handler.addFilter(scrubber)
-    return scrubber

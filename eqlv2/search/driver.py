@@ -59,22 +59,26 @@ from .ranking import (
     best_config_text,
     best_record,
     format_table,
+    paper_point_band,
     records_from_results,
+    reference_text,
     search_metrics,
     write_reports,
 )
+from .ray_local import init_local_ray
+from .references import REFERENCE_KEY, reference_configs, reference_label
 from .scheduling import build_scheduler
 from .settings import (
     DatasetSpec,
     Objective,
     TrialSettings,
     dataset_specs,
+    parse_objective,
     repository_root,
 )
-from .space import SearchSpace
-from .stores import store_url
+from .space import SearchSpace, load_search_space
+from .stores import prepare_writable_dir, store_url
 from .trial import run_trial
-from .validation import load_checked_search_space, prepare_writable_dir, strict_objective
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +103,8 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",  # a smoke run tests the plumbing: no base to train
 )  # fmt: skip
 
+#: Completed trials Optuna's parameter-importance plot needs: fewer cannot carry a conclusion.
+MIN_IMPORTANCE_TRIALS = 8
 #: The search's state in its Tune folder (written once, by the driver): what ``--resume`` reads.
 STATE_FILE = "eqlv2_search.json"
 #: The latest search of a Tune storage folder (``--resume`` without ``--name``).
@@ -172,7 +178,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         record_search(plan, settings, tracking)
         tuner = build_tuner(plan, settings, tracking)
         _announce(plan, settings)
-        results = tuner.fit()
+        results = list(tuner.fit())
+        references = build_reference_tuner(plan, settings, tracking)
+        results += list(references.fit()) if references is not None else []
         return report_outcome(plan, settings, tracking, results)
 
 
@@ -249,8 +257,8 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     state = _read_json(storage_path / name / STATE_FILE) if options.resume else {}
     space_file = _space_path(options.search_space)
     try:
-        space = load_checked_search_space(space_file)
-        objective = strict_objective(options.metric)
+        space = load_search_space(space_file)
+        objective = parse_objective(options.metric)
         specs = dataset_specs(options.datasets, options.config_files)
         objective.check(specs)
     except (ValueError, FileNotFoundError) as error:
@@ -314,16 +322,17 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
     """Ray for the search: the running one, ``--ray-address``, or a new local instance (shut
-    down at the end) whose dashboard, on a free loopback port, serves the State API that Ray
-    Train's own placement-group cleaner needs to release the workers of stopped trials."""
+    down at the end) whose every server listens on 127.0.0.1 only
+    (:func:`~eqlv2.search.ray_local.init_local_ray`) and whose dashboard, on a free loopback port,
+    serves the State API that Ray Train's own placement-group cleaner needs to release the
+    workers of stopped trials."""
     if ray.is_initialized():
         yield
         return
     if options.ray_address:
         ray.init(address=options.ray_address, runtime_env={"env_vars": env}, log_to_driver=options.verbose)
     else:
-        ray.init(
-            address="local",  # a new instance, never another user's running cluster
+        init_local_ray(  # a new instance, never another user's running cluster; loopback only
             num_cpus=options.num_cpus,
             resources={TRIAL_RESOURCE: 1000},
             include_dashboard=True,
@@ -405,7 +414,7 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
         "study_name": plan.study_name,
         "tune_storage": str(plan.storage_path),
         **{key: getattr(options, key) for key in ("multi_objective", "num_trials", "concurrency", "use_gpu")},
-        **{key: getattr(options, key) for key in ("scheduler", "sampler", "seed", "smoke")},
+        **{key: getattr(options, key) for key in ("scheduler", "sampler", "seed", "smoke", "baseline", "noise_seeds")},
     }
 
 
@@ -469,10 +478,27 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
     )  # fmt: skip
 
 
+def _trainable(settings: TrialSettings):
+    return tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+
+
+def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
+    """Where a Tune experiment of the search lives, and what watches it; a failed trial never
+    stops the search (Tune records it, the study marks it ``FAIL``)."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(plan.storage_path),
+        callbacks=[tracking] if tracking else [],
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        progress_reporter=_reporter(settings),
+        verbose=1,
+    )
+
+
 def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner:
     """The interrupted Tune experiment restored (``--resume``), else a new one."""
     options, path = plan.options, str(plan.experiment_path)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+    trainable = _trainable(settings)
     if options.resume and tune.Tuner.can_restore(path):
         logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -491,14 +517,28 @@ def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTrack
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials),
-        run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=str(plan.storage_path),
-            callbacks=[tracking] if tracking else [],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            progress_reporter=_reporter(settings),
-            verbose=1,
-        ),
+        run_config=_run_config(plan.name, plan, settings, tracking),
+    )
+
+
+def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner | None:
+    """The reference trials (:mod:`eqlv2.search.references`) as a second Tune experiment, restored
+    on ``--resume``; None when there are none. No scheduler and no searcher: every reference runs
+    to its end and stays out of the Optuna study."""
+    options = plan.options
+    configs = reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed)
+    if not configs:
+        return None
+    trainable = _trainable(settings)
+    path = plan.storage_path / f"{plan.name}-references"
+    if options.resume and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    print(f"\nReference trials: {', '.join(reference_label(c) for c in configs)}\n", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space={REFERENCE_KEY: tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=options.concurrency),
+        run_config=_run_config(path.name, plan, settings, tracking),
     )
 
 
@@ -507,7 +547,8 @@ def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
     print(
         f"\nSearch {plan.name}: {options.num_trials} trial(s) of {', '.join(settings.dataset_names)}, "
         f"{settings.num_workers} Ray Train worker(s) per trial, concurrency {options.concurrency}, "
-        f"{options.scheduler} scheduler, metric {plan.objective.text}; study {plan.study_name!r}\n",
+        f"{options.scheduler} scheduler, metric {plan.objective.text}; study {plan.study_name!r}; then "
+        f"{len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))} reference trial(s)\n",
         flush=True,
     )
 
@@ -515,8 +556,18 @@ def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
 # --- 7. the outcome -------------------------------------------------------------------------------
 
 
+def _importance_note(study: optuna.Study) -> str:
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if complete >= MIN_IMPORTANCE_TRIALS:
+        return f"Parameter importance (Optuna, fANOVA) from {complete} completed trials: optuna/optuna_param_importance.png"
+    return (
+        f"Parameter importance not computed: {complete} completed trial(s) in the study, fewer than the "
+        f"{MIN_IMPORTANCE_TRIALS} it needs to mean something."
+    )
+
+
 def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTracking | None) -> None:
-    print("\nRanked trials (best first; stopped early and failed trials last):\n", flush=True)
+    print("\nRanked trials (best first; stopped early and failed trials last; reference trials `ref`):\n", flush=True)
     print(f"{table}\n\n{best_text}\n")
     print(f"Ray Tune results: {plan.experiment_path}")
     print(f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}")
@@ -535,20 +586,23 @@ def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: Searc
 
 
 def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
-    """Ranks the trials, writes the reports, closes the parent run and prints the summary."""
+    """Ranks the trials (the search's, then the references), writes the reports, closes the parent
+    run and prints the summary."""
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
     records = records_from_results(list(results), settings, study)
-    table, best = format_table(records, settings), best_record(records)
-    best_text = best_config_text(best, settings)
+    band = paper_point_band(records, settings) if plan.options.noise_seeds else None
+    table, best = format_table(records, settings, band), best_record(records)
+    best_text = "\n".join(filter(None, [reference_text(records, settings, band), best_config_text(best, settings, band)]))
     if settings.multi_objective:
         front = sorted(r.trial_id for r in records if r.pareto)
         best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
-    paths = write_reports(records, settings, plan.experiment_path)
+    best_text += "\n" + _importance_note(study)
+    paths = write_reports(records, settings, plan.experiment_path, band)
     interrupted = any(r.status == "running" for r in records)
     if tracking is not None:
         tracking.close_open_runs({r.trial_id: r.status for r in records})
-        tracking.log_optuna_figures(study, settings.objective.text)
-        metrics, tags = search_metrics(records, settings)
+        tracking.log_optuna_figures(study, settings.objective.text, MIN_IMPORTANCE_TRIALS)
+        metrics, tags = search_metrics(records, settings, band)
         texts = {"summary.txt": table + "\n\n" + best_text + "\n"}
         tracking.finish(list(paths.values()), texts, metrics, tags, interrupted)
     if interrupted:

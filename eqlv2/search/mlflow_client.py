@@ -26,14 +26,16 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from .stores import is_local_uri
 
 __all__ = [
-    "PARENT_TAG", "SEARCH_TAG", "STATUS_TAG", "TRIAL_HTTP_LIMITS", "TRIAL_TAG", "finite_metrics", "first_line",
-    "limit_http_retries", "prepare_tracking_store", "search_tagged_runs", "ui_command",
+    "PARENT_TAG", "ROLE_TAG", "SEARCH_TAG", "STATUS_TAG", "TRIAL_HTTP_LIMITS", "TRIAL_TAG", "finite_metrics",
+    "first_line", "limit_http_retries", "prepare_tracking_store", "search_tagged_runs", "ui_command",
 ]  # fmt: skip
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 TRIAL_TAG = "tune_trial_id"
 STATUS_TAG = "trial_status"
 SEARCH_TAG = "search_name"
+#: What a trial run is: ``search`` (a trial of the search), ``baseline`` or ``noise`` (a reference).
+ROLE_TAG = "trial_role"
 
 #: MLflow's HTTP client settings in trial and rank-0 worker processes. MLflow 3.17 reads them from
 #: ``os.environ`` at every request (``mlflow.utils.rest_utils.http_request``), and by default

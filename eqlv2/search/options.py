@@ -10,7 +10,20 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-__all__ = ["SearchOptions"]
+__all__ = ["BASELINE_LOSSES", "SearchInputError", "SearchOptions"]
+
+class SearchInputError(ValueError):
+    """A search input is invalid; the message is one line naming the flag, file or parameter.
+
+    Raised before anything starts (``tune/search.py`` prints it and exits), by the ``--metric``
+    parser (:func:`eqlv2.search.settings.parse_objective`), the search-space reader
+    (:mod:`eqlv2.search.space`) and the folder checks (:mod:`eqlv2.search.stores`).
+    """
+
+
+#: Losses ``--baseline`` accepts (names of ``eqlv2.losses.LOSS_NAMES``, kept here so that
+#: ``--help`` does not import torch).
+BASELINE_LOSSES = ("sigmoid", "softmax", "eqlv1", "federated")
 
 
 @dataclass
@@ -21,7 +34,7 @@ class SearchOptions:
     datasets: tuple[str, ...] = ("lvis",)
     config_files: tuple[str, ...] = ()
     opts: tuple[str, ...] = ()
-    num_trials: int | None = None  # default: 3 with --smoke, else 4
+    num_trials: int | None = None  # default: 3 with --smoke, else 2 (plus the reference trials)
     concurrency: int = 1
     workers_per_trial: int | None = None
     cpus_per_worker: int = 1
@@ -45,6 +58,8 @@ class SearchOptions:
     max_failures: int = 0
     ray_address: str | None = None
     num_cpus: int | None = None
+    baseline: str = "sigmoid"  # loss of the reference trial, or "none"
+    noise_seeds: int = 2  # further seeds of the paper point (the noise band)
     baseline_gradients: tuple[str, ...] = ()
     verbose: bool = False
     sync: bool = False  # replay the MLflow outbox of results_dir instead of searching
@@ -55,7 +70,7 @@ class SearchOptions:
             if item.type.startswith("tuple"):
                 setattr(self, item.name, tuple(getattr(self, item.name)))
         if self.num_trials is None:
-            self.num_trials = 3 if self.smoke else 4
+            self.num_trials = 3 if self.smoke else 2
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, argv: Sequence[str] = ()) -> SearchOptions:

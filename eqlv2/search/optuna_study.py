@@ -32,6 +32,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from .space import same_assignment
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -86,26 +88,13 @@ def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown sampler {name!r}: use tpe, random or nsga2")
 
 
-def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    if set(a) != set(b):
-        return False
-    for key, value in a.items():
-        other = b[key]
-        if isinstance(value, int | float) and isinstance(other, int | float):
-            if not math.isclose(float(value), float(other), rel_tol=1e-9, abs_tol=1e-12):
-                return False
-        elif value != other:
-            return False
-    return True
-
-
 def pending_seed_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[dict]:
     """The seed points the study does not hold yet: not complete, pruned, running or queued (a
     failed attempt, e.g. one orphaned by a killed driver, does not count)."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
     pending = []
     for point in points:
-        if any(_same_params(trial.params, point) for trial in trials):
+        if any(same_assignment(trial.params, point) for trial in trials):
             logger.info("Seed point %s is already in study %r: not queued again", dict(point), study.study_name)
             continue
         pending.append(dict(point))

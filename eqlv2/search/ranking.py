@@ -19,7 +19,17 @@ import pandas as pd
 from tabulate import tabulate
 
 from .optuna_study import COMPLETION_KEY, TRIAL_NUMBER_KEY
+from .references import (
+    NOISE_MARGIN,
+    REFERENCE_KEY,
+    NoiseBand,
+    noise_band,
+    paper_point,
+    reference_label,
+    reference_setup,
+)
 from .settings import TrialSettings
+from .space import same_assignment
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +38,11 @@ __all__ = [
     "best_record",
     "best_config_text",
     "format_table",
+    "paper_point_band",
     "ranked_rows",
     "records_from_results",
+    "reference_text",
+    "search_records",
     "search_metrics",
     "write_reports",
 ]
@@ -52,6 +65,9 @@ class TrialRecord:
         metrics: the trial's last Tune result (flat).
         error: error text of a failed trial.
         pareto: on the Pareto front (multi-objective searches).
+        role: ``search``, or a reference trial's ``baseline`` / ``noise``
+            (:mod:`eqlv2.search.references`).
+        label: what the table calls a reference trial (``baseline sigmoid``, ...).
     """
 
     trial_id: str
@@ -61,6 +77,8 @@ class TrialRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     pareto: bool = False
+    role: str = "search"
+    label: str | None = None
 
     @property
     def objective(self) -> float:
@@ -102,10 +120,7 @@ def records_from_results(results: Iterable[Any], settings: TrialSettings, study=
         error = getattr(result, "error", None)
         number = config.get(TRIAL_NUMBER_KEY)
         number = int(number) if isinstance(number, int | float) else None
-        try:
-            params = settings.space.complete(config)
-        except ValueError:
-            params = {k: config.get(k) for k in settings.space.all_names}
+        role, label, params = _role_and_params(config, settings)
         if error is not None:
             status = "failed"
         elif number is not None and number in states:
@@ -121,9 +136,34 @@ def records_from_results(results: Iterable[Any], settings: TrialSettings, study=
                 metrics=metrics,
                 error=str(error).strip().splitlines()[-1][:200] if error is not None else None,
                 pareto=number in pareto,
+                role=role,
+                label=label,
             )
         )
     return records
+
+
+def _role_and_params(config: Mapping[str, Any], settings: TrialSettings) -> tuple[str, str | None, dict[str, Any]]:
+    reference = config.get(REFERENCE_KEY)
+    if reference:
+        values, _, _ = reference_setup(reference, settings.space, settings.seed)
+        return str(reference["role"]), reference_label(reference), values
+    try:
+        return "search", None, settings.space.complete(config)
+    except ValueError:
+        return "search", None, {k: config.get(k) for k in settings.space.all_names}
+
+
+def search_records(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """The trials of the search itself (no reference trials)."""
+    return [r for r in records if r.role == "search"]
+
+
+def paper_point_band(records: Sequence[TrialRecord], settings: TrialSettings) -> NoiseBand | None:
+    """The noise band over every completed run of the paper point (search trial and noise seeds)."""
+    point = paper_point(settings.space)
+    runs = [r for r in records if r.role in ("search", "noise") and r.status == "complete"]
+    return noise_band([r.objective for r in runs if same_assignment(r.params, point)])
 
 
 def _sort_key(record: TrialRecord) -> tuple:
@@ -133,8 +173,13 @@ def _sort_key(record: TrialRecord) -> tuple:
 
 def best_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The complete trial with the highest finite objective, or None."""
-    complete = [r for r in records if r.status == "complete" and math.isfinite(r.objective)]
+    complete = [r for r in search_records(records) if r.status == "complete" and math.isfinite(r.objective)]
     return max(complete, key=lambda r: r.objective) if complete else None
+
+
+def _param_text(value: Any) -> str:
+    """A parameter value with 4 significant digits (``0.0001``, ``12``, ``1e+05``)."""
+    return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else "-" if value is None else str(value)
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -145,43 +190,88 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{number:.{digits}f}" if math.isfinite(number) else "-"
 
 
-def ranked_rows(records: Sequence[TrialRecord], settings: TrialSettings) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the ranked table (best first; stopped-early and failed trials last)."""
-    param_names = settings.space.all_names
+def _metric_columns(settings: TrialSettings) -> tuple[list[str], list[str]]:
+    """``(headers, result keys)`` of the metrics shown for each dataset."""
     multi = len(settings.datasets) > 1
-    headers = ["rank", "trial", "status", *param_names]
-    metric_keys = []
+    headers, keys = [], []
     for spec in settings.datasets:
-        shown = _SHOWN.get(spec.name, spec.metrics[:4])
-        for name in shown:
-            metric_keys.append(f"{spec.name}/{name}")
+        for name in _SHOWN.get(spec.name, spec.metrics[:4]):
+            keys.append(f"{spec.name}/{name}")
             headers.append(f"{spec.name} {name}" if multi else name)
-    if multi or settings.objective.text != "AP":
-        headers.append("objective")
-    if settings.multi_objective:
-        headers.append("pareto")
+    return headers, keys
+
+
+def _versus_band(record: TrialRecord, band: NoiseBand | None) -> str:
+    """The objective's distance from the paper point's mean, in objective units and std."""
+    if band is None or not math.isfinite(band.std) or not math.isfinite(record.objective):
+        return "-"
+    mark = " *" if band.differs(record.objective) else ""
+    return f"{record.objective - band.mean:+.3f} ({band.distance(record.objective):+.1f} std){mark}"
+
+
+def ranked_rows(
+    records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the ranked table: the search's trials best first (stopped-early and
+    failed ones last), then the reference trials (rank ``ref``); with a noise ``band``, the column
+    ``vs paper point`` gives each objective's distance from the paper point's mean."""
+    param_names = settings.space.all_names
+    show_objective = len(settings.datasets) > 1 or settings.objective.text != "AP"
+    metric_headers, metric_keys = _metric_columns(settings)
+    headers = ["rank", "trial", "status", *param_names, *metric_headers]
+    headers += ["objective"] if show_objective else []
+    headers += ["pareto"] if settings.multi_objective else []
+    headers += ["vs paper point"] if band is not None else []
+    ranked = [(str(rank), r) for rank, r in enumerate(sorted(search_records(records), key=_sort_key), start=1)]
+    ranked += [("ref", r) for r in records if r.role != "search"]
     rows = []
-    for rank, record in enumerate(sorted(records, key=_sort_key), start=1):
-        label = record.trial_id if record.number is None else f"{record.trial_id} (#{record.number})"
-        row = [str(rank), label, record.status]
-        row += [_number(record.params.get(name)) for name in param_names]
+    for rank, record in ranked:
+        label = record.label or record.trial_id
+        label = label if record.number is None else f"{label} (#{record.number})"
+        row = [rank, label, record.status]
+        row += [_param_text(record.params.get(name)) for name in param_names]
         row += [_number(record.metrics.get(key)) for key in metric_keys]
-        if multi or settings.objective.text != "AP":
-            row.append(_number(record.objective, 4))
-        if settings.multi_objective:
-            row.append("*" if record.pareto else "")
+        row += [_number(record.objective, 4)] if show_objective else []
+        row += ["*" if record.pareto else ""] if settings.multi_objective else []
+        row += [_versus_band(record, band)] if band is not None else []
         rows.append(row)
     return headers, rows
 
 
-def format_table(records: Sequence[TrialRecord], settings: TrialSettings, fmt: str = "github") -> str:
+def reference_text(records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None) -> str:
+    """The noise band, and what the best trial gains over the baseline, as summary lines."""
+    lines = [band.describe(settings.objective.text)] if band is not None else []
+    best, baseline = best_record(records), _baseline_record(records)
+    if best is not None and baseline is not None:
+        headers, keys = _metric_columns(settings)
+        gains = ", ".join(f"{h} {_difference(best.metrics.get(k), baseline.metrics.get(k))}" for h, k in zip(headers, keys, strict=True))
+        lines.append(f"Best trial {best.trial_id} against the {baseline.label}: {gains}")
+    return "\n".join(lines)
+
+
+def _baseline_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    return next((r for r in records if r.role == "baseline" and r.status == "complete"), None)
+
+
+def _difference(value: Any, reference: Any) -> str:
+    try:
+        difference = float(value) - float(reference)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{difference:+.3f}" if math.isfinite(difference) else "-"
+
+
+def format_table(
+    records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None = None, fmt: str = "github"
+) -> str:
     """The ranked table as text (``tabulate`` format ``fmt``)."""
-    headers, rows = ranked_rows(records, settings)
+    headers, rows = ranked_rows(records, settings, band)
     return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
-def best_config_text(record: TrialRecord | None, settings: TrialSettings) -> str:
-    """The best configuration and how to train with it."""
+def best_config_text(record: TrialRecord | None, settings: TrialSettings, band: NoiseBand | None = None) -> str:
+    """The best configuration, whether it stands out of the paper point's noise ``band``, and how
+    to train with it."""
     if record is None:
         return "No trial completed: no best configuration."
     values = ", ".join(f"{name} = {_number(value, 4)}" for name, value in record.params.items())
@@ -190,9 +280,15 @@ def best_config_text(record: TrialRecord | None, settings: TrialSettings) -> str
         what = f"mean over {', '.join(settings.dataset_names)} of {what}"
     lines = [f"Best configuration (trial {record.trial_id}, objective {what} = {_number(record.objective, 4)}):"]
     lines.append(f"  {values}")
+    if band is not None and math.isfinite(band.std) and not band.differs(record.objective):
+        lines.append(
+            f"  It lies within {NOISE_MARGIN:g} std of the paper point's mean over seeds: this search cannot "
+            "tell it apart from the paper point (train longer, or add seeds, to separate them)."
+        )
     overrides = " ".join(settings.space.config_overrides(record.params))
     if settings.opts:
-        lines.append(f"  (its trials also ran with: {' '.join(settings.opts)})")
+        last_values = dict(zip(settings.opts[::2], settings.opts[1::2], strict=True))  # later ones win
+        lines.append(f"  (its trials also ran with: {' '.join(f'{k} {v}' for k, v in last_values.items())})")
     for spec in settings.datasets:
         lines.append(
             f"  train it: python train/train_net.py --config-file {spec.config_file} {overrides}"
@@ -200,14 +296,16 @@ def best_config_text(record: TrialRecord | None, settings: TrialSettings) -> str
     return "\n".join(lines)
 
 
-def write_reports(records: Sequence[TrialRecord], settings: TrialSettings, folder: str | Path) -> dict[str, Path]:
+def write_reports(
+    records: Sequence[TrialRecord], settings: TrialSettings, folder: str | Path, band: NoiseBand | None = None
+) -> dict[str, Path]:
     """Writes ``ranked_trials.csv``, ``ranked_trials.md`` and ``best_config.json`` in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    headers, rows = ranked_rows(records, settings)
+    headers, rows = ranked_rows(records, settings, band)
     paths = {"csv": folder / "ranked_trials.csv", "md": folder / "ranked_trials.md", "best": folder / "best_config.json"}
     pd.DataFrame(rows, columns=headers).to_csv(paths["csv"], index=False)
-    paths["md"].write_text(format_table(records, settings) + "\n")
+    paths["md"].write_text(format_table(records, settings, band) + "\n")
     best = best_record(records)
     payload: Mapping[str, Any] = {}
     if best is not None:
@@ -225,15 +323,26 @@ def write_reports(records: Sequence[TrialRecord], settings: TrialSettings, folde
     return paths
 
 
-def search_metrics(records: Sequence[TrialRecord], settings: TrialSettings) -> tuple[dict[str, float], dict[str, Any]]:
-    """The search's outcome as parent-run metrics (trial counts, the best trial's objective and
-    paper metrics as ``best/<dataset>/<metric>``) and tags (the best trial and its parameters)."""
-    metrics: dict[str, Any] = {f"trials_{s}": sum(r.status == s for r in records) for s in ("complete", "pruned", "failed")}
+def search_metrics(
+    records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The search's outcome as parent-run metrics and tags.
+
+    Metrics: the search's trial counts, the best trial's objective and paper metrics
+    (``best/<dataset>/<metric>``), the baseline's (``baseline/<dataset>/<metric>``) and the noise
+    band (``noise/objective_mean``, ``noise/objective_std``, ``noise/runs``). Tags: the best trial
+    and its parameters.
+    """
+    searched = search_records(records)
+    metrics: dict[str, Any] = {f"trials_{s}": sum(r.status == s for r in searched) for s in ("complete", "pruned", "failed")}
+    if band is not None:
+        metrics.update({"noise/objective_mean": band.mean, "noise/objective_std": band.std, "noise/runs": len(band.values)})
+    for prefix, record in (("baseline", _baseline_record(records)), ("best", best_record(records))):
+        if record is not None:
+            for spec in settings.datasets:
+                metrics.update({f"{prefix}/{spec.name}/{m}": record.metrics.get(f"{spec.name}/{m}") for m in spec.metrics})
     best = best_record(records)
     if best is None:
         return metrics, {}
     metrics["best_objective"] = best.objective
-    for spec in settings.datasets:
-        for name in spec.metrics:
-            metrics[f"best/{spec.name}/{name}"] = best.metrics.get(f"{spec.name}/{name}")
     return metrics, {"best_trial": best.trial_id, **{f"best_{k}": v for k, v in best.params.items()}}

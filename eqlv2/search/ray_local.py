@@ -36,6 +36,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
+from ray._private import ray_constants  # private: see the module docstring and _set_local_only
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOCAL_ONLY_ENV", "init_local_ray", "local_ray"]
@@ -66,8 +69,6 @@ def _set_local_only() -> dict[str, str | None]:
     """Sets :data:`LOCAL_ONLY_ENV` here and for Ray's child processes; returns the old values."""
     saved = {key: os.environ.get(key) for key in LOCAL_ONLY_ENV}
     os.environ.update(LOCAL_ONLY_ENV)
-    from ray._private import ray_constants
-
     saved["_constant"] = "1" if ray_constants.ENABLE_RAY_CLUSTER else "0"
     # Private: read once at Ray's import; set it for this process if Ray was imported earlier.
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -90,8 +91,6 @@ def init_local_ray(**kwargs: Any):
     """
     kwargs = _check_arguments(dict(kwargs))
     _set_local_only()
-    import ray
-
     context = ray.init(**kwargs)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in _LOOPBACK_HOSTS:
@@ -106,9 +105,6 @@ def local_ray(**kwargs: Any) -> Iterator[Any]:
     """:func:`init_local_ray` for a block: shuts Ray down and restores the environment after."""
     kwargs = _check_arguments(dict(kwargs))
     saved = _set_local_only()
-    import ray
-    from ray._private import ray_constants
-
     try:
         yield init_local_ray(**kwargs)
     finally:

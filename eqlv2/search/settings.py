@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .options import SearchInputError
 from .space import SearchSpace
 
 __all__ = [
@@ -109,9 +110,6 @@ def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tup
     return tuple(specs)
 
 
-_TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*\*\s*)?(?P<name>[A-Za-z][A-Za-z0-9_]*)\s*$")
-
-
 @dataclass(frozen=True)
 class Objective:
     """A weighted sum of flat evaluation metrics, maximised.
@@ -159,32 +157,90 @@ class Objective:
         return total
 
 
-def parse_objective(text: str) -> Objective:
-    """Parses ``AP``, ``APr`` or a weighted mix such as ``0.5*AP + 0.5*APr`` (``-`` allowed).
+#: One token of a metric expression: a number, a metric name, ``*``, ``+``/``-``, or anything else.
+_TOKEN = re.compile(
+    r"\s*(?:(?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)"
+    r"|(?P<name>[A-Za-z][A-Za-z0-9_]*)|(?P<times>\*)|(?P<sign>[+-])|(?P<other>\S))"
+)
+_EXAMPLES = "use e.g. AP, APr or 0.5*AP+0.5*APr"
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    """``(kind, text, column)`` of every token of ``text``."""
+    out = []
+    for match in _TOKEN.finditer(text):
+        kind = match.lastgroup
+        if kind is not None:
+            out.append((kind, match.group(kind), match.start(kind)))
+    return out
+
+
+def parse_objective(text: str, known: Iterable[str] | None = None) -> Objective:
+    """Reads ``--metric`` with the grammar ``[sign] term (sign term)*``, ``term = [number '*'] NAME``.
+
+    Args:
+        text: the expression, e.g. ``AP`` or ``0.5*AP + 0.5*APr`` (a leading ``-`` negates a term).
+        known: metric names the datasets report; None skips that check.
+
+    Returns:
+        The objective, one ``(weight, name)`` per term.
 
     Raises:
-        ValueError: the expression is malformed.
+        SearchInputError: a dangling or doubled operator, a missing ``*``, a number without a
+            metric, a metric named twice, a zero or non-finite weight, or an unknown metric.
     """
     if not text or not text.strip():
-        raise ValueError("empty --metric")
-    pieces = re.split(r"([+-])", text.strip())
+        raise SearchInputError(f"--metric is empty: {_EXAMPLES}")
+
+    def fail(reason: str) -> SearchInputError:
+        return SearchInputError(f"--metric {text!r}: {reason}; {_EXAMPLES}")
+
+    tokens = _tokens(text)
     terms: list[tuple[float, str]] = []
-    sign = 1.0
-    for piece in pieces:
-        if piece in ("+", "-"):
-            sign = 1.0 if piece == "+" else -1.0
-            continue
-        if not piece.strip():
-            continue
-        match = _TERM.match(piece)
-        if match is None:
-            raise ValueError(f"cannot read --metric {text!r} near {piece!r}: use e.g. AP or 0.5*AP+0.5*APr")
-        weight = float(match.group("weight")) if match.group("weight") else 1.0
-        terms.append((sign * weight, match.group("name")))
+    index = 0
+    while index < len(tokens):
         sign = 1.0
-    if not terms:
-        raise ValueError(f"--metric {text!r} names no metric")
+        kind, value, column = tokens[index]
+        if kind == "sign":  # a leading sign, or the one between two terms
+            sign = -1.0 if value == "-" else 1.0
+            index += 1
+        elif terms:
+            raise fail(f"expected + or - before {value!r} at column {column + 1}")
+        if index >= len(tokens):
+            raise fail("ends with an operator, a term is missing after it")
+        weight, index = _read_term(tokens, index, fail)
+        terms.append((sign * weight, tokens[index - 1][1]))
+    names = [name for _, name in terms]
+    doubled = sorted({name for name in names if names.count(name) > 1})
+    if doubled:
+        raise fail(f"names {doubled} more than once (give one term with the summed weight)")
+    if known is not None:
+        known = list(known)
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise fail(f"unknown metric(s) {unknown} (reported: {', '.join(known)})")
     return Objective(terms=tuple(terms), text=text.replace(" ", ""))
+
+
+def _read_term(
+    tokens: list[tuple[str, str, int]], index: int, fail: Callable[[str], SearchInputError]
+) -> tuple[float, int]:
+    """Reads ``[number '*'] NAME`` from ``tokens[index]``; returns the weight and the next index."""
+    kind, value, column = tokens[index]
+    weight = 1.0
+    if kind == "number":
+        weight = float(value)
+        if not math.isfinite(weight) or weight == 0.0:
+            raise fail(f"weight {value} at column {column + 1} must be finite and non-zero")
+        if index + 1 >= len(tokens) or tokens[index + 1][0] != "times":
+            raise fail(f"number {value} at column {column + 1} must be followed by *METRIC")
+        index += 2
+        if index >= len(tokens):
+            raise fail("ends with *, a metric name is missing")
+        kind, value, column = tokens[index]
+    if kind != "name":
+        raise fail(f"expected a metric name at column {column + 1}, found {value!r}")
+    return weight, index + 1
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from .options import SearchInputError
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +40,13 @@ __all__ = [
     "PAPER_SETTING",
     "ParamSpec",
     "SearchSpace",
+    "PARAMETER_DOMAINS",
     "SearchSpaceError",
+    "check_domains",
     "config_key",
     "load_search_space",
     "parse_search_space",
+    "same_assignment",
 ]
 
 #: Short names of the EQL v2 hyper-parameters and the detectron2 config keys they set.
@@ -58,7 +63,7 @@ _PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices"}
 _TOP_LEVEL_FIELDS = {"params", "fixed", "seed_points", "trial_overrides", "description"}
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(SearchInputError):
     """A search-space file or mapping is malformed; the message names the offending entry."""
 
 
@@ -212,6 +217,20 @@ class SearchSpace:
         }
 
 
+def same_assignment(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
+    """Whether two parameter assignments are equal (numbers compared to a relative 1e-9)."""
+    if b is None or set(a) != set(b):
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, int | float) and isinstance(other, int | float):
+            if not math.isclose(float(value), float(other), rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
 def _override_text(value: Any) -> str:
     """A value as detectron2's ``merge_from_list`` parses it back (via ``literal_eval``)."""
     if isinstance(value, bool):
@@ -314,6 +333,79 @@ def _parse_trial_overrides(raw: Any, names: list[str], where: str) -> list[str]:
     return overrides
 
 
+@dataclass(frozen=True)
+class _Domain:
+    """The values an EQL v2 hyper-parameter accepts."""
+
+    rule: str
+    accepts: Callable[[float], bool]
+
+
+#: Valid values of each EQL v2 hyper-parameter (paper, eq. 6-8): the slope ``gamma`` of the
+#: mapping function must be positive, the positive up-weighting ``alpha`` non-negative, the centre
+#: ``mu`` finite.
+PARAMETER_DOMAINS: dict[str, _Domain] = {
+    "gamma": _Domain("gamma > 0", lambda v: math.isfinite(v) and v > 0),
+    "alpha": _Domain("alpha >= 0", lambda v: math.isfinite(v) and v >= 0),
+    "mu": _Domain("mu finite", math.isfinite),
+}
+
+
+def _domain_of(name: str) -> _Domain | None:
+    """The domain of a short name or of its config key (``MODEL.EQLV2.GAMMA``)."""
+    for short, key in CONFIG_KEYS.items():
+        if name in (short, key):
+            return PARAMETER_DOMAINS.get(short)
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_value(where: str, name: str, what: str, value: Any, domain: _Domain) -> None:
+    number = _number(value)
+    if number is None or not domain.accepts(number):
+        raise SearchSpaceError(
+            f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {domain.rule}"
+        )
+
+
+def check_domains(space: SearchSpace) -> None:
+    """Checks every value ``space`` can give ``gamma``, ``mu`` or ``alpha`` against its domain.
+
+    Covers the searched range's ``low`` and ``high`` (hence every sample and seed point),
+    categorical choices and fixed values (:func:`parse_search_space` calls it last).
+
+    Raises:
+        SearchSpaceError: naming the file (``space.source``) and the parameter.
+    """
+    where = space.source or "search space"
+    for name, spec in space.params.items():
+        domain = _domain_of(name)
+        if domain is None:
+            continue
+        if spec.kind == "categorical":
+            for choice in spec.choices:
+                _check_value(where, name, "choice", choice, domain)
+            continue
+        for bound, value in (("low", spec.low), ("high", spec.high)):
+            if not domain.accepts(float(value)):
+                raise SearchSpaceError(
+                    f"{where}: params.{name} range [{spec.low:g}, {spec.high:g}] is invalid: its {bound} "
+                    f"{value:g} breaks {domain.rule}"
+                )
+    for name, value in space.fixed.items():
+        domain = _domain_of(name)
+        if domain is not None:
+            _check_value(where, name, "fixed value", value, domain)
+
+
 def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> SearchSpace:
     """Validates a search-space mapping (the parsed YAML file).
 
@@ -347,25 +439,27 @@ def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> Se
         )
     seeds = _parse_seed_points(data.get("seed_points") or [], params, fixed, where)
     overrides = _parse_trial_overrides(data.get("trial_overrides") or {}, list(params) + list(fixed), where)
-    return SearchSpace(
+    space = SearchSpace(
         params=params, fixed=fixed, seed_points=tuple(seeds), trial_overrides=tuple(overrides), source=source
     )
+    check_domains(space)
+    return space
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
     """Reads and validates a search-space YAML file.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        SearchSpaceError: the file is malformed.
+        SearchSpaceError: the file is missing, malformed or holds a value EQL v2 refuses; the
+            one-line message names the file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"search-space file not found: {path}")
+        raise SearchSpaceError(f"--search-space: search-space file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise SearchSpaceError(f"{path} is not valid YAML: {error}") from error
+        raise SearchSpaceError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
     space = parse_search_space(data, source=str(path))
     logger.info("Search space from %s: %s", path, space.describe())
     return space

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -34,10 +35,18 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from eqlv2.raytrain.launch import build_torch_trainer
 
-from .mlflow_client import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG, limit_http_retries
+from .mlflow_client import (
+    PARENT_TAG,
+    ROLE_TAG,
+    SEARCH_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    limit_http_retries,
+)
 from .mlflow_outbox import DurableMlflow, node_outbox
 from .mlflow_worker import TrialRunHooks
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
+from .references import REFERENCE_KEY, reference_label, reference_setup
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
@@ -130,13 +139,13 @@ class SearchReportCallback(TuneReportCallback):
         super().after_report(run_context, [translated], checkpoint)
 
 
-def _trial_params(settings: TrialSettings, values: Mapping[str, Any]) -> dict[str, Any]:
+def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
     params = {name: values[name] for name in values}
     params["datasets"] = ",".join(settings.dataset_names)
     for spec in settings.datasets:
         params[f"config/{spec.name}"] = spec.config_file
-    params["overrides"] = " ".join(settings.opts) or "-"
-    params["seed"] = settings.seed
+    params["overrides"] = " ".join([*settings.opts, *extra]) or "-"
+    params["seed"] = seed
     params["objective"] = settings.objective.text
     params["num_workers"] = settings.num_workers
     return params
@@ -163,6 +172,28 @@ def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, f
     return out
 
 
+@dataclass(frozen=True)
+class TrialSetup:
+    """What one trial trains: its parameter ``values``, overrides beyond them, its detectron2
+    ``seed``, its ``role`` (``search``, ``baseline`` or ``noise``) and a run ``label``."""
+
+    values: dict[str, Any]
+    extra_opts: list[str]
+    seed: int
+    role: str
+    label: str | None
+
+
+def trial_setup(config: Mapping[str, Any], settings: TrialSettings) -> TrialSetup:
+    """A search trial's setup from its sampled config, or a reference trial's (see
+    :mod:`eqlv2.search.references`)."""
+    reference = config.get(REFERENCE_KEY)
+    if reference:
+        values, extra, seed = reference_setup(reference, settings.space, settings.seed)
+        return TrialSetup(values, extra, seed, str(reference["role"]), reference_label(reference))
+    return TrialSetup(settings.space.complete(config), [], settings.seed, "search", None)
+
+
 def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
     """The trial's MLflow client (HTTP retries kept short in this process); None when not tracked."""
     if not (settings.tracking_uri and settings.experiment_id and settings.mlflow_outbox):
@@ -171,13 +202,17 @@ def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
     return DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox))
 
 
-def _start_run(settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any]) -> str | None:
+def _start_run(
+    settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any], setup: TrialSetup | None = None
+) -> str | None:
     """Creates the trial's child run (RUNNING) with its params, or reopens the one a first
     attempt of this trial created (a resumed search); None when not tracked."""
     mlflow = _trial_mlflow(settings)
     if mlflow is None:
         return None
+    setup = setup or TrialSetup(dict(values), [], settings.seed, "search", None)
     tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, "optuna_trial_number": number}
+    tags[ROLE_TAG] = setup.role
     if settings.parent_run_id:
         tags[PARENT_TAG] = settings.parent_run_id
         previous = mlflow.find_runs(settings.experiment_id, {PARENT_TAG: settings.parent_run_id, TRIAL_TAG: trial_id})
@@ -186,9 +221,9 @@ def _start_run(settings: TrialSettings, trial_id: str, number: Any, values: Mapp
             mlflow.reopen(previous[0].ref, {**previous[0].tags, **tags})
             mlflow.set_tags(previous[0].ref, {STATUS_TAG: "running"})
             return previous[0].ref
-    label = ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    label = setup.label or ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
-    mlflow.log_params(run_id, _trial_params(settings, values))
+    mlflow.log_params(run_id, _trial_params(settings, values, setup.seed, setup.extra_opts))
     return run_id
 
 
@@ -237,25 +272,27 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     context = tune.get_context()
     trial_id, trial_dir = context.get_trial_id(), context.get_trial_dir()
     number = config.get(TRIAL_NUMBER_KEY)
-    values = settings.space.complete(config)
+    setup = trial_setup(config, settings)
+    values = setup.values
     done = _already_finished(settings, number)
     if done is not None:
         return _report_recorded(done, trial_id, number)
-    run_id = _start_run(settings, trial_id, number, values)
+    run_id = _start_run(settings, trial_id, number, values, setup)
     try:
-        final, evals = _train_datasets(settings, values, run_id, trial_dir)
+        final, evals = _train_datasets(settings, setup, run_id, trial_dir)
     finally:
         _flush(settings, trial_id)
     tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
 
 
-def _train_datasets(settings: TrialSettings, values: Mapping[str, Any], run_id: str | None, trial_dir: str) -> tuple[dict[str, Any], int]:
+def _train_datasets(settings: TrialSettings, setup: TrialSetup, run_id: str | None, trial_dir: str) -> tuple[dict[str, Any], int]:
     """Trains on each dataset in turn; the trial's final metrics and its evaluations done."""
+    values = setup.values
     finished: dict[str, float | None] = {}
     final: dict[str, Any] = {}
     evals = 0
     for spec in settings.datasets:
-        opts = [*settings.opts, *settings.space.config_overrides(values), "SEED", str(settings.seed)]
+        opts = [*settings.opts, *settings.space.config_overrides(values), *setup.extra_opts, "SEED", str(setup.seed)]
         opts += ["OUTPUT_DIR", f"{trial_dir}/{spec.name}"]
         schedule = settings.schedules.get(spec.name, (1, 0))
         translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
