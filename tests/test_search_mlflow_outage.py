@@ -38,9 +38,11 @@ pytest.importorskip("optuna")
 from mlflow import MlflowClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Two trials of 6 iterations and one evaluation (FIFO: both complete), one worker, logs every 3.
+#: Two trials of 6 iterations and one evaluation (FIFO: both complete), one worker, logs every 3;
+#: no reference trials.
 SEARCH = [
-    "--smoke", "--num-trials", "2", "--scheduler", "fifo", "--workers-per-trial", "1",
+    "--smoke", "--num-trials", "2", "--scheduler", "fifo", "--workers-per-trial", "1", "--baseline", "none",
+    "--noise-seeds", "0",
     "SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "MODEL.EQLV2.LOG_PERIOD", "3",
 ]  # fmt: skip
 EXPERIMENT = "eqlv2-search"
