@@ -46,7 +46,7 @@ def _runs(tracking_uri: str) -> list:
 
 def _search_command(runs: Path, postgres, tracking_uri: str) -> list[str]:  # noqa: F811
     return [
-        sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "3", "--scheduler", "fifo",
+        sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "3", "--scheduler", "fifo", "--baseline", "none", "--noise-seeds", "0",
         "--concurrency", "2", "--workers-per-trial", "1", "--results-dir", str(runs), "--name", "on_postgres",
         "--optuna-storage", postgres.url("optuna"), "--mlflow-uri", tracking_uri,
         "SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "MODEL.EQLV2.LOG_PERIOD", "3",

@@ -88,7 +88,7 @@ def test_search_submitted_as_a_job_to_a_two_node_ray_start_cluster(tmp_path):
         submitted = cluster.ray(
             "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission_id,
             "--working-dir", str(ROOT), "--", sys.executable, "tune/search.py", "--ray-address", "auto",
-            "--smoke", "--num-trials", "1", "--workers-per-trial", "2", "--results-dir", str(runs),
+            "--smoke", "--num-trials", "1", "--workers-per-trial", "2", "--baseline", "none", "--noise-seeds", "0", "--results-dir", str(runs),
             "--name", "two_nodes",
             timeout=900,
         )  # fmt: skip

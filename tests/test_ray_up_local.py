@@ -213,7 +213,7 @@ def test_ray_up_submit_down_on_a_loopback_head(ssh_head, tmp_path):
         assert up.returncode == 0, up.stdout[-5000:] + up.stderr[-3000:]
         submit = ray(
             "submit", "--log-style", "record", str(config_file), "tune/search.py", "--",
-            "--ray-address", f"127.0.0.1:{gcs_port}", "--smoke", "--num-trials", "1",
+            "--ray-address", f"127.0.0.1:{gcs_port}", "--smoke", "--num-trials", "1", "--baseline", "none", "--noise-seeds", "0",
             "--workers-per-trial", "1", "--results-dir", results, "--name", "ray_up",
         )  # fmt: skip
         output = submit.stdout + submit.stderr

@@ -54,7 +54,7 @@ def test_killed_driver_then_resume_finishes_the_search(tmp_path):
     # Two trials of 6 iterations and one evaluation each, one Ray Train worker: the smallest
     # search with a finished trial and one to interrupt.
     args = [
-        sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "2", "--scheduler", "fifo",
+        sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "2", "--scheduler", "fifo", "--baseline", "none", "--noise-seeds", "0",
         "--workers-per-trial", "1", "--results-dir", str(runs), "--name", "resumable",
         "SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "MODEL.EQLV2.LOG_PERIOD", "3",
     ]  # fmt: skip
