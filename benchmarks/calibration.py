@@ -25,7 +25,8 @@ or ``MODEL.EQLV2.BASE_CHECKPOINT_CONFIG other_base.yaml``); every trial's wall t
 beside its metrics with the load average, and ``--keep`` keeps the trials' folders.
 
 Usage: ``python benchmarks/calibration.py [--datasets lvis,openimages] [--seeds 3]
-[--losses sigmoid,eqlv2] [--backend ray|local] [--jobs 2] [--json out.json] [KEY VALUE ...]``
+[--losses sigmoid,eqlv2] [--backend ray|local] [--jobs 2] [--json out.json] [KEY VALUE ...]``,
+``python benchmarks/calibration.py --collect DIR [--datasets lvis] [--seeds 3]``
 """
 
 from __future__ import annotations
@@ -130,10 +131,30 @@ def _run_local(datasets, seeds, work, jobs: int, losses, extra, threads: int = 1
     return all_runs
 
 
+def _collect(folders, datasets, seeds, losses) -> dict[str, dict[str, list[dict]]]:
+    """The final metrics of the local trials kept in ``folders`` (``--keep`` of earlier runs)."""
+    all_runs: dict[str, dict[str, list[dict]]] = {d: {loss: [] for loss in losses} for d in datasets}
+    for dataset in datasets:
+        for seed in seeds:
+            for loss in losses:
+                for folder in folders:
+                    out = os.path.join(folder, f"{dataset}-{seed}-{loss.split()[0]}")
+                    if os.path.isfile(os.path.join(out, "metrics.json")):
+                        try:
+                            metrics = local_metrics(out)
+                        except RuntimeError:
+                            continue  # unfinished
+                        all_runs[dataset][loss].append(metrics)
+                        _report(dataset, loss, seed, metrics, float("nan"))
+                        break
+    return all_runs
+
+
 def _report(dataset, loss, seed, metrics, seconds) -> None:
     shown = {k: round(metrics[v], 2) for k, v in COLUMNS[dataset].items() if v in metrics}
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"  {dataset} {loss} seed {seed}: {shown} ({seconds:.0f} s, load average {load})", flush=True)
+    timing = f" ({seconds:.0f} s, load average {load})" if seconds == seconds else ""  # NaN: collected
+    print(f"  {dataset} {loss} seed {seed}: {shown}{timing}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses", default="sigmoid,eqlv2", help="comma-separated: sigmoid, eqlv2")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     parser.add_argument("--keep", help="keep the trials' folders here (default: a temporary folder)")
+    parser.add_argument(
+        "--collect", action="append", metavar="DIR",
+        help="train nothing: print the tables of the local trials kept in DIR (--keep) by earlier "
+        "runs, for --datasets, --losses and the seeds given (repeatable; a trial missing is left out)",
+    )  # fmt: skip
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides after the default trial's")
     args = parser.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -165,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"overrides come in KEY VALUE pairs: {args.opts}")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
 
+    if args.collect:
+        all_runs = _collect(args.collect, datasets, seeds, losses)
+        for dataset, runs in all_runs.items():
+            print(f"\n{dataset}: kept local trials of {', '.join(args.collect)}, mean +- std over the seeds found\n{table(dataset, runs)}")
+        return 0
     use_project_benchmark()
     for dataset in datasets:
         seconds = prepare(str(CONFIGS[dataset]), [*trial_opts(SIGMOID, 0), *args.opts])
