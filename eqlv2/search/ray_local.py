@@ -43,8 +43,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LOCAL_ONLY_ENV", "init_local_ray", "local_ray"]
 
-#: Environment of every process of a loopback-only Ray instance.
-LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: Environment of every process of a loopback-only Ray instance: Ray's servers on loopback, and
+#: torch.distributed's gloo connections of Ray Train workers on the loopback interface (else gloo
+#: listens on ``::``). One listener stays on ``::``: the TCPStore server of rank 0 of each Ray
+#: Train run, for which torch 2.14 offers no bind address (tested in tests/test_search_smoke.py).
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
 _LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
