@@ -147,8 +147,11 @@ def test_search_listens_on_loopback_only_but_torch_tcpstore(smoke):
     names = {name for _, _, name in smoke["sockets"]}
     assert {"gcs_server", "raylet"} <= names, smoke["sockets"]
     exposed = [s for s in smoke["sockets"] if not is_loopback(s[0])]
-    assert all(name.startswith("ray::RayTrainWorker") or "torch_process_group" in name for _, _, name in exposed), exposed
-    assert len({port for _, port, _ in exposed}) <= 5, exposed
+    # A Ray worker process is renamed after the task it runs: a port counts as a Ray Train
+    # worker's when it was seen once under a RayTrainWorker name.
+    train_worker_ports = {port for _, port, name in exposed if name.startswith("ray::RayTrainWorker")}
+    assert {port for _, port, _ in exposed} <= train_worker_ports, exposed
+    assert len(train_worker_ports) <= 5, exposed
 
 
 @pytest.mark.slow
