@@ -27,10 +27,10 @@ from eqlv2.search.references import (  # noqa: E402
     REFERENCE_KEY,
     reference_configs,
     reference_setup,
+    trial_setup,
 )
 from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
-from eqlv2.search.trial import trial_setup  # noqa: E402
 
 SPACE = parse_search_space(
     {
@@ -76,9 +76,9 @@ def test_reference_configs_and_what_they_train():
     # the baseline keeps the paper point's learning rate and drops EQL v2's parameters
     assert reference_setup(configs[0], SPACE, 42) == ({"SOLVER.BASE_LR": 0.02}, ["MODEL.EQLV2.LOSS", "sigmoid"], 42)
     assert reference_setup(configs[2], SPACE, 42) == (PAPER, [], 44)
-    setup = trial_setup({REFERENCE_KEY: configs[1]}, SETTINGS)
+    setup = trial_setup({REFERENCE_KEY: configs[1]}, SPACE, 42)
     assert (setup.values, setup.seed, setup.role, setup.label) == (PAPER, 43, "noise", "paper point, seed 43")
-    search = trial_setup({"alpha": 1.0, "SOLVER.BASE_LR": 0.01, TRIAL_NUMBER_KEY: 5}, SETTINGS)
+    search = trial_setup({"alpha": 1.0, "SOLVER.BASE_LR": 0.01, TRIAL_NUMBER_KEY: 5}, SPACE, 42)
     assert (search.seed, search.role, search.extra_opts) == (42, "search", [])
 
 

@@ -21,12 +21,10 @@ from tabulate import tabulate
 from .optuna_study import COMPLETION_KEY, TRIAL_NUMBER_KEY
 from .references import (
     NOISE_MARGIN,
-    REFERENCE_KEY,
     NoiseBand,
     noise_band,
     paper_point,
-    reference_label,
-    reference_setup,
+    trial_setup,
 )
 from .settings import TrialSettings
 from .space import same_assignment
@@ -144,14 +142,11 @@ def records_from_results(results: Iterable[Any], settings: TrialSettings, study=
 
 
 def _role_and_params(config: Mapping[str, Any], settings: TrialSettings) -> tuple[str, str | None, dict[str, Any]]:
-    reference = config.get(REFERENCE_KEY)
-    if reference:
-        values, _, _ = reference_setup(reference, settings.space, settings.seed)
-        return str(reference["role"]), reference_label(reference), values
     try:
-        return "search", None, settings.space.complete(config)
+        setup = trial_setup(config, settings.space, settings.seed)
     except ValueError:
         return "search", None, {k: config.get(k) for k in settings.space.all_names}
+    return setup.role, setup.label, setup.values
 
 
 def search_records(records: Sequence[TrialRecord]) -> list[TrialRecord]:

@@ -34,6 +34,8 @@ __all__ = [
     "reference_configs",
     "reference_label",
     "reference_setup",
+    "TrialSetup",
+    "trial_setup",
 ]
 
 #: Config key of a reference trial (absent in search trials): ``baseline`` or ``noise``.
@@ -131,3 +133,29 @@ def noise_band(objectives: Sequence[float]) -> NoiseBand | None:
     """The band of the finite ``objectives`` of the paper point's runs (None if there are none)."""
     finite = tuple(float(v) for v in objectives if math.isfinite(float(v)))
     return NoiseBand(finite) if finite else None
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What one trial trains: its parameter ``values``, overrides beyond them, its detectron2
+    ``seed``, its ``role`` (``search``, ``baseline`` or ``noise``) and a run ``label``."""
+
+    values: dict[str, Any]
+    extra_opts: list[str]
+    seed: int
+    role: str
+    label: str | None
+
+
+def trial_setup(config: Mapping[str, Any], space: SearchSpace, seed: int) -> TrialSetup:
+    """A trial's setup from its Tune config: a search trial's sampled values with the search's
+    ``seed``, or a reference trial's (the module docstring).
+
+    Raises:
+        SearchSpaceError: a search trial's config lacks a searched parameter.
+    """
+    reference = config.get(REFERENCE_KEY)
+    if reference:
+        values, extra, seed = reference_setup(reference, space, seed)
+        return TrialSetup(values, extra, seed, str(reference["role"]), reference_label(reference))
+    return TrialSetup(space.complete(config), [], seed, "search", None)

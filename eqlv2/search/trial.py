@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -46,7 +45,7 @@ from .mlflow_client import (
 from .mlflow_outbox import DurableMlflow, node_outbox
 from .mlflow_worker import TrialRunHooks
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, finished_trial_summary
-from .references import REFERENCE_KEY, reference_label, reference_setup
+from .references import TrialSetup, trial_setup
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
@@ -172,28 +171,6 @@ def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, f
     return out
 
 
-@dataclass(frozen=True)
-class TrialSetup:
-    """What one trial trains: its parameter ``values``, overrides beyond them, its detectron2
-    ``seed``, its ``role`` (``search``, ``baseline`` or ``noise``) and a run ``label``."""
-
-    values: dict[str, Any]
-    extra_opts: list[str]
-    seed: int
-    role: str
-    label: str | None
-
-
-def trial_setup(config: Mapping[str, Any], settings: TrialSettings) -> TrialSetup:
-    """A search trial's setup from its sampled config, or a reference trial's (see
-    :mod:`eqlv2.search.references`)."""
-    reference = config.get(REFERENCE_KEY)
-    if reference:
-        values, extra, seed = reference_setup(reference, settings.space, settings.seed)
-        return TrialSetup(values, extra, seed, str(reference["role"]), reference_label(reference))
-    return TrialSetup(settings.space.complete(config), [], settings.seed, "search", None)
-
-
 def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
     """The trial's MLflow client (HTTP retries kept short in this process); None when not tracked."""
     if not (settings.tracking_uri and settings.experiment_id and settings.mlflow_outbox):
@@ -272,7 +249,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     context = tune.get_context()
     trial_id, trial_dir = context.get_trial_id(), context.get_trial_dir()
     number = config.get(TRIAL_NUMBER_KEY)
-    setup = trial_setup(config, settings)
+    setup = trial_setup(config, settings.space, settings.seed)
     values = setup.values
     done = _already_finished(settings, number)
     if done is not None:
