@@ -61,15 +61,27 @@ def listening_sockets(pids: dict[int, str]) -> list[tuple[int, str, str, int]]:
     listening = listening_inodes()
     found = []
     for pid, cmd in pids.items():
-        try:
-            links = [os.readlink(fd) for fd in (sys_proc / str(pid) / "fd").iterdir()]
-        except OSError:
-            continue
-        for link in links:
+        for link in _fd_links(pid):
             inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
             if inode in listening:
                 found.append((pid, cmd[:120], *listening[inode]))
     return found
+
+
+def _fd_links(pid: int) -> list[str]:
+    """What the open file descriptors of ``pid`` point to; those closed meanwhile are skipped
+    (for the calling process, the descriptor that lists its folder is one of them)."""
+    links = []
+    try:
+        fds = list((sys_proc / str(pid) / "fd").iterdir())
+    except OSError:
+        return links
+    for fd in fds:
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return links
 
 
 def is_loopback(ip: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,3 +77,64 @@ def test_the_private_ray_constant_ray_local_sets_still_exists():
 
     assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
     assert "ENABLE_RAY_CLUSTER" in Path(services.__file__).read_text()
+
+
+def _listeners_of_this_worker(config: dict) -> None:
+    """A Ray Train worker: one all-reduce, then its own listening sockets into ``config["out"]``."""
+    import json
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([ray.train.get_context().get_world_rank() + 1.0])
+    dist.all_reduce(total)
+    rank = dist.get_rank()
+    sockets = [(ip, port) for _, _, ip, port in listening_sockets({os.getpid(): ""})]
+    Path(config["out"], f"rank{rank}.json").write_text(
+        json.dumps({"sum": total.item(), "sockets": sockets})
+    )
+    dist.barrier()  # rank 0's store stays up until every rank has looked
+
+
+@pytest.mark.parametrize(
+    "node_bound", [True, False], ids=["NodeBoundTorchConfig", "ray-TorchConfig"]
+)
+def test_ray_train_process_group_listens_on_the_node_address_only(
+    short_temp_dir, tmp_path, node_bound
+):
+    """The project's backend binds the TCPStore of rank 0 on the node address (loopback here);
+    Ray's own ``TorchConfig`` leaves it on every interface (``::``), the reason for the backend."""
+    import listening_sockets as module
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from eqlv2.raytrain.process_group import NodeBoundTorchConfig
+
+    for shipped in (module, sys.modules[__name__]):  # to the workers by value: not importable there
+        cloudpickle.register_pickle_by_value(shipped)
+    config_cls = NodeBoundTorchConfig if node_bound else TorchConfig
+    with local_ray(num_cpus=2, include_dashboard=False, _temp_dir=short_temp_dir, log_to_driver=False,
+                   configure_logging=False):  # fmt: skip
+        trainer = TorchTrainer(
+            _listeners_of_this_worker,
+            train_loop_config={"out": str(tmp_path)},
+            scaling_config=ScalingConfig(num_workers=2),
+            run_config=RunConfig(name="pg", storage_path=str(tmp_path / "results")),
+            torch_config=config_cls(backend="gloo"),
+        )
+        trainer.fit()
+    import json
+
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["sum"] for s in seen] == [3.0, 3.0]
+    rank0 = [tuple(s) for s in seen[0]["sockets"]]
+    assert len(rank0) >= 2, rank0  # the store's server and gloo's listener
+    exposed = [s for s in rank0 if not is_loopback(s[0])]
+    if node_bound:
+        assert exposed == [], f"rank 0 listens beyond loopback: {rank0}"
+    else:
+        assert exposed, (
+            "Ray's TorchConfig no longer exposes the store: NodeBoundTorchConfig may be dropped"
+        )

@@ -1,6 +1,6 @@
 """detectron2's distributed helpers inside a Ray Train worker (detectron2's ``launch()`` unused).
 
-Ray Train's ``TorchConfig`` has already called ``torch.distributed.init_process_group`` (gloo on
+The run's backend (:mod:`eqlv2.raytrain.process_group`) has already called ``init_process_group`` (gloo on
 CPU, nccl on GPU) when the training function starts, so :mod:`detectron2.utils.comm` already
 sees the right world size and rank. What it lacks is the *local* (per-node) process group that
 ``comm.get_local_rank()`` / ``get_local_size()`` read and that detectron2's ``launch()`` normally

@@ -20,12 +20,13 @@ from pathlib import Path
 import pyarrow.fs
 from detectron2.config import CfgNode
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from eqlv2.data import synthetic_root
 from eqlv2.engine import setup_cfg
 
 from .checks import check_cluster_resources, check_datasets, connect_ray
+from .process_group import NodeBoundTorchConfig
 from .worker import train_loop_per_worker
 
 __all__ = [
@@ -200,5 +201,5 @@ def build_torch_trainer(
     }
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=placement_strategy)
-    backend = TorchConfig(backend="nccl" if use_gpu else "gloo")
+    backend = NodeBoundTorchConfig(backend="nccl" if use_gpu else "gloo")
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config, torch_config=backend)
