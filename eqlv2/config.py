@@ -11,6 +11,13 @@ __all__ = ["LOSS_NAMES", "add_eqlv2_config"]
 
 def add_eqlv2_config(cfg: CN) -> None:
     """Add the keys of EQL v2, its baselines and the project's data and logging options to ``cfg``."""
+    _add_model_keys(cfg)
+    _add_dataset_keys(cfg)
+    _add_test_keys(cfg)
+
+
+def _add_model_keys(cfg: CN) -> None:
+    """``MODEL.EQLV2``: the classification loss, its hyperparameters and the initial weights."""
     cfg.MODEL.EQLV2 = CN()
     # Classification loss of the box head, one of LOSS_NAMES:
     #   "eqlv2"     Equalization Loss v2 (Tan et al. 2021), sigmoid with gradient-guided reweighing
@@ -61,6 +68,9 @@ def add_eqlv2_config(cfg: CN) -> None:
     # (see eqlv2.engine.base_checkpoint). Used only when MODEL.WEIGHTS is empty. Empty: none.
     cfg.MODEL.EQLV2.BASE_CHECKPOINT_CONFIG = ""
 
+
+def _add_dataset_keys(cfg: CN) -> None:
+    """``DATASETS.EQLV2``: a user's own LVIS-format dataset and the offline benchmark."""
     cfg.DATASETS.EQLV2 = CN()
     # A user's own LVIS-format dataset, registered as "<NAME>_train" / "<NAME>_val" before training:
     # the name prefix, the train/val JSON files and their image folders. Empty NAME disables it.
@@ -77,6 +87,9 @@ def add_eqlv2_config(cfg: CN) -> None:
     # that it learns objects, boxes and masks without the long tail of the categories.
     cfg.DATASETS.EQLV2.CLASS_AGNOSTIC = False
 
+
+def _add_test_keys(cfg: CN) -> None:
+    """``TEST.EQLV2``: the evaluation engines."""
     cfg.TEST.EQLV2 = CN()
     # LVIS evaluation engine: "fast" (faster-coco-eval, sharded) or "lvis" (the official API).
     cfg.TEST.EQLV2.LVIS_ENGINE = "fast"

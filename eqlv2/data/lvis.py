@@ -418,6 +418,32 @@ def _statistics_provider(name: str, stats_json: str) -> CategoryStatistics:
     return stats
 
 
+def _register_statistics(name: str, stats_json: str, statistics: CategoryStatistics | None) -> None:
+    """The category metadata of ``name``: from ``statistics``, from ``stats_json`` now, or (when
+    that file does not exist yet) from a provider called on first use."""
+    register_statistics_provider(name, None)
+    if statistics is not None:
+        _set_missing(
+            name,
+            {
+                "thing_classes": list(statistics.class_names),
+                "thing_dataset_id_to_contiguous_id": {
+                    index + 1: index for index in range(statistics.num_classes)
+                },
+                **statistics.to_metadata(),
+            },
+        )
+        return
+    provider = functools.partial(_statistics_provider, name, stats_json)
+    if os.path.isfile(stats_json):
+        _set_missing(name, provider().to_metadata())
+    else:
+        logger.debug(
+            "%s: %s does not exist yet; statistics are computed on first use", name, stats_json
+        )
+        register_statistics_provider(name, provider)
+
+
 def register_lvis_json(
     name: str,
     json_file: str | os.PathLike,
@@ -460,27 +486,7 @@ def register_lvis_json(
         )
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
-    register_statistics_provider(name, None)
-    if statistics is not None:
-        _set_missing(
-            name,
-            {
-                "thing_classes": list(statistics.class_names),
-                "thing_dataset_id_to_contiguous_id": {
-                    index + 1: index for index in range(statistics.num_classes)
-                },
-                **statistics.to_metadata(),
-            },
-        )
-        return
-    provider = functools.partial(_statistics_provider, name, stats_json)
-    if os.path.isfile(stats_json):
-        _set_missing(name, provider().to_metadata())
-    else:
-        logger.debug(
-            "%s: %s does not exist yet; statistics are computed on first use", name, stats_json
-        )
-        register_statistics_provider(name, provider)
+    _register_statistics(name, stats_json, statistics)
 
 
 def register_custom_from_config(cfg: Any) -> list[str]:

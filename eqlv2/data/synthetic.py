@@ -236,6 +236,18 @@ def _norm(value: float, size: int) -> str:
     return f"{value / size:.6f}"
 
 
+def _box_rows(cluster: bool, drawn: list) -> list[tuple]:
+    """``(box, occluded, truncated, group_of)`` rows of one planned group's drawn instances: one
+    IsGroupOf box around them all for a cluster, else one box per instance."""
+    if not cluster:
+        return [(i.box, i.occluded, i.truncated, 0) for i in drawn]
+    box = (
+        min(i.box[0] for i in drawn), min(i.box[1] for i in drawn),
+        max(i.box[2] for i in drawn), max(i.box[3] for i in drawn),
+    )  # fmt: skip
+    return [(box, any(i.occluded for i in drawn), any(i.truncated for i in drawn), 1)]
+
+
 def _openimages_split(plan: SyntheticPlan, split: str, out: Path, progress: tqdm) -> None:
     spec = plan.spec
     oi_split = OPENIMAGES_SPLITS[split]
@@ -263,23 +275,7 @@ def _openimages_split(plan: SyntheticPlan, split: str, out: Path, progress: tqdm
             members.setdefault(instance.group, []).append(instance)
         for group_index in sorted(members):
             group = planned.groups[group_index]
-            drawn = members[group_index]
-            if group.cluster:
-                x0 = min(i.box[0] for i in drawn)
-                y0 = min(i.box[1] for i in drawn)
-                x1 = max(i.box[2] for i in drawn)
-                y1 = max(i.box[3] for i in drawn)
-                rows = [
-                    (
-                        (x0, y0, x1, y1),
-                        any(i.occluded for i in drawn),
-                        any(i.truncated for i in drawn),
-                        1,
-                    )
-                ]
-            else:
-                rows = [(i.box, i.occluded, i.truncated, 0) for i in drawn]
-            for (x0, y0, x1, y1), occluded, truncated, group_of in rows:
+            for (x0, y0, x1, y1), occluded, truncated, group_of in _box_rows(group.cluster, members[group_index]):
                 box_writer.writerow(
                     [
                         image_id, "xclick", mids[group.category], "1",
@@ -360,6 +356,33 @@ def _read_marker(out_dir: Path) -> dict | None:
         return None
 
 
+def _write_in_place(out_dir: Path, fmt: str, spec: SyntheticSpec, marker: dict) -> None:
+    """Writes the dataset into a temporary sibling folder, then renames it to ``out_dir``."""
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
+        plan = make_pretrain_plan(spec, PRETRAIN_FORMATS[fmt]) if fmt in PRETRAIN_FORMATS else make_plan(spec)
+        total = len(plan.train) + len(plan.val)
+        with tqdm(total=total, desc=f"eqlv2 synthetic {fmt}", unit="img", disable=None) as progress:
+            (_write_openimages if fmt == "openimages" else _write_lvis)(plan, tmp, progress)
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True, indent=1), encoding="utf-8")
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info(
+        "Generated the synthetic %s benchmark (%d classes, %d+%d images) in %s in %.1f s",
+        fmt, len(plan.appearances), len(plan.train), len(plan.val), out_dir, time.perf_counter() - start,
+    )  # fmt: skip
+
+
 def generate_synthetic(
     out_dir: str | os.PathLike, fmt: str, spec: SyntheticSpec | None = None, force: bool = False
 ) -> Path:
@@ -394,38 +417,7 @@ def generate_synthetic(
                 f"{out_dir} is not empty and holds no {MARKER_FILE}: refusing to replace it "
                 "with the synthetic benchmark"
             )
-        start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
-            plan = make_pretrain_plan(spec, PRETRAIN_FORMATS[fmt]) if fmt in PRETRAIN_FORMATS else make_plan(spec)
-            total = len(plan.train) + len(plan.val)
-            with tqdm(
-                total=total, desc=f"eqlv2 synthetic {fmt}", unit="img", disable=None
-            ) as progress:
-                (_write_openimages if fmt == "openimages" else _write_lvis)(plan, tmp, progress)
-            (tmp / MARKER_FILE).write_text(
-                json.dumps(expected, sort_keys=True, indent=1), encoding="utf-8"
-            )
-            old = None
-            if out_dir.exists():
-                old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-                out_dir.rename(old)
-            tmp.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    logger.info(
-        "Generated the synthetic %s benchmark (%d classes, %d+%d images) in %s in %.1f s",
-        fmt,
-        len(plan.appearances),
-        len(plan.train),
-        len(plan.val),
-        out_dir,
-        time.perf_counter() - start,
-    )
+        _write_in_place(out_dir, fmt, spec, expected)
     return out_dir
 
 
