@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "shut down at the end; to use the `ray` CLI against a running local head started by "
         "ray.init(), set RAY_AUTH_MODE=token (ray.init writes ~/.ray/auth_token).",
     )
+    _add_what_arguments(parser)
+    _add_how_arguments(parser)
+    _add_where_arguments(parser)
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="config overrides for every trial (options may follow them)")
+    return parser
+
+
+def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to search")
     what.add_argument("--search-space", default="configs/search/default.yaml", metavar="YAML",
                       help="search-space file (default: %(default)s; see configs/search/)")
@@ -88,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the smallest real search (tests): 3 trials of 12 iterations, small "
                       "images, 2 evaluations per run")
 
+
+def _add_how_arguments(parser: argparse.ArgumentParser) -> None:
     how = parser.add_argument_group("how to run it")
     how.add_argument("--concurrency", type=_positive, default=1,
                      help="trials at once (default: %(default)s)")
@@ -108,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start one)")
     how.add_argument("--num-cpus", type=_positive, default=None, help="CPUs of a Ray cluster started here")
 
+
+def _add_where_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_argument_group("where results go")
     where.add_argument("--results-dir", default="eqlv2_runs",
                        help="folder of the default stores (default: ./%(default)s)")
@@ -133,9 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "tracking server was unreachable (after a crash or an outage), then exit: "
                        f"0 when nothing is left, {EXIT_PENDING} while calls are pending")
     where.add_argument("-v", "--verbose", action="store_true", help="show the trials' training logs")
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
-                        help="config overrides for every trial (options may follow them)")
-    return parser
 
 
 def options_from_args(argv: list[str]) -> SearchOptions:
