@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -79,6 +78,7 @@ from .settings import (
 from .space import SearchSpace, load_search_space
 from .stores import prepare_writable_dir, store_url
 from .trial import run_trial
+from .tune_storage import TuneStorage
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class SearchPlan:
     options: SearchOptions
     name: str
     results_dir: Path
-    storage_path: Path
+    storage: TuneStorage
     space_file: Path
     space: SearchSpace
     objective: Objective
@@ -136,9 +136,17 @@ class SearchPlan:
     env: dict[str, str] = field(default_factory=dict)
 
     @property
-    def experiment_path(self) -> Path:
-        """The Tune experiment folder."""
-        return self.storage_path / self.name
+    def experiment_path(self) -> str:
+        """The Tune experiment folder (a path or a remote URI)."""
+        return self.storage.join(self.name)
+
+    @property
+    def reports_dir(self) -> Path:
+        """Where the ranked reports are written: the experiment folder, or for a remote storage a
+        local folder under ``--results-dir`` whose files are then copied to the experiment."""
+        if self.storage.is_remote:
+            return self.results_dir / "reports" / self.name
+        return Path(self.experiment_path)
 
 
 @dataclass
@@ -197,32 +205,18 @@ def _configure_libraries() -> None:
 # --- 1. the plan ----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Writes ``data`` atomically (a reader never sees half a file)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(partial, path)
-
-
-def _search_name(options: SearchOptions, storage_path: Path) -> str:
+def _search_name(options: SearchOptions, storage: TuneStorage) -> str:
     """``--name``, the latest search's on ``--resume``, else a new time-stamped one."""
     name = options.name
     if options.resume and not name:
-        name = _read_json(storage_path / LATEST_FILE).get("name")
+        name = storage.read_json(LATEST_FILE).get("name")
         if not name:
-            raise SystemExit(f"--resume: no search to resume in {storage_path} (give --name)")
+            raise SystemExit(f"--resume: no search to resume in {storage.location} (give --name)")
     name = name or "eqlv2_search_" + time.strftime("%Y%m%d_%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise SystemExit(f"--name {name!r}: use letters, digits and _ . + - only")
-    if (storage_path / name).exists() and not options.resume:
-        raise SystemExit(f"experiment {storage_path / name} exists: add --resume to continue it, or give another --name")
+    if storage.exists(name) and not options.resume:
+        raise SystemExit(f"experiment {storage.join(name)} exists: add --resume to continue it, or give another --name")
     return name
 
 
@@ -244,17 +238,20 @@ def _study_name(options: SearchOptions, space_file: Path, objective: Objective) 
 def plan_search(options: SearchOptions) -> SearchPlan:
     """Checks the inputs and fixes locations and names (those of the search resumed, if so)."""
     results_dir = Path(options.results_dir).expanduser().resolve()
-    storage_path = Path(options.storage_path).expanduser().resolve() if options.storage_path else results_dir / "ray_results"
+    storage = TuneStorage.parse(options.storage_path or results_dir / "ray_results")
     try:
         for flag, url in (("--mlflow-uri", options.mlflow_uri), ("--optuna-storage", options.optuna_storage)):
             if url:
                 check_url_has_no_credentials(url, flag)
         prepare_writable_dir(results_dir, "--results-dir")
-        prepare_writable_dir(storage_path, "--storage-path")
+        if storage.is_remote:
+            storage.check_writable("--storage-path")
+        else:
+            prepare_writable_dir(storage.location, "--storage-path")
     except ValueError as error:
         raise SystemExit(str(error)) from error
-    name = _search_name(options, storage_path)
-    state = _read_json(storage_path / name / STATE_FILE) if options.resume else {}
+    name = _search_name(options, storage)
+    state = storage.read_json(name, STATE_FILE) if options.resume else {}
     space_file = _space_path(options.search_space)
     try:
         space = load_search_space(space_file)
@@ -269,7 +266,7 @@ def plan_search(options: SearchOptions) -> SearchPlan:
         options=options,
         name=name,
         results_dir=results_dir,
-        storage_path=storage_path,
+        storage=storage,
         space_file=space_file,
         space=space,
         objective=objective,
@@ -392,6 +389,7 @@ def trial_settings(plan: SearchPlan, tracking: SearchTracking | None) -> TrialSe
         parent_run_id=tracking.parent_run_id if tracking else None,
         mlflow_outbox=tracking.outbox_root if tracking else None,
         search_name=plan.name,
+        remote_storage=plan.storage.location if plan.storage.is_remote else None,
         optuna_storage=plan.optuna_url,
         study_name=plan.study_name,
         log_period=int(_opt_value(plan.opts, "MODEL.EQLV2.LOG_PERIOD", 20)),
@@ -412,7 +410,7 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
         "workers_per_trial": settings.num_workers,
         "optuna_storage": plan.optuna_url,
         "study_name": plan.study_name,
-        "tune_storage": str(plan.storage_path),
+        "tune_storage": plan.storage.location,
         **{key: getattr(options, key) for key in ("multi_objective", "num_trials", "concurrency", "use_gpu")},
         **{key: getattr(options, key) for key in ("scheduler", "sampler", "seed", "smoke", "baseline", "noise_seeds")},
     }
@@ -421,7 +419,6 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
 def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> None:
     """Writes the search's state file (the only writer: this driver) and, for a new search, its
     settings, search space and command line on the parent run."""
-    plan.experiment_path.mkdir(parents=True, exist_ok=True)
     state = {
         "name": plan.name,
         "tracking_uri": settings.tracking_uri,
@@ -432,8 +429,8 @@ def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTra
         "argv": list(plan.options.argv),
         "options": asdict(plan.options),
     }
-    _write_json(plan.experiment_path / STATE_FILE, state)
-    _write_json(plan.storage_path / LATEST_FILE, {"name": plan.name})
+    plan.storage.write_json(state, plan.name, STATE_FILE)
+    plan.storage.write_json({"name": plan.name}, LATEST_FILE)
     if tracking is not None and plan.parent_run_id is None:
         command = shlex.join(["python", "tune/search.py", *plan.options.argv]) + "\n"
         tracking.log_start(_parent_params(plan, settings), {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
@@ -487,7 +484,7 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
     stops the search (Tune records it, the study marks it ``FAIL``)."""
     return tune.RunConfig(
         name=name,
-        storage_path=str(plan.storage_path),
+        storage_path=plan.storage.location,
         callbacks=[tracking] if tracking else [],
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         progress_reporter=_reporter(settings),
@@ -497,7 +494,7 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
 
 def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner:
     """The interrupted Tune experiment restored (``--resume``), else a new one."""
-    options, path = plan.options, str(plan.experiment_path)
+    options, path = plan.options, plan.experiment_path
     trainable = _trainable(settings)
     if options.resume and tune.Tuner.can_restore(path):
         logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
@@ -530,15 +527,16 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
     if not configs:
         return None
     trainable = _trainable(settings)
-    path = plan.storage_path / f"{plan.name}-references"
-    if options.resume and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    name = f"{plan.name}-references"
+    path = plan.storage.join(name)
+    if options.resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     print(f"\nReference trials: {', '.join(reference_label(c) for c in configs)}\n", flush=True)
     return tune.Tuner(
         trainable,
         param_space={REFERENCE_KEY: tune.grid_search(configs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=options.concurrency),
-        run_config=_run_config(path.name, plan, settings, tracking),
+        run_config=_run_config(name, plan, settings, tracking),
     )
 
 
@@ -597,7 +595,8 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
         front = sorted(r.trial_id for r in records if r.pareto)
         best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
     best_text += "\n" + _importance_note(study)
-    paths = write_reports(records, settings, plan.experiment_path, band)
+    paths = write_reports(records, settings, plan.reports_dir, band)
+    plan.storage.upload(list(paths.values()), plan.name)
     interrupted = any(r.status == "running" for r in records)
     if tracking is not None:
         tracking.close_open_runs({r.trial_id: r.status for r in records})
@@ -610,7 +609,7 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
     _print_summary(plan, table, best_text, tracking)
     return SearchOutcome(
         name=plan.name,
-        experiment_path=str(plan.experiment_path),
+        experiment_path=plan.experiment_path,
         table=table,
         best=best,
         records=records,

@@ -262,6 +262,9 @@ class TrialSettings:
             each node keeps its journal of the calls the server did not take in a subfolder named
             after the host, on that node's disk (None: not tracked).
         search_name: Tune experiment name.
+        remote_storage: the search's Tune storage when it is a remote URI (``s3://...``): the
+            trials' Ray Train runs keep their checkpoints under ``<it>/<search>/ray_train/``,
+            where any node finds them (None: beside the trial, on its node's disk).
         optuna_storage, study_name: the study (a resumed trial checks it before training).
         log_period: iterations between two MLflow logs of the training scalars.
         baseline_ratios: per dataset, a baseline's gradient ratio for the plots.
@@ -283,6 +286,7 @@ class TrialSettings:
     parent_run_id: str | None = None
     mlflow_outbox: str | None = None
     search_name: str = "eqlv2_search"
+    remote_storage: str | None = None
     optuna_storage: str | None = None
     study_name: str | None = None
     log_period: int = 20

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,12 +212,19 @@ def _flush(settings: TrialSettings, trial_id: str) -> None:
         logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
 
 
+def _ray_train_storage(settings: TrialSettings, trial_dir: str) -> str:
+    """Where the trial's Ray Train runs keep their checkpoints (see ``TrialSettings.remote_storage``)."""
+    if settings.remote_storage:
+        return f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
+    return f"{trial_dir}/ray_train"
+
+
 def _train(settings: TrialSettings, spec: DatasetSpec, opts: list[str], callback, hooks: list, trial_dir: str) -> dict:
     """One Ray Train run; its final report. Raises :class:`TrialFailedError` naming the cause."""
     try:
         trainer = build_torch_trainer(
             spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
-            storage_path=f"{trial_dir}/ray_train", name=spec.name, max_failures=settings.max_failures,
+            storage_path=_ray_train_storage(settings, trial_dir), name=spec.name, max_failures=settings.max_failures,
             callbacks=[callback], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker, checkpoints_to_keep=1,
         )  # fmt: skip
         result = trainer.fit()
