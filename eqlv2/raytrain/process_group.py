@@ -98,8 +98,15 @@ class NodeBoundTorchBackend(Backend):
         ray.get(joins)
 
     def on_shutdown(self, worker_group, backend_config: NodeBoundTorchConfig) -> None:
-        """Destroys the process group (and so the store) on every worker."""
-        worker_group.execute(_leave_process_group)
+        """Destroys the process group (and so the store) on every worker, waiting at most
+        ``$TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`` (default 30 s, as Ray's own backend): a run
+        stopped mid-collective (an ASHA stop, a failed peer) must not keep its workers, and with
+        them its placement group, for ever."""
+        timeout_s = float(os.environ.get("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "30"))
+        try:
+            ray.get(worker_group.execute_async(_leave_process_group), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            logger.warning("torch.distributed shutdown timed out after %g s; the workers are stopped anyway", timeout_s)
 
 
 def _default_backend(worker_group) -> str:
