@@ -244,10 +244,7 @@ def plan_search(options: SearchOptions) -> SearchPlan:
             if url:
                 check_url_has_no_credentials(url, flag)
         prepare_writable_dir(results_dir, "--results-dir")
-        if storage.is_remote:
-            storage.check_writable("--storage-path")
-        else:
-            prepare_writable_dir(storage.location, "--storage-path")
+        storage.check_writable("--storage-path")
     except ValueError as error:
         raise SystemExit(str(error)) from error
     name = _search_name(options, storage)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .options import SearchInputError
 
-__all__ = ["is_local_uri", "prepare_writable_dir", "sqlite_url", "store_url"]
+__all__ = ["is_local_uri", "local_path", "prepare_writable_dir", "sqlite_url", "store_url"]
 
 _SQLITE = "sqlite:///"
 
@@ -50,7 +50,7 @@ def is_local_uri(uri: str) -> bool:
     return uri.startswith("sqlite") or uri.startswith("file:") or "://" not in uri
 
 
-def _local_path(path: str | os.PathLike) -> Path | None:
+def local_path(path: str | os.PathLike) -> Path | None:
     """The local folder ``path`` names, or None for a remote URI (``s3://``, ``gs://``, ...)."""
     text = os.fspath(path)
     if text.startswith("file://"):
@@ -75,7 +75,7 @@ def prepare_writable_dir(path: str | os.PathLike, flag: str) -> Path | None:
         SearchInputError: one line naming the flag and the path: a file is in the way, the
             folder cannot be created, or a file cannot be written in it.
     """
-    local = _local_path(path)
+    local = local_path(path)
     if local is None:
         return None
     folder = local.resolve()

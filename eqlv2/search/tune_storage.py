@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs
 
 from .options import SearchInputError
+from .stores import local_path, prepare_writable_dir
 
 __all__ = ["TuneStorage"]
 
 logger = logging.getLogger(__name__)
-
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
 
 @dataclass(frozen=True)
 class TuneStorage:
@@ -33,23 +30,19 @@ class TuneStorage:
 
     Attributes:
         location: an absolute local path, or a remote URI as given (what Tune gets).
+        is_remote: whether ``location`` is a remote URI.
     """
 
     location: str
+    is_remote: bool
 
     @classmethod
     def parse(cls, value: str | os.PathLike) -> TuneStorage:
         """A local path (made absolute; ``file://`` accepted) or a remote URI, kept as given."""
-        text = os.fspath(value)
-        if text.startswith("file://"):
-            text = text[len("file://") :]
-        if _URI.match(text):
-            return cls(text.rstrip("/"))
-        return cls(str(Path(text).expanduser().resolve()))
-
-    @property
-    def is_remote(self) -> bool:
-        return bool(_URI.match(self.location))
+        local = local_path(value)
+        if local is None:
+            return cls(os.fspath(value).rstrip("/"), is_remote=True)
+        return cls(str(local.resolve()), is_remote=False)
 
     def join(self, *parts: str) -> str:
         """``location/part/...``: a path or URI."""
@@ -62,11 +55,15 @@ class TuneStorage:
         return filesystem, "/".join([root, *parts])
 
     def check_writable(self, flag: str) -> None:
-        """Creates the folder and writes a probe file.
+        """Creates the folder and writes a probe file (a local one through
+        :func:`~eqlv2.search.stores.prepare_writable_dir`).
 
         Raises:
             SearchInputError: naming ``flag`` and the location, when either fails.
         """
+        if not self.is_remote:
+            prepare_writable_dir(self.location, flag)
+            return
         try:
             filesystem, root = self._resolve()
             filesystem.create_dir(root, recursive=True)
@@ -104,16 +101,13 @@ class TuneStorage:
         partial.write_bytes(text)
         os.replace(partial, path)
 
-    def upload(self, files: list[Path], *parts: str) -> list[str]:
-        """Copies local ``files`` into the folder ``parts`` of a remote store; returns where they
-        went (a local store: nothing to do, the files' own paths)."""
+    def upload(self, files: list[Path], *parts: str) -> None:
+        """Copies local ``files`` into the folder ``parts`` of a remote store (a local store: the
+        files are written in place, nothing to do)."""
         if not self.is_remote:
-            return [str(f) for f in files]
+            return
         filesystem, folder = self._resolve(*parts)
         filesystem.create_dir(folder, recursive=True)
-        targets = []
         for file in files:
             pyarrow.fs.copy_files(str(file), f"{folder}/{file.name}", destination_filesystem=filesystem)
-            targets.append(self.join(*parts, file.name))
         logger.info("Copied %d report file(s) to %s", len(files), self.join(*parts))
-        return targets
