@@ -3,17 +3,30 @@
 Trains every row of the Table 1, 2, 7, 8 and 9 analogues for each seed, evaluates it, and writes
 to ``--output``:
 
-* ``report.md``: the tables as mean ± std over the seeds (AP, APr, APc, APf, APb), and the
-  paper's three central claims, each with the difference, its standard error and whether it
-  holds beyond 2 standard errors;
+* ``report.md``: the tables as mean ± std over the seeds (AP, APr, APc, APf, and APb when the
+  model has masks), and the paper's three central claims, each with the difference, its standard
+  error and whether it holds beyond 2 standard errors;
 * ``figure1_2_gradient_ratio.png`` (softmax CE, EQL v1 and EQL v2 at three iterations, seed
   mean), ``figure3_weight_norms.png`` (softmax CE, RFS, EQL v2), ``figure4_mapping.png``;
 * ``runs.json``: every training's metrics and per-category statistics, the data of the report.
 
-Rows that are the same training (EQL v2 with the paper's defaults appears in four tables) are
-trained once per seed. The trainings are independent: they run as Ray tasks on a local Ray
-instance bound to 127.0.0.1, one CPU (one torch thread) each, as many at once as
-``--parallel`` (default: the machine's CPU count).
+Rows that are the same training are trained once per seed: EQL v2 with the paper's defaults
+appears in four tables, and alpha 0 (q = 1) is the same training as "no positive up-weighting".
+The trainings are independent: they run as Ray tasks, on a new local Ray instance bound to
+127.0.0.1 (one CPU and one torch thread each, ``--parallel`` at once, default the CPU count), or
+on a running cluster (``--address``, ``--gpus-per-run`` GPUs each).
+
+**The default CPU study** is the default search trial (``configs/search/default.yaml``'s
+``trial_overrides``: 300 iterations at batch 2 from the cached base checkpoint, cosine schedule,
+300 detections per image) of the tiny model **without its mask head** (``MODEL.MASK_ON False``):
+on a CPU, evaluating masks at 300 detections per image costs 11x the box evaluation (0.6 against
+0.055 s per image) and the mask head adds 30% to a training step, which would put the 51
+trainings (17 settings x 3 seeds) at about 3 hours on 2 cores instead of under an hour. The
+classification loss, which is all the study varies, is the same in both models; the tables'
+AP is box AP. ``--smoke`` runs every row and figure on a 100-image benchmark, 3 iterations from
+random initialisation, 2 seeds: a check that everything runs, not a result. ``--full`` is the
+paper-size study: Mask R-CNN R-50-FPN 1x on LVIS v1 (``configs/LVISv1/``), 3 seeds, on a Ray
+cluster with 8 GPUs per training.
 
 Settings that depend on the dataset size are scaled so that they cut at the same training image
 counts as on LVIS v1 (100,170 training images): RFS repeats categories seen in fewer than ~100
@@ -22,12 +35,13 @@ fewer than ~176 images, and the federated loss samples ``C * 50 / 1203`` classes
 
 Usage::
 
-    python benchmarks/reproduce.py --output output/reproduce          # the default study
+    python benchmarks/reproduce.py --output output/reproduce          # the default CPU study
+    python benchmarks/reproduce.py --output docs/results --readme README.md   # ... into the README
     python benchmarks/reproduce.py --smoke --output /tmp/reproduce    # every row, minutes
+    ray job submit --working-dir . -- python benchmarks/reproduce.py --full --output /shared/repro
     python benchmarks/reproduce.py --config-file CFG --iters 2000 --seeds 0 1 2 3 [KEY VALUE ...]
 
-``--config-file`` defaults to the tiny Mask R-CNN on the generated LVIS-format benchmark, and
-``--iters`` to its ``SOLVER.MAX_ITER``; ``SOLVER.STEPS`` are scaled with ``--iters``.
+``--iters`` defaults to the config's ``SOLVER.MAX_ITER``; ``SOLVER.STEPS`` are scaled with it.
 """
 
 from __future__ import annotations
@@ -37,22 +51,31 @@ import json
 import logging
 import math
 import os
-import socket
+import re
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from default_trial import trial_overrides  # noqa: E402
+from reproduce_run import Job, register_data, train_one  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml"
+#: The default CPU study: the default search trial, box-only (see the module docstring).
+DEFAULT_OPTS = (*trial_overrides(), "MODEL.MASK_ON", "False")
 COLUMNS = ("AP", "APr", "APc", "APf", "APb")
 LVIS_TRAIN_IMAGES = 100_170
 SMOKE = {"iters": 3, "seeds": (0, 1), "train_images": 100, "val_images": 8,
-         "opts": ("SOLVER.IMS_PER_BATCH", "2", "TEST.DETECTIONS_PER_IMAGE", "20")}
+         "opts": ("SOLVER.IMS_PER_BATCH", "2", "TEST.DETECTIONS_PER_IMAGE", "20",
+                  "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "")}  # fmt: skip
+FULL = {"config_file": ROOT / "configs/LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2.yaml", "seeds": (0, 1, 2),
+        "address": "auto", "gpus_per_run": 8}  # fmt: skip
 
 logger = logging.getLogger("reproduce")
 
@@ -89,10 +112,11 @@ def study(numbers: Sequence[int] = TABLE_NUMBERS) -> dict[str, dict[str, dict[st
         },
         "Table 7 analogue: gamma and mu (alpha 4)": {
             f"gamma {g:g}, mu {m:g}": {**EQLV2, "GAMMA": g, "MU": m}
-            for g, m in ((8.0, 0.7), (8.0, 0.8), (10.0, 0.8), (10.0, 0.9), (12.0, 0.8), (12.0, 0.9))
+            for g, m in ((4.0, 0.8), (8.0, 0.8), (12.0, 0.8), (12.0, 0.9))
         },
         "Table 8 analogue: alpha (gamma 12, mu 0.8)": {
-            f"alpha {a:g}": {**EQLV2, "ALPHA": a} for a in (0.0, 1.0, 2.0, 4.0, 8.0)
+            # alpha 0 gives q = 1: the same training as no positive up-weighting
+            f"alpha {a:g}": {**EQLV2, "ALPHA": a} if a else OBJ_NEG for a in (0.0, 1.0, 2.0, 4.0, 8.0)
         },
         "Table 9 analogue: C-sigmoid vs 2C-softmax": {
             "C-sigmoid, obj": OBJ_ONLY,
@@ -112,139 +136,61 @@ def run_key(row: dict[str, Any]) -> str:
     return ",".join(f"{k}={row[k]}" for k in sorted(row))
 
 
-# --------------------------------------------------------------------------- one training
-@dataclass(frozen=True)
-class Job:
-    """One training: the row's settings, the seed and everything the Ray task needs."""
-
-    key: str
-    row: dict[str, Any]
-    seed: int
-    config_file: str
-    opts: tuple[str, ...]
-    iters: int
-    output_dir: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-def job_opts(job: Job, scaled: dict[str, Any]) -> list[str]:
-    """detectron2 ``KEY VALUE`` overrides of a job (after the user's ``opts``)."""
-    opts = list(job.opts)
-    for key, value in job.row.items():
-        if key != "RFS":
-            opts += [f"MODEL.EQLV2.{key}", str(value)]
-    if job.row.get("RFS"):
-        opts += ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
-                 "DATALOADER.REPEAT_THRESHOLD", str(scaled["repeat_threshold"])]  # fmt: skip
-    steps = tuple(max(1, round(job.iters * f)) for f in scaled["step_fractions"])
-    opts += ["MODEL.EQLV2.EQLV1_LAMBDA", str(scaled["eqlv1_lambda"]),
-             "MODEL.EQLV2.FED_LOSS_NUM_CLASSES", str(scaled["fed_classes"]),
-             "SOLVER.MAX_ITER", str(job.iters), "SOLVER.STEPS", str(steps),
-             "SOLVER.WARMUP_ITERS", str(min(scaled["warmup"], max(job.iters // 5, 1))),
-             "SOLVER.CHECKPOINT_PERIOD", str(10 * job.iters), "TEST.EVAL_PERIOD", "0",
-             "SEED", str(job.seed), "OUTPUT_DIR", job.output_dir]  # fmt: skip
-    return opts
-
-
-def register_data(data: dict[str, Any]) -> None:
-    """Re-register the generated benchmark at another size (``--smoke``), if asked to."""
-    if data:
-        from eqlv2.data import register_synthetic
-        from eqlv2.data.synthetic_plan import SyntheticSpec
-
-        register_synthetic(data["root"], SyntheticSpec(**data["spec"]))
-
-
-def train_one(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> dict[str, Any]:
-    """Train and evaluate one job (in a Ray task); returns its metrics and per-category data."""
-    import torch
-    from detectron2.engine import HookBase
-
-    from eqlv2.engine import EQLv2Trainer, setup_cfg
-    from eqlv2.evaluation import summary
-    from eqlv2.losses.statistics import GradientStatistics
-    from eqlv2.modeling import EQLv2FastRCNNOutputLayers
-    from eqlv2.modeling.roi_heads import classification_losses
-
-    torch.set_num_threads(1)
-    cfg = setup_cfg(job.config_file, job_opts(job, scaled))
-    register_data(job.data)
-    ratios: dict[int, list[float]] = {}
-
-    class RatioRecorder(HookBase):
-        def after_step(self) -> None:
-            done = self.trainer.iter + 1
-            if done in ratio_iters:
-                loss = classification_losses(self.trainer.model)[-1]
-                ratios[done] = GradientStatistics.from_loss(loss).ratio.tolist()
-
-    started = time.time()
-    trainer = EQLv2Trainer(cfg)
-    trainer.register_hooks([RatioRecorder()])
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    # detectron2's EvalHook evaluates after the last iteration even with TEST.EVAL_PERIOD 0 and
-    # keeps the results there (DefaultTrainer.train returns them only with EXPECTED_RESULTS).
-    results = getattr(trainer, "_last_eval_results", None) or EQLv2Trainer.test(cfg, trainer.model)
-    predictor = [m for m in trainer.model.modules() if isinstance(m, EQLv2FastRCNNOutputLayers)][-1]
-    for checkpoint in Path(job.output_dir).glob("*.pth"):
-        checkpoint.unlink()  # tens of MB per training; the report needs none of them
-    return {
-        "key": job.key, "seed": job.seed, "metrics": summary(results),
-        "ratios": ratios, "weight_norms": predictor.category_weight_norms().tolist(),
-        "seconds": time.time() - started,
-    }  # fmt: skip
-
-
 # --------------------------------------------------------------------------- running on Ray
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (Ray's defaults may be taken)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker_env(on_cluster: bool) -> dict[str, str]:
+    """Environment of the Ray workers: ``eqlv2`` and ``reproduce_run`` importable, one thread.
 
-
-def start_local_ray(num_cpus: int, attempts: int = 3) -> None:
-    """A new local Ray instance on 127.0.0.1 whose workers import this checkout's ``eqlv2``.
-
-    Retried: on a loaded machine Ray's raylet may give up waiting for its dashboard agent
-    (a fixed 15 s wait, ray-project/ray#65983) and ``ray.init`` then fails at startup.
+    On a cluster the paths are relative to the job's working directory (``ray job submit
+    --working-dir .`` ships the checkout to every node); locally they are this checkout's.
     """
+    root = Path(".") if on_cluster else ROOT
+    paths = [str(root), str(root / "benchmarks"), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    return env if on_cluster else {**env, "OMP_NUM_THREADS": "1"}
+
+
+@contextmanager
+def ray_instance(address: str | None, parallel: int) -> Iterator[None]:
+    """A new local Ray instance on 127.0.0.1 with ``parallel`` CPUs, or the cluster at ``address``."""
     import ray
 
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_port=free_port(),
-                     log_to_driver=False, runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1")  # fmt: skip
-            return
-        except Exception as error:  # Ray raises a bare Exception on startup timeouts
-            ray.shutdown()
-            if attempt == attempts:
-                raise
-            logger.warning("Ray did not start (%s); attempt %d of %d", error, attempt + 1, attempts)
+    runtime_env = {"env_vars": worker_env(on_cluster=address is not None)}
+    if address is None:
+        from eqlv2.search.ray_local import local_ray
 
-
-def run_jobs(jobs: list[Job], scaled: dict[str, Any], ratio_iters: list[int], parallel: int) -> list[dict]:
-    """Run every job as a Ray task on a new local instance (127.0.0.1), ``parallel`` at once."""
-    import ray
-
-    start_local_ray(parallel)
+        with local_ray(num_cpus=parallel, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env):
+            yield
+        return
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(train_one)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def progress_line(done: int, total: int, job: Job, result: dict, started: float) -> str:
+    """``done 3/51: <key> seed 1 in 95 s (AP 21.30); 14.2 min so far, about 27 min left``."""
+    elapsed = time.time() - started
+    left = elapsed / done * (total - done)
+    return (f"done {done}/{total}: {job.label} seed {job.seed} in {result['seconds']:.0f} s "
+            f"(AP {result['metrics']['AP']:.2f}); {elapsed / 60:.1f} min so far, about {left / 60:.0f} min left")  # fmt: skip
+
+
+def run_jobs(jobs: list[Job], scaled: dict[str, Any], ratio_iters: list[int], args: argparse.Namespace) -> list[dict]:
+    """Run every job as a Ray task (one CPU each, or ``--gpus-per-run`` GPUs); logs each one done."""
+    import ray
+
+    resources = {"num_gpus": args.gpus_per_run} if args.gpus_per_run else {"num_cpus": 1}
+    with ray_instance(args.address, min(args.parallel, len(jobs))):
+        task = ray.remote(max_retries=0, **resources)(train_one)
         pending = {task.remote(job, scaled, ratio_iters): job for job in jobs}
-        results = []
+        results, started = [], time.time()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(done[0])
-            result = ray.get(done[0])
-            results.append(result)
-            logger.info("done %d/%d: %s seed %d in %.0f s (AP %.2f)", len(results), len(jobs), job.key,
-                        job.seed, result["seconds"], result["metrics"]["AP"])  # fmt: skip
+            results.append(ray.get(done[0]))
+            logger.info(progress_line(len(results), len(jobs), job, results[-1], started))
         return results
-    finally:
-        ray.shutdown()
 
 
 # --------------------------------------------------------------------------- report
@@ -267,11 +213,12 @@ def format_cell(values: Sequence[float]) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def table_markdown(title: str, rows: dict[str, dict], results: list[dict], num_seeds: int) -> str:
+def table_markdown(title: str, rows: dict[str, dict], results: list[dict], num_seeds: int,
+                   columns: Sequence[str] = COLUMNS) -> str:
     lines = [f"### {title}", "", f"mean ± std over {num_seeds} seed(s)", "",
-             "| | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]  # fmt: skip
+             "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]  # fmt: skip
     for label, row in rows.items():
-        cells = [format_cell(metric_values(results, run_key(row), c)) for c in COLUMNS]
+        cells = [format_cell(metric_values(results, run_key(row), c)) for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -313,7 +260,7 @@ def tail_ratio_distance(results: list[dict], key: str, groups: list[str], last_i
 def claims_markdown(results: list[dict], groups: list[str], last_iter: int) -> str:
     eqlv2, sigmoid, softmax = run_key(EQLV2), run_key({"LOSS": "sigmoid"}), run_key({"LOSS": "softmax"})
     best_baseline = max((sigmoid, softmax), key=lambda k: mean_std(metric_values(results, k, "APr"))[0])
-    alpha0 = run_key({**EQLV2, "ALPHA": 0.0})
+    alpha0 = run_key(OBJ_NEG)  # alpha 0: q = 1
     return "\n".join([
         "### The paper's claims on this benchmark", "",
         claim_line("EQL v2 APr above the better of sigmoid / softmax APr",
@@ -366,20 +313,46 @@ def write_figures(results: list[dict], counts: list[int], groups: list[str], rat
 def write_report(results: list[dict], tables: dict, info: dict[str, Any], figures: list[Path],
                  output: Path) -> Path:
     """``report.md``: the command, the tables, the claims and the figures."""
+    masks = info.get("mask_on", True)
+    columns = COLUMNS if masks else COLUMNS[:-1]
+    meaning = ("AP, APr, APc and APf are mask AP, APb box AP" if masks
+               else "the model has no mask head: AP, APr, APc and APf are box AP")  # fmt: skip
     sections = [
         "# EQL v2 reproduction report", "",
-        f"Command: `{info['command']}`", "",
+        f"Regenerate it with `python benchmarks/{info['command']}`.", "",
         f"Config `{info['config_file']}`, {info['iters']} iterations, seeds {info['seeds']}, "
         f"{info['num_trainings']} trainings in {info['minutes']:.1f} min wall clock. "
-        "AP columns are the LVIS evaluator's (mask AP when the model has masks, APb box AP).", "",
+        f"The columns are the LVIS evaluator's ({meaning}).", "",
     ]  # fmt: skip
     for title, rows in tables.items():
-        sections += [table_markdown(title, rows, results, len(info["seeds"])), ""]
+        sections += [table_markdown(title, rows, results, len(info["seeds"]), columns), ""]
     sections += [claims_markdown(results, info["groups"], info["ratio_iters"][-1]), ""]
     sections += ["### Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     path = output / "report.md"
     path.write_text("\n".join(sections) + "\n")
     return path
+
+
+README_BEGIN = "<!-- reproduce.py report: begin (generated, do not edit) -->"
+README_END = "<!-- reproduce.py report: end -->"
+
+
+def update_readme(readme: Path, report: Path) -> None:
+    """Replace the text between :data:`README_BEGIN` and :data:`README_END` in ``readme`` with the
+    report (its title dropped, its figure links made relative to ``readme``'s folder).
+
+    Raises:
+        ValueError: ``readme`` lacks the two marker lines (named in the message).
+    """
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: add the lines {README_BEGIN!r} and {README_END!r} where the report goes")
+    folder = os.path.relpath(report.parent, readme.resolve().parent)
+    body = report.read_text().split("\n", 1)[1].strip()
+    body = re.sub(r"\]\((figure[^)]+\.png)\)", lambda m: f"]({folder}/{m.group(1)})", body)
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -423,31 +396,65 @@ def log_to_mlflow(uri: str, experiment: str, results: list[dict], settings: dict
 
 
 # --------------------------------------------------------------------------- driver
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG), help="detectron2 YAML of every run")
+    parser.add_argument("--config-file", default=None,
+                        help="detectron2 YAML of every run (default: the default CPU study's tiny model, "
+                             "with the default search trial's overrides and no mask head)")  # fmt: skip
     parser.add_argument("--iters", type=int, default=None, help="iterations per run (default: SOLVER.MAX_ITER)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every row (default: 0 1 2)")
     parser.add_argument("--output", default="output/reproduce", help="folder of the report and figures")
-    parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="trainings at once")
+    parser.add_argument("--readme", default=None,
+                        help="also write the report into this Markdown file, between the lines "
+                             f"{README_BEGIN!r} and {README_END!r}")  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="trainings at once (local Ray)")
+    parser.add_argument("--address", default=None, help="run on the Ray cluster at this address ('auto' inside one)")
+    parser.add_argument("--gpus-per-run", type=int, default=0,
+                        help="GPUs of each training (detectron2's launch, one process per GPU); 0: one CPU")
     parser.add_argument("--mlflow-uri", default=None, type=check_tracking_uri,
                         help="also log to this MLflow tracking URI: a parent run and a child run per training")
     parser.add_argument("--mlflow-experiment", default="eqlv2-reproduce", help="MLflow experiment name")
     parser.add_argument("--tables", type=int, nargs="+", choices=TABLE_NUMBERS, default=list(TABLE_NUMBERS),
                         help="the paper's tables to reproduce (default: all)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"every row and figure in minutes: {SMOKE['iters']} iterations, seeds "
-                             f"{SMOKE['seeds']}, a {SMOKE['train_images']}/{SMOKE['val_images']}-image "
-                             f"benchmark, overrides {' '.join(SMOKE['opts'])}")
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--smoke", action="store_true",
+                         help=f"every row and figure in minutes: {SMOKE['iters']} iterations, seeds "
+                              f"{SMOKE['seeds']}, a {SMOKE['train_images']}/{SMOKE['val_images']}-image "
+                              f"benchmark, overrides {' '.join(SMOKE['opts'])}")  # fmt: skip
+    presets.add_argument("--full", action="store_true",
+                         help=f"the paper-size study on a Ray cluster: {FULL['config_file'].name}, seeds "
+                              f"{FULL['seeds']}, --address {FULL['address']}, {FULL['gpus_per_run']} GPUs per run")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill what the user left unset from ``--full``, ``--smoke`` or the default CPU study."""
+    if args.full:
+        args.config_file = args.config_file or str(FULL["config_file"])
+        args.address = args.address or FULL["address"]
+        args.gpus_per_run = args.gpus_per_run or FULL["gpus_per_run"]
+        args.seeds = args.seeds or list(FULL["seeds"])
+        return
+    study_opts = list(DEFAULT_OPTS) if args.config_file is None else []
+    args.config_file = args.config_file or str(DEFAULT_CONFIG)
     if args.smoke:
-        args.iters, args.seeds = SMOKE["iters"], list(SMOKE["seeds"])
-        args.opts = [*SMOKE["opts"], *args.opts]
+        args.iters, args.seeds = args.iters or SMOKE["iters"], args.seeds or list(SMOKE["seeds"])
+        study_opts += SMOKE["opts"]
+    args.opts = [*study_opts, *args.opts]  # the user's last: they win
+    args.seeds = args.seeds or [0, 1, 2]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_preset(args)
     if args.iters is not None and args.iters < 1:
         parser.error(f"--iters must be >= 1, got {args.iters}")
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    if args.gpus_per_run < 0:
+        parser.error(f"--gpus-per-run must be >= 0, got {args.gpus_per_run}")
     return args
 
 
@@ -458,6 +465,7 @@ def prepare(args: argparse.Namespace, output: Path) -> tuple[dict[str, Any], dic
 
     from eqlv2.data import category_statistics
     from eqlv2.engine import setup_cfg
+    from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
 
     cfg = setup_cfg(args.config_file, args.opts)
     data: dict[str, Any] = {}
@@ -468,7 +476,9 @@ def prepare(args: argparse.Namespace, output: Path) -> tuple[dict[str, Any], dic
         register_data(data)
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         DatasetCatalog.get(name)  # generates the benchmark once, before the parallel trainings
+    ensure_base_checkpoint(cfg)  # trained once (cached beside the benchmark), before the trainings
     stats = category_statistics(cfg.DATASETS.TRAIN[0])
+    args.mask_on = cfg.MODEL.MASK_ON
     max_iter = cfg.SOLVER.MAX_ITER
     scaled = {
         "repeat_threshold": min(1.0, LVIS_TRAIN_IMAGES * 1e-3 / stats.num_images),
@@ -484,10 +494,16 @@ def prepare(args: argparse.Namespace, output: Path) -> tuple[dict[str, Any], dic
 
 def make_jobs(args: argparse.Namespace, tables: dict, data: dict[str, Any], output: Path) -> list[Job]:
     rows = {run_key(row): row for table in tables.values() for row in table.values()}
-    config_file = str(Path(args.config_file).resolve())
+    labels: dict[str, str] = {}
+    for title, table in tables.items():
+        for label, row in table.items():
+            labels.setdefault(run_key(row), f"{title.split(':')[0].removesuffix(' analogue')} {label}")
+    config_file = Path(args.config_file).resolve()
+    if args.address is not None and config_file.is_relative_to(ROOT):
+        config_file = config_file.relative_to(ROOT)  # the workers' working directory is the checkout
     return [
-        Job(key, row, seed, config_file, tuple(args.opts), args.iters,
-            str(output / "runs" / f"{index:02d}_seed{seed}"), data)  # fmt: skip
+        Job(key, row, seed, str(config_file), tuple(args.opts), args.iters,
+            str(output / "runs" / f"{index:02d}_seed{seed}"), data, max(1, args.gpus_per_run), labels[key])  # fmt: skip
         for index, (key, row) in enumerate(sorted(rows.items()))
         for seed in args.seeds
     ]
@@ -505,19 +521,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio_iters = sorted({max(1, args.iters // 3), max(1, 2 * args.iters // 3), args.iters})
     logger.info("%d trainings (%d settings x %d seeds), %d iterations each, %d at once",
                 len(jobs), len(jobs) // len(args.seeds), len(args.seeds), args.iters, args.parallel)
-    results = run_jobs(jobs, scaled, ratio_iters, min(args.parallel, len(jobs)))
+    results = run_jobs(jobs, scaled, ratio_iters, args)
     counts = list(stats.instance_counts or stats.image_counts)
     groups = list(stats.frequency_groups)
     settings = {job.key: job.row for job in jobs}
     (output / "runs.json").write_text(json.dumps(
         {"results": results, "counts": counts, "groups": groups, "settings": settings}))
     figures = write_figures(results, counts, groups, ratio_iters, output)
-    info = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    info = {"command": " ".join(["reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
             "config_file": args.config_file, "iters": args.iters, "seeds": args.seeds,
             "num_trainings": len(jobs), "minutes": (time.time() - started) / 60, "groups": groups,
-            "ratio_iters": ratio_iters}  # fmt: skip
+            "ratio_iters": ratio_iters, "mask_on": args.mask_on}  # fmt: skip
     report = write_report(results, tables, info, figures, output)
     logger.info("report: %s", report)
+    if args.readme:
+        update_readme(Path(args.readme), report)
+        logger.info("report written into %s", args.readme)
     if args.mlflow_uri:
         run_id = log_to_mlflow(args.mlflow_uri, args.mlflow_experiment, results, settings, info, output)
         logger.info("MLflow parent run %s", run_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reproduce  # noqa: E402
+from reproduce_run import job_opts  # noqa: E402
 
 from eqlv2.engine import setup_cfg  # noqa: E402
 
@@ -21,19 +23,26 @@ def test_study_trains_each_distinct_setting_once():
     tables = reproduce.study()
     assert [title.split()[1] for title in tables] == ["1", "2", "7", "8", "9"]
     rows = {reproduce.run_key(row) for table in tables.values() for row in table.values()}
-    # Table 1: 6; Table 2: +obj, +neg; Table 7: 5 besides (12, 0.8); Table 8: 4 besides 4; Table 9: 3 2C rows
-    assert len(rows) == 20
+    # Table 1: 6; Table 2: +obj, +neg; Table 7: 3 besides (12, 0.8); Table 8: 3 besides 4 and 0 (= +neg);
+    # Table 9: 3 2C rows
+    assert len(rows) == 17
     eqlv2 = reproduce.run_key(reproduce.EQLV2)
-    assert reproduce.run_key(tables["Table 8 analogue: alpha (gamma 12, mu 0.8)"]["alpha 4"]) == eqlv2
+    alphas = tables["Table 8 analogue: alpha (gamma 12, mu 0.8)"]
+    assert reproduce.run_key(alphas["alpha 4"]) == eqlv2
+    assert alphas["alpha 0"] == tables["Table 2 analogue: ablation of EQL v2"]["+ negative down-weighting"]
     assert list(reproduce.study([9])) == ["Table 9 analogue: C-sigmoid vs 2C-softmax"]
 
 
 def test_every_job_gives_a_valid_config(tmp_path):
     args = reproduce.parse_args(["--iters", "50", "--seeds", "3", "--output", str(tmp_path)])
     jobs = reproduce.make_jobs(args, reproduce.study(), {}, tmp_path)
-    assert len(jobs) == 20 and {job.seed for job in jobs} == {3}
+    assert len(jobs) == 17 and {job.seed for job in jobs} == {3}
+    labels = {job.key: job.label for job in jobs}
+    assert labels[reproduce.run_key(reproduce.OBJ_NEG)] == "Table 2 + negative down-weighting"  # first table
+    assert labels[reproduce.run_key({**reproduce.EQLV2, "ALPHA": 8.0})] == "Table 8 alpha 8"
     for job in jobs:
-        cfg = setup_cfg(job.config_file, reproduce.job_opts(job, SCALED))
+        cfg = setup_cfg(job.config_file, job_opts(job, SCALED))
+        assert not cfg.MODEL.MASK_ON and cfg.TEST.DETECTIONS_PER_IMAGE == 300  # the default CPU study
         assert cfg.SOLVER.MAX_ITER == 50 and cfg.SOLVER.STEPS == (40,) and cfg.SEED == 3
         assert cfg.MODEL.EQLV2.LOSS == job.row["LOSS"]
         assert cfg.MODEL.EQLV2.EQLV1_LAMBDA == 0.22 and cfg.MODEL.EQLV2.FED_LOSS_NUM_CLASSES == 3
@@ -52,7 +61,8 @@ def fake_results(num_classes=6, seeds=(0, 1, 2)):
             key = reproduce.run_key(row)
             if any(r["key"] == key for r in results):
                 continue
-            bonus = 5.0 if row.get("LOSS", "").startswith("eqlv2") and row.get("ALPHA") != 0.0 else 0.0
+            up_weighted = row.get("POS_UP_WEIGHT") and row.get("ALPHA") != 0.0
+            bonus = 5.0 if row.get("LOSS", "").startswith("eqlv2") and up_weighted else 0.0
             ratio = 0.9 if bonus else 0.1
             for seed in seeds:
                 metrics = {c: 10.0 + bonus * (c == "APr") + rng.normal(0, 0.3) for c in reproduce.COLUMNS}
@@ -127,3 +137,56 @@ def test_credentials_in_the_tracking_uri_are_refused(capsys):
     err = capsys.readouterr().err
     assert "MLFLOW_TRACKING_PASSWORD" in err
     assert reproduce.check_tracking_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"
+
+
+def test_presets_fill_only_what_the_user_left_unset():
+    default = reproduce.parse_args([])
+    assert default.config_file == str(reproduce.DEFAULT_CONFIG) and default.seeds == [0, 1, 2]
+    assert default.opts[-2:] == ["MODEL.MASK_ON", "False"] and default.address is None
+    smoke = reproduce.parse_args(["--smoke", "SOLVER.BASE_LR", "0.01"])
+    assert smoke.iters == 3 and smoke.seeds == [0, 1]
+    assert smoke.opts[-2:] == ["SOLVER.BASE_LR", "0.01"]  # the user's overrides come last and win
+    assert smoke.opts.index("MODEL.EQLV2.BASE_CHECKPOINT_CONFIG") > smoke.opts.index("MODEL.MASK_ON")
+    full = reproduce.parse_args(["--full", "--seeds", "5"])
+    assert full.config_file.endswith("LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2.yaml") and full.opts == []
+    assert (full.address, full.gpus_per_run, full.seeds) == ("auto", 8, [5])
+    cfg = setup_cfg(full.config_file, [])
+    assert cfg.MODEL.MASK_ON and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
+
+
+def test_full_jobs_name_the_config_inside_the_checkout_and_their_gpus(tmp_path):
+    args = reproduce.parse_args(["--full", "--tables", "1"])
+    jobs = reproduce.make_jobs(args, reproduce.study([1]), {}, tmp_path)
+    assert len(jobs) == 18 and {job.processes for job in jobs} == {8}
+    assert {job.config_file for job in jobs} == {"configs/LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2.yaml"}
+    assert reproduce.worker_env(on_cluster=True)["PYTHONPATH"].split(os.pathsep)[:2] == [".", "benchmarks"]
+
+
+def test_smoke_and_full_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--smoke", "--full"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_report_goes_between_the_readme_markers_and_nowhere_else(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\nintro\n{reproduce.README_BEGIN}\nold report\n{reproduce.README_END}\n\n## After\n")
+    report = tmp_path / "docs" / "results" / "report.md"
+    report.parent.mkdir(parents=True)
+    report.write_text("# EQL v2 reproduction report\n\n| a | b |\n\n![figure4_mapping](figure4_mapping.png)\n")
+    reproduce.update_readme(readme, report)
+    reproduce.update_readme(readme, report)  # twice: the same text, not two copies
+    assert readme.read_text() == (
+        f"# Project\n\nintro\n{reproduce.README_BEGIN}\n| a | b |\n\n"
+        f"![figure4_mapping](docs/results/figure4_mapping.png)\n{reproduce.README_END}\n\n## After\n"
+    )
+
+
+def test_a_readme_without_markers_is_named_and_left_as_it_was(tmp_path):
+    readme = tmp_path / "NOTES.md"
+    readme.write_text("# Notes\n")
+    report = tmp_path / "report.md"
+    report.write_text("# title\nbody\n")
+    with pytest.raises(ValueError, match="NOTES.md: add the lines"):
+        reproduce.update_readme(readme, report)
+    assert readme.read_text() == "# Notes\n"

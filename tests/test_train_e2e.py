@@ -58,6 +58,11 @@ def test_train_resume_and_evaluate(handful_lvis, tmp_path):
     results = EQLv2Trainer.test(cfg, resumed.model)
     assert set(results["bbox"]) >= {"AP", "APr", "APc", "APf"}
     assert set(results["segm"]) >= {"AP", "APr", "APc", "APf"}
+    # TEST.EQLV2.EVALUATE_MASKS False: the same boxes, no mask inference, the mask head back after.
+    boxes_only = setup_cfg(TINY, [*handful_opts(handful_lvis, tmp_path, max_iter=5), "TEST.EQLV2.EVALUATE_MASKS", "False"])
+    box_results = EQLv2Trainer.test(boxes_only, resumed.model)
+    assert set(box_results) == {"bbox"} and box_results["bbox"] == pytest.approx(results["bbox"], nan_ok=True)
+    assert resumed.model.roi_heads.mask_on
     metrics = (tmp_path / "metrics.json").read_text()
     assert "eqlv2/ratio_mean" in metrics and "loss_cls" in metrics
 

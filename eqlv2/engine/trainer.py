@@ -63,6 +63,21 @@ class EQLv2Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
+    def test(cls, cfg: CfgNode, model, evaluators=None):
+        """detectron2's ``test``; with ``TEST.EQLV2.EVALUATE_MASKS`` False the mask head of a mask
+        model is skipped while it runs (boxes only, :func:`eqlv2.evaluation.evaluates_masks`)."""
+        from eqlv2.evaluation import evaluates_masks
+
+        roi_heads = getattr(getattr(model, "module", model), "roi_heads", None)
+        if not cfg.MODEL.MASK_ON or evaluates_masks(cfg) or roi_heads is None:
+            return super().test(cfg, model, evaluators)
+        roi_heads.mask_on = False
+        try:
+            return super().test(cfg, model, evaluators)
+        finally:
+            roi_heads.mask_on = True
+
+    @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         """detectron2's loader; with ``DATASETS.EQLV2.CLASS_AGNOSTIC`` every annotation is category 0."""
         if not cfg.DATASETS.EQLV2.CLASS_AGNOSTIC:

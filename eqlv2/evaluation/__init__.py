@@ -8,7 +8,7 @@
   (``python -m eqlv2.evaluation.openimages``), in :mod:`eqlv2.evaluation.openimages`.
 """
 
-from .build import build_evaluator
+from .build import build_evaluator, evaluates_masks
 from .lvis import LVISEvaluator, summary
 from .lvis_detections import LVISDetections
 from .lvis_engines import METRIC_NAMES, FastLVISEngine, LVISEvalResult, OfficialLVISEngine
@@ -32,6 +32,7 @@ __all__ = [
     "OpenImagesEvaluator",
     "OpenImagesSubmissionWriter",
     "build_evaluator",
+    "evaluates_masks",
     "evaluate_openimages",
     "evaluate_submission",
     "lvis_numpy_compat",

@@ -11,7 +11,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from .lvis import ENGINES, LVISEvaluator
 from .openimages import OpenImagesEvaluator
 
-__all__ = ["build_evaluator"]
+__all__ = ["build_evaluator", "evaluates_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,21 @@ def _lvis_engine(cfg: CfgNode) -> str:
     return engine
 
 
+def evaluates_masks(cfg: CfgNode) -> bool:
+    """Whether ``cfg``'s model predicts masks at test time: ``MODEL.MASK_ON`` unless
+    ``TEST.EQLV2.EVALUATE_MASKS`` is False (a config without the project's keys: ``MODEL.MASK_ON``)."""
+    eqlv2_test = cfg.TEST.get("EQLV2")
+    wanted = eqlv2_test.get("EVALUATE_MASKS", True) if eqlv2_test is not None else True
+    return bool(cfg.MODEL.MASK_ON and wanted)
+
+
 def build_evaluator(
     cfg: CfgNode, dataset_name: str, output_dir: str | None = None
 ) -> DatasetEvaluator:
     """The evaluator of ``dataset_name`` by ``MetadataCatalog.get(dataset_name).evaluator_type``:
 
     * "lvis": :class:`~eqlv2.evaluation.lvis.LVISEvaluator` with the engine
-      ``cfg.TEST.EQLV2.LVIS_ENGINE``, "segm" too with ``MODEL.MASK_ON``;
+      ``cfg.TEST.EQLV2.LVIS_ENGINE``, "segm" too when :func:`evaluates_masks`;
     * "openimages": :class:`~eqlv2.evaluation.openimages.OpenImagesEvaluator`;
     * "coco": detectron2's ``COCOEvaluator``.
 
@@ -42,7 +50,7 @@ def build_evaluator(
     if evaluator_type == "lvis":
         # A mask model reports "segm" even before it detects anything (NaN numbers then);
         # otherwise detectron2 infers the tasks from the predictions.
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else None
+        tasks = ("bbox", "segm") if evaluates_masks(cfg) else ("bbox",) if cfg.MODEL.MASK_ON else None
         return LVISEvaluator(dataset_name, tasks, output_dir=output_dir, engine=_lvis_engine(cfg))
     if evaluator_type == "openimages":
         return OpenImagesEvaluator(dataset_name, output_dir=output_dir)
