@@ -17,8 +17,9 @@ The trainings are independent: they run as Ray tasks, on a new local Ray instanc
 on a running cluster (``--address``, ``--gpus-per-run`` GPUs each).
 
 **The default CPU study** is the default search trial (``configs/search/default.yaml``'s
-``trial_overrides``: 300 iterations at batch 2 from the cached base checkpoint, cosine schedule,
-300 detections per image) of the tiny model **without its mask head** (``MODEL.MASK_ON False``):
+``trial_overrides``: batch 2 from the cached base checkpoint, cosine schedule, 300 detections per
+image) **at 300 iterations** (the search's trials train 400; 51 trainings of 400 would not fit in
+an hour on 2 cores) of the tiny model **without its mask head** (``MODEL.MASK_ON False``):
 on a CPU, evaluating masks at 300 detections per image costs 11x the box evaluation (0.6 against
 0.055 s per image) and the mask head adds 30% to a training step, which would put the 51
 trainings (17 settings x 3 seeds) at about 3 hours on 2 cores instead of under an hour. The
@@ -68,7 +69,7 @@ from reproduce_run import Job, register_data, train_one  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml"
 #: The default CPU study: the default search trial, box-only (see the module docstring).
-DEFAULT_OPTS = (*trial_overrides(), "MODEL.MASK_ON", "False")
+DEFAULT_OPTS = (*trial_overrides(), "SOLVER.MAX_ITER", "300", "MODEL.MASK_ON", "False")
 COLUMNS = ("AP", "APr", "APc", "APf", "APb")
 LVIS_TRAIN_IMAGES = 100_170
 SMOKE = {"iters": 3, "seeds": (0, 1), "train_images": 100, "val_images": 8,
@@ -279,6 +280,109 @@ def claims_markdown(results: list[dict], groups: list[str], last_iter: int) -> s
     ])  # fmt: skip
 
 
+# --------------------------------------------------------------------------- diagnostics
+GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
+#: Gradient ratios below this: the category has (almost) no positive gradient yet.
+STARVED_RATIO = 0.1
+#: Gradient ratios above this: positives outweigh negatives, the reweighing overshoots.
+OVERSHOOT_RATIO = 1.5
+
+
+def ratio_profile(results: list[dict], key: str, groups: list[str], last_iter: int) -> dict[str, tuple]:
+    """Per frequency group: (mean g, share of categories with g < STARVED_RATIO, share with
+    g > OVERSHOOT_RATIO) of the seed-mean gradient ratio ``g`` at ``last_iter``."""
+    ratios = seed_mean(results, key, lambda r: r["ratios"][last_iter])
+    if ratios is None:
+        return {}
+    group_of = np.asarray(groups)
+    profile = {}
+    for group in GROUP_NAMES:
+        g = ratios[group_of == group]
+        if g.size:
+            profile[group] = (float(g.mean()), float((g < STARVED_RATIO).mean()), float((g > OVERSHOOT_RATIO).mean()))
+    return profile
+
+
+def ratio_table(results: list[dict], groups: list[str], last_iter: int) -> list[str]:
+    """Markdown rows: per loss, :func:`ratio_profile` of each frequency group."""
+    losses = {"softmax CE": {"LOSS": "softmax"}, "sigmoid BCE": {"LOSS": "sigmoid"},
+              "EQL v1": {"LOSS": "eqlv1"}, "EQL v2": EQLV2}  # fmt: skip
+    header = " | ".join(f"{GROUP_NAMES[g]}: mean g, g<{STARVED_RATIO:g}, g>{OVERSHOOT_RATIO:g}" for g in GROUP_NAMES)
+    lines = [f"| | {header} |", "|---" * 4 + "|"]
+    for label, row in losses.items():
+        profile = ratio_profile(results, run_key(row), groups, last_iter)
+        if profile:
+            cells = [f"{m:.2f}, {lo:.0%}, {hi:.0%}" for m, lo, hi in profile.values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def exposure_finding(info: dict[str, Any]) -> str | None:
+    """How often the training meets a rare category's instances (needs ``train_images``)."""
+    rare = sorted(c for c, g in zip(info["counts"], info["groups"], strict=True) if g == "r")
+    if not rare or not info.get("train_images"):
+        return None
+    seen = info["iters"] * info["images_per_batch"]
+    passes = seen / info["train_images"]
+    return (f"Schedule: {info['iters']} iterations see {seen} images, {passes:.2f} passes over the "
+            f"{info['train_images']} training images. The {len(rare)} rare categories have {rare[0]} to "
+            f"{rare[-1]} training instances (median {np.median(rare):g}), so a median rare category's "
+            f"instances are met about {np.median(rare) * passes:.1f} times in a whole training.")
+
+
+def overshoot_finding(results: list[dict], groups: list[str], last_iter: int) -> str | None:
+    """EQL v2's rare ratio against softmax CE's, when EQL v2's lies above 1."""
+    eqlv2 = ratio_profile(results, run_key(EQLV2), groups, last_iter).get("r")
+    softmax = ratio_profile(results, run_key({"LOSS": "softmax"}), groups, last_iter).get("r")
+    if not eqlv2 or not softmax or eqlv2[0] <= 1.0:
+        return None
+    return (f"Gradient ratio: EQL v2 raises the rare categories' mean ratio from {softmax[0]:.2f} "
+            f"(softmax CE) to {eqlv2[0]:.2f}, past 1: {eqlv2[2]:.0%} of them end above "
+            f"{OVERSHOOT_RATIO:g}, where positives outweigh negatives. The claim's measure, mean |1 - g|, "
+            "counts that overshoot like the baseline's shortfall.")
+
+
+def agnostic_finding(results: list[dict]) -> str | None:
+    """What the agnostic task alone does against sigmoid BCE, beside EQL v2's APf change."""
+    sigmoid, obj, eqlv2 = run_key({"LOSS": "sigmoid"}), run_key(OBJ_ONLY), run_key(EQLV2)
+    changes = {name: difference(metric_values(results, key, column), metric_values(results, sigmoid, column))
+               for name, key, column in (("AP", obj, "AP"), ("APf", obj, "APf"), ("EQL v2 APf", eqlv2, "APf"))}  # fmt: skip
+    if any(math.isnan(diff) for diff, _ in changes.values()):
+        return None
+    text = ", ".join(f"{name} {diff:+.2f} ± {error:.2f}" for name, (diff, error) in changes.items())
+    return ("Agnostic task: against sigmoid BCE (± one standard error), the agnostic objectness task "
+            f"alone (Table 2, second row) and EQL v2 change {text}; the paper reports +2.0 AP for the "
+            "agnostic task on LVIS v1.")
+
+
+def noise_finding(results: list[dict], num_seeds: int) -> str | None:
+    """EQL v2's seed spread of AP and APr against sigmoid BCE's."""
+    spreads = {name: (mean_std(metric_values(results, run_key(row), "AP"))[1],
+                      mean_std(metric_values(results, run_key(row), "APr"))[1])
+               for name, row in (("EQL v2", EQLV2), ("sigmoid BCE", {"LOSS": "sigmoid"}))}  # fmt: skip
+    if any(math.isnan(v) for pair in spreads.values() for v in pair):
+        return None
+    text = "; ".join(f"{name} AP {ap:.2f}, APr {apr:.2f}" for name, (ap, apr) in spreads.items())
+    return f"Seed noise: the standard deviation over {num_seeds} seeds is {text}."
+
+
+def diagnostics_markdown(results: list[dict], info: dict[str, Any]) -> str:
+    """Why a claim may not hold: the gradient ratio per frequency group and loss, then each
+    finding the data support (schedule, overshoot, the agnostic task, seed noise)."""
+    last_iter = info["ratio_iters"][-1]
+    findings = [exposure_finding(info), overshoot_finding(results, info["groups"], last_iter),
+                agnostic_finding(results), noise_finding(results, len(info["seeds"]))]  # fmt: skip
+    return "\n".join([
+        "### Diagnostics", "",
+        f"Accumulated positive-to-negative gradient ratio g per category at iteration {last_iter} "
+        "(seed mean): the group mean, and the share of the group's categories with almost no "
+        f"positive gradient (g < {STARVED_RATIO:g}) or with positives outweighing negatives "
+        f"(g > {OVERSHOOT_RATIO:g}). The paper's claim is a tail ratio close to 1.", "",
+        *ratio_table(results, info["groups"], last_iter), "",
+        *[f"- {finding}" for finding in findings if finding],
+    ])  # fmt: skip
+
+
 # --------------------------------------------------------------------------- figures
 def seed_mean(results: list[dict], key: str, pick) -> np.ndarray | None:
     """Mean over the seeds of ``pick(result)`` for the runs of ``key`` (None if there are none)."""
@@ -327,6 +431,7 @@ def write_report(results: list[dict], tables: dict, info: dict[str, Any], figure
     for title, rows in tables.items():
         sections += [table_markdown(title, rows, results, len(info["seeds"]), columns), ""]
     sections += [claims_markdown(results, info["groups"], info["ratio_iters"][-1]), ""]
+    sections += [diagnostics_markdown(results, info), ""]
     sections += ["### Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     path = output / "report.md"
     path.write_text("\n".join(sections) + "\n")
@@ -407,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--readme", default=None,
                         help="also write the report into this Markdown file, between the lines "
                              f"{README_BEGIN!r} and {README_END!r}")  # fmt: skip
+    parser.add_argument("--from-runs", default=None,
+                        help="no training: write the report and figures again from this runs.json of an earlier run")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="trainings at once (local Ray)")
     parser.add_argument("--address", default=None, help="run on the Ray cluster at this address ('auto' inside one)")
     parser.add_argument("--gpus-per-run", type=int, default=0,
@@ -479,6 +586,7 @@ def prepare(args: argparse.Namespace, output: Path) -> tuple[dict[str, Any], dic
     ensure_base_checkpoint(cfg)  # trained once (cached beside the benchmark), before the trainings
     stats = category_statistics(cfg.DATASETS.TRAIN[0])
     args.mask_on = cfg.MODEL.MASK_ON
+    args.images_per_batch = cfg.SOLVER.IMS_PER_BATCH
     max_iter = cfg.SOLVER.MAX_ITER
     scaled = {
         "repeat_threshold": min(1.0, LVIS_TRAIN_IMAGES * 1e-3 / stats.num_images),
@@ -509,36 +617,63 @@ def make_jobs(args: argparse.Namespace, tables: dict, data: dict[str, Any], outp
     ]
 
 
+def train_study(args: argparse.Namespace, argv: Sequence[str] | None, output: Path) -> dict[str, Any]:
+    """Train every job of the study; returns what ``runs.json`` holds (results, counts, groups,
+    settings and the report's ``info``)."""
+    started = time.time()
+    scaled, data, stats = prepare(args, output)
+    jobs = make_jobs(args, study(args.tables), data, output)
+    ratio_iters = sorted({max(1, args.iters // 3), max(1, 2 * args.iters // 3), args.iters})
+    logger.info("%d trainings (%d settings x %d seeds), %d iterations each, %d at once",
+                len(jobs), len(jobs) // len(args.seeds), len(args.seeds), args.iters, args.parallel)  # fmt: skip
+    results = run_jobs(jobs, scaled, ratio_iters, args)
+    info = {"command": " ".join(["reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
+            "config_file": shown_path(args.config_file), "iters": args.iters, "seeds": args.seeds,
+            "num_trainings": len(jobs), "minutes": (time.time() - started) / 60,
+            "ratio_iters": ratio_iters, "mask_on": args.mask_on, "tables": args.tables,
+            "train_images": stats.num_images, "images_per_batch": args.images_per_batch}  # fmt: skip
+    runs = {"results": results, "counts": list(stats.instance_counts or stats.image_counts),
+            "groups": list(stats.frequency_groups), "settings": {job.key: job.row for job in jobs}, "info": info}  # fmt: skip
+    (output / "runs.json").write_text(json.dumps(runs))
+    return runs
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the checkout when it lies inside it (reports must not show a home folder)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def load_runs(path: Path) -> dict[str, Any]:
+    """``runs.json`` of an earlier run, its ratio iterations as integers again (JSON keys are text)."""
+    runs = json.loads(path.read_text())
+    for result in runs["results"]:
+        result["ratios"] = {int(at): ratios for at, ratios in result["ratios"].items()}
+    return runs
+
+
+def render(runs: dict[str, Any], output: Path) -> Path:
+    """Figures and ``report.md`` in ``output`` from the data of ``runs.json``."""
+    info = {**runs["info"], "groups": runs["groups"], "counts": runs["counts"]}
+    results = runs["results"]
+    figures = write_figures(results, runs["counts"], runs["groups"], info["ratio_iters"], output)
+    return write_report(results, study(info.get("tables", TABLE_NUMBERS)), info, figures, output)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    scaled, data, stats = prepare(args, output)
-    tables = study(args.tables)
-    jobs = make_jobs(args, tables, data, output)
-    ratio_iters = sorted({max(1, args.iters // 3), max(1, 2 * args.iters // 3), args.iters})
-    logger.info("%d trainings (%d settings x %d seeds), %d iterations each, %d at once",
-                len(jobs), len(jobs) // len(args.seeds), len(args.seeds), args.iters, args.parallel)
-    results = run_jobs(jobs, scaled, ratio_iters, args)
-    counts = list(stats.instance_counts or stats.image_counts)
-    groups = list(stats.frequency_groups)
-    settings = {job.key: job.row for job in jobs}
-    (output / "runs.json").write_text(json.dumps(
-        {"results": results, "counts": counts, "groups": groups, "settings": settings}))
-    figures = write_figures(results, counts, groups, ratio_iters, output)
-    info = {"command": " ".join(["reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
-            "config_file": args.config_file, "iters": args.iters, "seeds": args.seeds,
-            "num_trainings": len(jobs), "minutes": (time.time() - started) / 60, "groups": groups,
-            "ratio_iters": ratio_iters, "mask_on": args.mask_on}  # fmt: skip
-    report = write_report(results, tables, info, figures, output)
+    runs = load_runs(Path(args.from_runs)) if args.from_runs else train_study(args, argv, output)
+    report = render(runs, output)
     logger.info("report: %s", report)
     if args.readme:
         update_readme(Path(args.readme), report)
         logger.info("report written into %s", args.readme)
     if args.mlflow_uri:
-        run_id = log_to_mlflow(args.mlflow_uri, args.mlflow_experiment, results, settings, info, output)
+        run_id = log_to_mlflow(args.mlflow_uri, args.mlflow_experiment, runs["results"], runs["settings"],
+                               runs["info"], output)  # fmt: skip
         logger.info("MLflow parent run %s", run_id)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -79,17 +80,52 @@ def test_report_tables_claims_and_figures(tmp_path):
     assert [p.name for p in figures] == ["figure1_2_gradient_ratio.png", "figure3_weight_norms.png",
                                          "figure4_mapping.png"]
     info = {"command": "reproduce.py --smoke", "config_file": "cfg.yaml", "iters": 4, "seeds": [0, 1, 2],
-            "num_trainings": len(results), "minutes": 1.0, "groups": groups, "ratio_iters": [2, 4]}
+            "num_trainings": len(results), "minutes": 1.0, "groups": groups, "counts": counts, "ratio_iters": [2, 4]}
     text = reproduce.write_report(results, reproduce.study(), info, figures, tmp_path).read_text()
     softmax = [r["metrics"]["APr"] for r in results if r["key"] == "LOSS=softmax"]
     expected = f"{np.mean(softmax):.2f} ± {np.std(softmax, ddof=1):.2f}"
     softmax_line = next(line for line in text.splitlines() if line.startswith("| softmax CE |"))
     assert softmax_line.split(" | ")[2] == expected
-    claims = [line for line in text.splitlines() if line.startswith("- ")]
+    claims = [line for line in text.splitlines() if line.startswith("- ") and ": difference " in line]
     assert len(claims) == 4
     assert "EQL v2 APr above" in claims[0] and "**holds beyond 2 standard errors**" in claims[0]
     assert "**holds beyond 2 standard errors**" in claims[2] and "**holds beyond 2" in claims[3]
     assert "![figure4_mapping](figure4_mapping.png)" in text
+    # diagnostics: seed-mean ratio per group (0.1 / 0.9 plus 0.01 per seed), rare instance counts
+    assert "| softmax CE | 0.11, 0%, 0% | 0.11, 0%, 0% | 0.11, 0%, 0% |" in text
+    assert "| EQL v2 | 0.91, 0%, 0% | 0.91, 0%, 0% | 0.91, 0%, 0% |" in text
+    agnostic = reproduce.difference(
+        [r["metrics"]["AP"] for r in results if r["key"] == reproduce.run_key(reproduce.OBJ_ONLY)],
+        [r["metrics"]["AP"] for r in results if r["key"] == "LOSS=sigmoid"])
+    assert f"change AP {agnostic[0]:+.2f} ± {agnostic[1]:.2f}, APf " in text
+    findings = [line.split(":")[0] for line in text.splitlines() if line.startswith("- ") and ": difference " not in line]
+    assert findings == ["- Agnostic task", "- Seed noise"]  # no schedule without train_images, no overshoot below 1
+
+
+def test_ratio_profile_counts_starved_and_overshooting_categories():
+    groups = ["r", "r", "r", "r", "f"]
+    results = [{"key": "k", "seed": s, "ratios": {9: [0.0, 0.05 + s, 2.0, 1.0, 1.0]}} for s in (0.0, 0.02)]
+    profile = reproduce.ratio_profile(results, "k", groups, 9)
+    assert profile["r"] == pytest.approx((np.mean([0.0, 0.06, 2.0, 1.0]), 0.5, 0.25))
+    assert profile["f"] == pytest.approx((1.0, 0.0, 0.0)) and "c" not in profile
+    assert reproduce.ratio_profile(results, "other", groups, 9) == {}
+
+
+def test_from_runs_writes_the_same_report_without_training(tmp_path):
+    results = fake_results()
+    runs = {"results": results, "counts": [90, 80, 30, 20, 5, 2], "groups": ["f", "f", "c", "c", "r", "r"],
+            "settings": {r["key"]: {} for r in results},
+            "info": {"command": "reproduce.py --smoke", "config_file": "cfg.yaml", "iters": 4, "seeds": [0, 1, 2],
+                     "num_trainings": len(results), "minutes": 1.0, "ratio_iters": [2, 4], "mask_on": False,
+                     "tables": [1, 2, 7, 8, 9]}}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    expected = reproduce.render(runs, first).read_text()
+    (first / "runs.json").write_text(json.dumps(runs))  # ratio iterations become text keys
+    assert reproduce.main(["--from-runs", str(first / "runs.json"), "--output", str(second)]) == 0
+    assert (second / "report.md").read_text() == expected
+    assert sorted(p.name for p in second.glob("*.png")) == sorted(p.name for p in first.glob("*.png"))
+    assert not (second / "runs.json").exists()
 
 
 def test_claims_cannot_be_decided_with_one_seed():
@@ -190,3 +226,21 @@ def test_a_readme_without_markers_is_named_and_left_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="NOTES.md: add the lines"):
         reproduce.update_readme(readme, report)
     assert readme.read_text() == "# Notes\n"
+
+
+def test_findings_name_the_schedule_and_an_overshooting_tail():
+    info = {"counts": [100, 5, 2, 9], "groups": ["f", "r", "r", "r"], "train_images": 800, "images_per_batch": 2,
+            "iters": 300}
+    assert reproduce.exposure_finding(info) == (
+        "Schedule: 300 iterations see 600 images, 0.75 passes over the 800 training images. The 3 rare categories "
+        "have 2 to 9 training instances (median 5), so a median rare category's instances are met about 3.8 times "
+        "in a whole training.")
+    assert reproduce.exposure_finding({**info, "train_images": None}) is None
+    ratios = {"softmax": [1.0, 0.1, 0.2, 0.3], "eqlv2": [1.0, 1.0, 2.0, 1.6]}
+    results = [{"key": reproduce.run_key({"LOSS": "softmax"}), "ratios": {7: ratios["softmax"]}},
+               {"key": reproduce.run_key(reproduce.EQLV2), "ratios": {7: ratios["eqlv2"]}}]
+    text = reproduce.overshoot_finding(results, info["groups"], 7)
+    assert text.startswith("Gradient ratio: EQL v2 raises the rare categories' mean ratio from 0.20 (softmax CE) "
+                           "to 1.53, past 1: 67% of them end above 1.5")
+    results[1]["ratios"][7] = [1.0, 0.9, 0.9, 0.9]
+    assert reproduce.overshoot_finding(results, info["groups"], 7) is None

@@ -50,11 +50,22 @@ def test_report_has_every_table_claim_and_figure(smoke):
     assert [line.split(":")[0] for line in report.splitlines() if line.startswith("### Table")] == [
         f"### Table {n} analogue" for n in (1, 2, 7, 8, 9)
     ]
-    assert sum(line.startswith("- ") for line in report.splitlines()) == 4
+    assert sum(line.startswith("- ") and ": difference " in line for line in report.splitlines()) == 4
+    assert "- Schedule: 3 iterations see 6 images, 0.06 passes over the 100 training images." in report
     for name in ("figure1_2_gradient_ratio", "figure3_weight_norms", "figure4_mapping"):
         assert (output / f"{name}.png").stat().st_size > 10_000
         assert f"![{name}]({name}.png)" in report
     assert "the model has no mask head" in report and "| APb |" not in report
+
+
+def test_the_report_is_written_again_from_runs_json_alone(smoke, tmp_path):
+    output, _, _ = smoke
+    again = tmp_path / "again"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/reproduce.py"), "--from-runs",
+                           str(output / "runs.json"), "--output", str(again)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (again / "report.md").read_text() == (output / "report.md").read_text()
 
 
 def test_the_readme_gets_the_report_with_its_figure_links(smoke):
