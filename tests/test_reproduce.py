@@ -43,7 +43,8 @@ def test_every_job_gives_a_valid_config(tmp_path):
     assert labels[reproduce.run_key({**reproduce.EQLV2, "ALPHA": 8.0})] == "Table 8 alpha 8"
     for job in jobs:
         cfg = setup_cfg(job.config_file, job_opts(job, SCALED))
-        assert not cfg.MODEL.MASK_ON and cfg.TEST.DETECTIONS_PER_IMAGE == 300  # the default CPU study
+        assert cfg.MODEL.MASK_ON and not cfg.TEST.EQLV2.EVALUATE_MASKS  # the default CPU study: box AP
+        assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
         assert cfg.SOLVER.MAX_ITER == 50 and cfg.SOLVER.STEPS == (40,) and cfg.SEED == 3
         assert cfg.MODEL.EQLV2.LOSS == job.row["LOSS"]
         assert cfg.MODEL.EQLV2.EQLV1_LAMBDA == 0.22 and cfg.MODEL.EQLV2.FED_LOSS_NUM_CLASSES == 3
@@ -116,7 +117,7 @@ def test_from_runs_writes_the_same_report_without_training(tmp_path):
     runs = {"results": results, "counts": [90, 80, 30, 20, 5, 2], "groups": ["f", "f", "c", "c", "r", "r"],
             "settings": {r["key"]: {} for r in results},
             "info": {"command": "reproduce.py --smoke", "config_file": "cfg.yaml", "iters": 4, "seeds": [0, 1, 2],
-                     "num_trainings": len(results), "minutes": 1.0, "ratio_iters": [2, 4], "mask_on": False,
+                     "num_trainings": len(results), "minutes": 1.0, "ratio_iters": [2, 4], "masks_evaluated": False,
                      "tables": [1, 2, 7, 8, 9]}}
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -178,11 +179,11 @@ def test_credentials_in_the_tracking_uri_are_refused(capsys):
 def test_presets_fill_only_what_the_user_left_unset():
     default = reproduce.parse_args([])
     assert default.config_file == str(reproduce.DEFAULT_CONFIG) and default.seeds == [0, 1, 2]
-    assert default.opts[-2:] == ["MODEL.MASK_ON", "False"] and default.address is None
+    assert default.opts[-2:] == ["SOLVER.MAX_ITER", "300"] and default.address is None
     smoke = reproduce.parse_args(["--smoke", "SOLVER.BASE_LR", "0.01"])
     assert smoke.iters == 3 and smoke.seeds == [0, 1]
     assert smoke.opts[-2:] == ["SOLVER.BASE_LR", "0.01"]  # the user's overrides come last and win
-    assert smoke.opts.index("MODEL.EQLV2.BASE_CHECKPOINT_CONFIG") > smoke.opts.index("MODEL.MASK_ON")
+    assert smoke.opts.index("MODEL.EQLV2.BASE_CHECKPOINT_CONFIG") > smoke.opts.index("SOLVER.MAX_ITER")
     full = reproduce.parse_args(["--full", "--seeds", "5"])
     assert full.config_file.endswith("LVISv1/mask_rcnn_R_50_FPN_1x_eqlv2.yaml") and full.opts == []
     assert (full.address, full.gpus_per_run, full.seeds) == ("auto", 8, [5])
