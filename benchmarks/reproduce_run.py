@@ -74,11 +74,12 @@ def final_evaluation(storage, test_datasets: Sequence[str]) -> dict[str, Any]:
     return evaluation_at(storage, max(times), test_datasets)
 
 
-def _train(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> dict[str, Any]:
+def _train(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> dict[str, Any] | None:
     """Train and evaluate ``job`` in this process (one rank of it); returns its metrics, the
-    gradient ratios at ``ratio_iters`` and the classifier's weight norms."""
+    gradient ratios at ``ratio_iters`` and the classifier's weight norms (None on ranks > 0)."""
     import torch
     from detectron2.engine import HookBase
+    from detectron2.utils import comm
 
     from eqlv2.engine import EQLv2Trainer, setup_cfg
     from eqlv2.evaluation import summary
@@ -102,6 +103,8 @@ def _train(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> dict
     trainer.register_hooks([RatioRecorder()])
     trainer.resume_or_load(resume=False)
     trainer.train()
+    if not comm.is_main_process():
+        return None  # detectron2's EvalHook puts the evaluation into rank 0's storage only
     results = final_evaluation(trainer.storage, cfg.DATASETS.TEST)
     predictor = [m for m in trainer.model.modules() if isinstance(m, EQLv2FastRCNNOutputLayers)][-1]
     with torch.no_grad():
@@ -114,10 +117,11 @@ def _train(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int]) -> dict
 
 def _launched_rank(job: Job, scaled: dict[str, Any], ratio_iters: Sequence[int], result_file: str) -> None:
     """One process of a ``launch``-ed training; rank 0 writes the result to ``result_file``."""
-    from detectron2.utils import comm
+    from eqlv2.raytrain.distributed import ddp_device_ids_fix
 
-    result = _train(job, scaled, ratio_iters)
-    if comm.is_main_process():
+    with ddp_device_ids_fix():  # detectron2's DDP wrapper passes GPU device_ids, also for a CPU model
+        result = _train(job, scaled, ratio_iters)
+    if result is not None:
         Path(result_file).write_text(json.dumps(result))
 
 
