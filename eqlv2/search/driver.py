@@ -478,8 +478,8 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
     )  # fmt: skip
 
 
-def _trainable(settings: TrialSettings):
-    return tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+def _trainable(settings: TrialSettings, trial_function=run_trial):
+    return tune.with_resources(tune.with_parameters(trial_function, settings=settings), _trial_resources())
 
 
 def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
@@ -495,10 +495,12 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
     )
 
 
-def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner:
-    """The interrupted Tune experiment restored (``--resume``), else a new one."""
+def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, trial_function=run_trial) -> tune.Tuner:
+    """The interrupted Tune experiment restored (``--resume``), else a new one. ``trial_function``
+    ``(config, settings)`` runs one trial: :func:`~eqlv2.search.trial.run_trial`, or a stand-in
+    (``benchmarks/search_scale.py``)."""
     options, path = plan.options, str(plan.experiment_path)
-    trainable = _trainable(settings)
+    trainable = _trainable(settings, trial_function)
     if options.resume and tune.Tuner.can_restore(path):
         logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
