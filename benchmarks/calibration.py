@@ -102,7 +102,9 @@ def _run_ray(datasets, seeds, work, losses, extra) -> dict[str, dict[str, list[d
                 for loss in losses:
                     start = time.perf_counter()
                     out = os.path.join(work, f"{dataset}-{seed}-{loss.split()[0]}")
-                    runs[loss].append(fit_trial(str(CONFIGS[dataset]), _opts(loss, seed, extra), out))
+                    runs[loss].append(
+                        fit_trial(str(CONFIGS[dataset]), _opts(loss, seed, extra), out)
+                    )
                     _report(dataset, loss, seed, runs[loss][-1], time.perf_counter() - start)
             all_runs[dataset] = runs
     finally:
@@ -110,16 +112,22 @@ def _run_ray(datasets, seeds, work, losses, extra) -> dict[str, dict[str, list[d
     return all_runs
 
 
-def _run_local(datasets, seeds, work, jobs: int, losses, extra, threads: int = 1) -> dict[str, dict[str, list[dict]]]:
+def _run_local(
+    datasets, seeds, work, jobs: int, losses, extra, threads: int = 1
+) -> dict[str, dict[str, list[dict]]]:
     """Every trial as one ``train_net.py`` process, ``jobs`` at a time."""
     pending = [(d, loss, seed) for d in datasets for seed in seeds for loss in losses]
-    all_runs: dict[str, dict[str, list[dict]]] = {d: {loss: [] for loss in losses} for d in datasets}
+    all_runs: dict[str, dict[str, list[dict]]] = {
+        d: {loss: [] for loss in losses} for d in datasets
+    }
     running: list = []
     while pending or running:
         while pending and len(running) < jobs:
             dataset, loss, seed = pending.pop(0)
             out = os.path.join(work, f"{dataset}-{seed}-{loss.split()[0]}")
-            proc = train_local(str(CONFIGS[dataset]), _opts(loss, seed, extra), out, threads=threads)
+            proc = train_local(
+                str(CONFIGS[dataset]), _opts(loss, seed, extra), out, threads=threads
+            )
             running.append((proc, dataset, loss, seed, out, time.perf_counter()))
         time.sleep(2)
         for item in [r for r in running if r[0].poll() is not None]:
@@ -133,7 +141,9 @@ def _run_local(datasets, seeds, work, jobs: int, losses, extra, threads: int = 1
 
 def _collect(folders, datasets, seeds, losses) -> dict[str, dict[str, list[dict]]]:
     """The final metrics of the local trials kept in ``folders`` (``--keep`` of earlier runs)."""
-    all_runs: dict[str, dict[str, list[dict]]] = {d: {loss: [] for loss in losses} for d in datasets}
+    all_runs: dict[str, dict[str, list[dict]]] = {
+        d: {loss: [] for loss in losses} for d in datasets
+    }
     for dataset in datasets:
         for seed in seeds:
             for loss in losses:
@@ -153,7 +163,9 @@ def _collect(folders, datasets, seeds, losses) -> dict[str, dict[str, list[dict]
 def _report(dataset, loss, seed, metrics, seconds) -> None:
     shown = {k: round(metrics[v], 2) for k, v in COLUMNS[dataset].items() if v in metrics}
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    timing = f" ({seconds:.0f} s, load average {load})" if seconds == seconds else ""  # NaN: collected
+    timing = (
+        f" ({seconds:.0f} s, load average {load})" if seconds == seconds else ""
+    )  # NaN: collected
     print(f"  {dataset} {loss} seed {seed}: {shown}{timing}", flush=True)
 
 
@@ -167,17 +179,25 @@ def main(argv: list[str] | None = None) -> int:
         "trial as one train_net.py process with the same total batch, --jobs at a time",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="local backend: trials at a time")
-    parser.add_argument("--threads", type=int, default=1, help="local backend: torch threads per trial")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="local backend: torch threads per trial"
+    )
     parser.add_argument("--json", help="also write every run's metrics to this file")
     parser.add_argument("--losses", default="sigmoid,eqlv2", help="comma-separated: sigmoid, eqlv2")
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
-    parser.add_argument("--keep", help="keep the trials' folders here (default: a temporary folder)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1"
+    )
+    parser.add_argument(
+        "--keep", help="keep the trials' folders here (default: a temporary folder)"
+    )
     parser.add_argument(
         "--collect", action="append", metavar="DIR",
         help="train nothing: print the tables of the local trials kept in DIR (--keep) by earlier "
         "runs, for --datasets, --losses and the seeds given (repeatable; a trial missing is left out)",
     )  # fmt: skip
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides after the default trial's")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides after the default trial's"
+    )
     args = parser.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = sorted(set(datasets) - set(CONFIGS))
@@ -194,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         all_runs = _collect(args.collect, datasets, seeds, losses)
         for dataset, runs in all_runs.items():
-            print(f"\n{dataset}: kept local trials of {', '.join(args.collect)}, mean +- std over the seeds found\n{table(dataset, runs)}")
+            print(
+                f"\n{dataset}: kept local trials of {', '.join(args.collect)}, mean +- std over the seeds found\n{table(dataset, runs)}"
+            )
         return 0
     use_project_benchmark()
     for dataset in datasets:
@@ -209,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             all_runs = _run_local(datasets, seeds, work, args.jobs, losses, args.opts, args.threads)
     for dataset, runs in all_runs.items():
-        print(f"\n{dataset}: default trial ({args.backend}), mean +- std over {args.seeds} seed(s)\n{table(dataset, runs)}")
+        print(
+            f"\n{dataset}: default trial ({args.backend}), mean +- std over {args.seeds} seed(s)\n{table(dataset, runs)}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(all_runs, indent=1))
     return 0

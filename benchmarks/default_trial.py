@@ -27,7 +27,16 @@ CONFIGS = {
 }
 SPACE = ROOT / "configs/search/default.yaml"
 #: The paper's point (gamma, mu, alpha) as config overrides.
-PAPER_POINT = ("MODEL.EQLV2.LOSS", "eqlv2", "MODEL.EQLV2.GAMMA", "12.0", "MODEL.EQLV2.MU", "0.8", "MODEL.EQLV2.ALPHA", "4.0")
+PAPER_POINT = (
+    "MODEL.EQLV2.LOSS",
+    "eqlv2",
+    "MODEL.EQLV2.GAMMA",
+    "12.0",
+    "MODEL.EQLV2.MU",
+    "0.8",
+    "MODEL.EQLV2.ALPHA",
+    "4.0",
+)
 SIGMOID = ("MODEL.EQLV2.LOSS", "sigmoid")
 NUM_WORKERS = 2
 
@@ -64,7 +73,9 @@ def prepare(config_file: str, opts: Sequence[str]) -> float:
     return time.perf_counter() - start
 
 
-def fit_trial(config_file: str, opts: Sequence[str], output_dir: str, extra_hooks: Sequence = ()) -> dict[str, Any]:
+def fit_trial(
+    config_file: str, opts: Sequence[str], output_dir: str, extra_hooks: Sequence = ()
+) -> dict[str, Any]:
     """Trains and evaluates one trial on the running Ray instance; returns its final metrics.
 
     Raises:
@@ -88,14 +99,23 @@ def fit_trial(config_file: str, opts: Sequence[str], output_dir: str, extra_hook
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
         raise RuntimeError(f"the trial failed: {result.error}") from result.error
-    return {k: v for k, v in result.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {
+        k: v
+        for k, v in result.metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
-def train_local(config_file: str, opts: Sequence[str], output_dir: str, threads: int = 1) -> subprocess.Popen:
+def train_local(
+    config_file: str, opts: Sequence[str], output_dir: str, threads: int = 1
+) -> subprocess.Popen:
     """Starts one trial as ``train/train_net.py`` in a child process (one process, ``threads``
     torch threads, the same total batch as the Ray trial); read its result with :func:`local_metrics`."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
     os.makedirs(output_dir, exist_ok=True)
     log = open(os.path.join(output_dir, "stdout.txt"), "w")  # noqa: SIM115  (closed with the process)
     command = [sys.executable, str(ROOT / "train/train_net.py"), "--config-file", config_file,
@@ -110,7 +130,11 @@ def local_metrics(output_dir: str) -> dict[str, Any]:
         RuntimeError: the run wrote no evaluation.
     """
     path = Path(output_dir, "metrics.json")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.is_file()
+        else []
+    )
     for row in reversed(rows):
         if "bbox/AP" in row:
             return row

@@ -46,11 +46,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed runs of each loss first")
     parser.add_argument("--rois", type=int, default=1024, help="N, proposals per batch")
     parser.add_argument("--classes", type=int, default=1203, help="C, foreground categories")
-    parser.add_argument("--background", type=float, default=0.75,
-                        help="fraction of background proposals")
+    parser.add_argument(
+        "--background", type=float, default=0.75, help="fraction of background proposals"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--naive", action="store_true",
-                        help="also time a naive dense EQL v2 transcription, for context")
+    parser.add_argument(
+        "--naive",
+        action="store_true",
+        help="also time a naive dense EQL v2 transcription, for context",
+    )
     return parser.parse_args()
 
 
@@ -58,8 +62,11 @@ def make_batch(num_rois: int, num_classes: int, background: float) -> tuple[torc
     """Logits (N, C+1) needing grad, labels (N,) and one-hot float targets (N, C+1)."""
     logits = torch.randn(num_rois, num_classes + 1).requires_grad_(True)
     is_background = torch.rand(num_rois) < background
-    labels = torch.where(is_background, torch.full((num_rois,), num_classes),
-                         torch.randint(0, num_classes, (num_rois,)))
+    labels = torch.where(
+        is_background,
+        torch.full((num_rois,), num_classes),
+        torch.randint(0, num_classes, (num_rois,)),
+    )
     targets = F.one_hot(labels, num_classes + 1).to(logits.dtype)
     return logits, labels, targets
 
@@ -122,7 +129,10 @@ def peak_allocated_bytes(step: Callable[[], None]) -> int:
     ``torch.profiler`` keeps with ``profile_memory=True`` (the raw kineto records: the per-op
     summaries would hide temporaries allocated and freed inside one op).
     """
-    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         step()
     records = [r for r in prof.profiler.kineto_results.events() if r.name() == "[memory]"]
     records.sort(key=lambda r: r.start_ns())
@@ -181,31 +191,43 @@ def main() -> None:
     medians = median_times(steps, args.runs, args.warmup)
     time_ratio = medians["eqlv2"] / medians["bce"]
     peaks = {"eqlv2": peak_allocated_bytes(eqlv2_step), "bce": peak_allocated_bytes(bce_step)}
-    saved = {"eqlv2": saved_for_backward_bytes(eqlv2_forward),
-             "bce": saved_for_backward_bytes(bce_forward)}
+    saved = {
+        "eqlv2": saved_for_backward_bytes(eqlv2_forward),
+        "bce": saved_for_backward_bytes(bce_forward),
+    }
 
-    print(f"logits {tuple(logits.shape)} float32, threads={args.threads}, "
-          f"{args.runs} interleaved runs each after {args.warmup} warm-up, forward+backward")
+    print(
+        f"logits {tuple(logits.shape)} float32, threads={args.threads}, "
+        f"{args.runs} interleaved runs each after {args.warmup} warm-up, forward+backward"
+    )
     print(f"EQL v2 (train mode, stats updated): median {medians['eqlv2'] * 1e3:.3f} ms")
     print(f"BCE with logits (one-hot targets):  median {medians['bce'] * 1e3:.3f} ms")
     verdict = "OK" if time_ratio <= TARGET_RATIO else "ABOVE TARGET"
     print(f"time ratio EQL v2 / BCE: {time_ratio:.3f}x (target <= {TARGET_RATIO}x: {verdict})")
     if args.naive:
-        print(f"(context) naive dense EQL v2: median {medians['naive'] * 1e3:.3f} ms, "
-              f"{medians['naive'] / medians['bce']:.3f}x BCE")
+        print(
+            f"(context) naive dense EQL v2: median {medians['naive'] * 1e3:.3f} ms, "
+            f"{medians['naive'] / medians['bce']:.3f}x BCE"
+        )
     ratios = [
         ("sigmoid BCE + statistics / BCE with logits", "sigmoid_stats", "bce"),
         ("sigmoid BCE + statistics / same loss without (eval)", "sigmoid_stats", "sigmoid_plain"),
         ("softmax CE + statistics / F.cross_entropy", "softmax_stats", "cross_entropy"),
     ]
     for text, numerator, denominator in ratios:
-        print(f"{text}: {medians[numerator] / medians[denominator]:.3f}x "
-              f"({medians[numerator] * 1e3:.3f} ms vs {medians[denominator] * 1e3:.3f} ms)")
-    print(f"peak allocated during forward+backward (profiler memory events): "
-          f"EQL v2 {peaks['eqlv2'] / 2**20:.2f} MiB, BCE {peaks['bce'] / 2**20:.2f} MiB, "
-          f"ratio {peaks['eqlv2'] / peaks['bce']:.3f}x")
-    print(f"saved for backward: EQL v2 {saved['eqlv2'] / 2**20:.2f} MiB, "
-          f"BCE {saved['bce'] / 2**20:.2f} MiB (BCE's are its inputs, which exist anyway)")
+        print(
+            f"{text}: {medians[numerator] / medians[denominator]:.3f}x "
+            f"({medians[numerator] * 1e3:.3f} ms vs {medians[denominator] * 1e3:.3f} ms)"
+        )
+    print(
+        f"peak allocated during forward+backward (profiler memory events): "
+        f"EQL v2 {peaks['eqlv2'] / 2**20:.2f} MiB, BCE {peaks['bce'] / 2**20:.2f} MiB, "
+        f"ratio {peaks['eqlv2'] / peaks['bce']:.3f}x"
+    )
+    print(
+        f"saved for backward: EQL v2 {saved['eqlv2'] / 2**20:.2f} MiB, "
+        f"BCE {saved['bce'] / 2**20:.2f} MiB (BCE's are its inputs, which exist anyway)"
+    )
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ class SpeedHook(HookBase):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=30, help="iterations of each training")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the plain and 1-worker runs")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the plain and 1-worker runs"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="iterations not timed")
     parser.add_argument("--batch", type=int, default=4, help="images per iteration of (1) and (2)")
     parser.add_argument("--scaling-batch", type=int, default=16, help="images per iteration of (3)")

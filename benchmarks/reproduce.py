@@ -51,8 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml"
 COLUMNS = ("AP", "APr", "APc", "APf", "APb")
 LVIS_TRAIN_IMAGES = 100_170
-SMOKE = {"iters": 3, "seeds": (0, 1), "train_images": 100, "val_images": 8,
-         "opts": ("SOLVER.IMS_PER_BATCH", "2", "TEST.DETECTIONS_PER_IMAGE", "20")}
+SMOKE = {
+    "iters": 3,
+    "seeds": (0, 1),
+    "train_images": 100,
+    "val_images": 8,
+    "opts": ("SOLVER.IMS_PER_BATCH", "2", "TEST.DETECTIONS_PER_IMAGE", "20"),
+}
 
 logger = logging.getLogger("reproduce")
 
@@ -226,7 +231,9 @@ def start_local_ray(num_cpus: int, attempts: int = 3) -> None:
             logger.warning("Ray did not start (%s); attempt %d of %d", error, attempt + 1, attempts)
 
 
-def run_jobs(jobs: list[Job], scaled: dict[str, Any], ratio_iters: list[int], parallel: int) -> list[dict]:
+def run_jobs(
+    jobs: list[Job], scaled: dict[str, Any], ratio_iters: list[int], parallel: int
+) -> list[dict]:
     """Run every job as a Ray task on a new local instance (127.0.0.1), ``parallel`` at once."""
     import ray
 
@@ -285,8 +292,13 @@ def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return mean_a - mean_b, error
 
 
-def claim_line(text: str, a: Sequence[float], b: Sequence[float], unit: str = "AP points",
-               no_drop: bool = False) -> str:
+def claim_line(
+    text: str,
+    a: Sequence[float],
+    b: Sequence[float],
+    unit: str = "AP points",
+    no_drop: bool = False,
+) -> str:
     """One claim: ``mean(a) - mean(b)`` with its standard error and the 2-standard-error verdict.
 
     The claim is ``a > b`` beyond 2 standard errors, or with ``no_drop`` that ``a`` is not below
@@ -296,14 +308,22 @@ def claim_line(text: str, a: Sequence[float], b: Sequence[float], unit: str = "A
     if math.isnan(error) or math.isnan(diff):
         verdict = "cannot be decided (fewer than 2 seeds or no value)"
     elif no_drop:
-        verdict = "holds (no drop beyond 2 standard errors)" if diff > -2 * error else "does NOT hold"
+        verdict = (
+            "holds (no drop beyond 2 standard errors)" if diff > -2 * error else "does NOT hold"
+        )
     else:
-        verdict = "holds beyond 2 standard errors" if diff > 2 * error else "does NOT hold beyond 2 standard errors"
+        verdict = (
+            "holds beyond 2 standard errors"
+            if diff > 2 * error
+            else "does NOT hold beyond 2 standard errors"
+        )
     amount = f"{diff:+.3f} ± {error:.3f}" + (f" {unit}" if unit else "")
     return f"- {text}: difference {amount} (± one standard error): **{verdict}**."
 
 
-def tail_ratio_distance(results: list[dict], key: str, groups: list[str], last_iter: int) -> list[float]:
+def tail_ratio_distance(
+    results: list[dict], key: str, groups: list[str], last_iter: int
+) -> list[float]:
     """Per seed, mean |1 - g_j| over the rare categories at the last iteration."""
     rare = [i for i, g in enumerate(groups) if g == "r"] or list(range(len(groups)))
     return [float(np.mean(np.abs(1.0 - np.asarray(r["ratios"][last_iter])[rare])))
@@ -311,8 +331,14 @@ def tail_ratio_distance(results: list[dict], key: str, groups: list[str], last_i
 
 
 def claims_markdown(results: list[dict], groups: list[str], last_iter: int) -> str:
-    eqlv2, sigmoid, softmax = run_key(EQLV2), run_key({"LOSS": "sigmoid"}), run_key({"LOSS": "softmax"})
-    best_baseline = max((sigmoid, softmax), key=lambda k: mean_std(metric_values(results, k, "APr"))[0])
+    eqlv2, sigmoid, softmax = (
+        run_key(EQLV2),
+        run_key({"LOSS": "sigmoid"}),
+        run_key({"LOSS": "softmax"}),
+    )
+    best_baseline = max(
+        (sigmoid, softmax), key=lambda k: mean_std(metric_values(results, k, "APr"))[0]
+    )
     alpha0 = run_key({**EQLV2, "ALPHA": 0.0})
     return "\n".join([
         "### The paper's claims on this benchmark", "",
@@ -339,8 +365,9 @@ def seed_mean(results: list[dict], key: str, pick) -> np.ndarray | None:
     return np.mean(values, axis=0) if values else None
 
 
-def write_figures(results: list[dict], counts: list[int], groups: list[str], ratio_iters: list[int],
-                  output: Path) -> list[Path]:
+def write_figures(
+    results: list[dict], counts: list[int], groups: list[str], ratio_iters: list[int], output: Path
+) -> list[Path]:
     """Figures 1/2, 3 and 4 as PNGs in ``output``."""
     from eqlv2.paper_figures import plot_gradient_ratios, plot_mapping_functions, plot_weight_norms
 
@@ -350,8 +377,15 @@ def write_figures(results: list[dict], counts: list[int], groups: list[str], rat
         curves = {label: seed_mean(results, run_key(row), lambda r, i=iteration: r["ratios"][i])
                   for label, row in losses.items()}  # fmt: skip
         panels[f"iteration {iteration}"] = {k: v for k, v in curves.items() if v is not None}
-    models = {"softmax CE": {"LOSS": "softmax"}, "RFS": {"LOSS": "softmax", "RFS": True}, "EQL v2": EQLV2}
-    norms = {label: seed_mean(results, run_key(row), lambda r: r["weight_norms"]) for label, row in models.items()}
+    models = {
+        "softmax CE": {"LOSS": "softmax"},
+        "RFS": {"LOSS": "softmax", "RFS": True},
+        "EQL v2": EQLV2,
+    }
+    norms = {
+        label: seed_mean(results, run_key(row), lambda r: r["weight_norms"])
+        for label, row in models.items()
+    }
     paths = [output / "figure1_2_gradient_ratio.png", output / "figure3_weight_norms.png",
              output / "figure4_mapping.png"]  # fmt: skip
     written = [plot_mapping_functions(paths[2]) and paths[2]]
@@ -363,8 +397,9 @@ def write_figures(results: list[dict], counts: list[int], groups: list[str], rat
     return sorted(written)
 
 
-def write_report(results: list[dict], tables: dict, info: dict[str, Any], figures: list[Path],
-                 output: Path) -> Path:
+def write_report(
+    results: list[dict], tables: dict, info: dict[str, Any], figures: list[Path], output: Path
+) -> Path:
     """``report.md``: the command, the tables, the claims and the figures."""
     sections = [
         "# EQL v2 reproduction report", "",
@@ -393,8 +428,14 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
-def log_to_mlflow(uri: str, experiment: str, results: list[dict], settings: dict[str, dict],
-                  info: dict[str, Any], output: Path) -> str:
+def log_to_mlflow(
+    uri: str,
+    experiment: str,
+    results: list[dict],
+    settings: dict[str, dict],
+    info: dict[str, Any],
+    output: Path,
+) -> str:
     """One parent run (the report, figures and runs.json as artifacts) and a child run per
     training (the row's settings and seed as params, AP .. APb as metrics); returns the parent's id."""
     from mlflow.tracking import MlflowClient
@@ -402,14 +443,19 @@ def log_to_mlflow(uri: str, experiment: str, results: list[dict], settings: dict
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    parent = client.create_run(experiment_id, run_name="reproduce", tags={"kind": "eqlv2-reproduce"})
+    parent = client.create_run(
+        experiment_id, run_name="reproduce", tags={"kind": "eqlv2-reproduce"}
+    )
     parent_id = parent.info.run_id
     for name in ("command", "config_file", "iters", "seeds"):
         client.log_param(parent_id, name, str(info[name]))
     for result in results:
         child = client.create_run(experiment_id, run_name=f"{result['key']} seed {result['seed']}",
                                   tags={"mlflow.parentRunId": parent_id})  # fmt: skip
-        params = {**{f"setting/{k}": str(v) for k, v in settings[result["key"]].items()}, "seed": str(result["seed"])}
+        params = {
+            **{f"setting/{k}": str(v) for k, v in settings[result["key"]].items()},
+            "seed": str(result["seed"]),
+        }
         for name, value in params.items():
             client.log_param(child.info.run_id, name, value)
         for name, value in result["metrics"].items():
@@ -425,21 +471,48 @@ def log_to_mlflow(uri: str, experiment: str, results: list[dict], settings: dict
 # --------------------------------------------------------------------------- driver
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG), help="detectron2 YAML of every run")
-    parser.add_argument("--iters", type=int, default=None, help="iterations per run (default: SOLVER.MAX_ITER)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every row")
-    parser.add_argument("--output", default="output/reproduce", help="folder of the report and figures")
-    parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="trainings at once")
-    parser.add_argument("--mlflow-uri", default=None, type=check_tracking_uri,
-                        help="also log to this MLflow tracking URI: a parent run and a child run per training")
-    parser.add_argument("--mlflow-experiment", default="eqlv2-reproduce", help="MLflow experiment name")
-    parser.add_argument("--tables", type=int, nargs="+", choices=TABLE_NUMBERS, default=list(TABLE_NUMBERS),
-                        help="the paper's tables to reproduce (default: all)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"every row and figure in minutes: {SMOKE['iters']} iterations, seeds "
-                             f"{SMOKE['seeds']}, a {SMOKE['train_images']}/{SMOKE['val_images']}-image "
-                             f"benchmark, overrides {' '.join(SMOKE['opts'])}")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run")
+    parser.add_argument(
+        "--config-file", default=str(DEFAULT_CONFIG), help="detectron2 YAML of every run"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=None, help="iterations per run (default: SOLVER.MAX_ITER)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every row"
+    )
+    parser.add_argument(
+        "--output", default="output/reproduce", help="folder of the report and figures"
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=os.cpu_count() or 1, help="trainings at once"
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        type=check_tracking_uri,
+        help="also log to this MLflow tracking URI: a parent run and a child run per training",
+    )
+    parser.add_argument(
+        "--mlflow-experiment", default="eqlv2-reproduce", help="MLflow experiment name"
+    )
+    parser.add_argument(
+        "--tables",
+        type=int,
+        nargs="+",
+        choices=TABLE_NUMBERS,
+        default=list(TABLE_NUMBERS),
+        help="the paper's tables to reproduce (default: all)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"every row and figure in minutes: {SMOKE['iters']} iterations, seeds "
+        f"{SMOKE['seeds']}, a {SMOKE['train_images']}/{SMOKE['val_images']}-image "
+        f"benchmark, overrides {' '.join(SMOKE['opts'])}",
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every run"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.iters, args.seeds = SMOKE["iters"], list(SMOKE["seeds"])
@@ -482,12 +555,22 @@ def prepare(args: argparse.Namespace, output: Path) -> tuple[dict[str, Any], dic
     return scaled, data, stats
 
 
-def make_jobs(args: argparse.Namespace, tables: dict, data: dict[str, Any], output: Path) -> list[Job]:
+def make_jobs(
+    args: argparse.Namespace, tables: dict, data: dict[str, Any], output: Path
+) -> list[Job]:
     rows = {run_key(row): row for table in tables.values() for row in table.values()}
     config_file = str(Path(args.config_file).resolve())
     return [
-        Job(key, row, seed, config_file, tuple(args.opts), args.iters,
-            str(output / "runs" / f"{index:02d}_seed{seed}"), data)  # fmt: skip
+        Job(
+            key,
+            row,
+            seed,
+            config_file,
+            tuple(args.opts),
+            args.iters,
+            str(output / "runs" / f"{index:02d}_seed{seed}"),
+            data,
+        )  # fmt: skip
         for index, (key, row) in enumerate(sorted(rows.items()))
         for seed in args.seeds
     ]
@@ -503,14 +586,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     tables = study(args.tables)
     jobs = make_jobs(args, tables, data, output)
     ratio_iters = sorted({max(1, args.iters // 3), max(1, 2 * args.iters // 3), args.iters})
-    logger.info("%d trainings (%d settings x %d seeds), %d iterations each, %d at once",
-                len(jobs), len(jobs) // len(args.seeds), len(args.seeds), args.iters, args.parallel)
+    logger.info(
+        "%d trainings (%d settings x %d seeds), %d iterations each, %d at once",
+        len(jobs),
+        len(jobs) // len(args.seeds),
+        len(args.seeds),
+        args.iters,
+        args.parallel,
+    )
     results = run_jobs(jobs, scaled, ratio_iters, min(args.parallel, len(jobs)))
     counts = list(stats.instance_counts or stats.image_counts)
     groups = list(stats.frequency_groups)
     settings = {job.key: job.row for job in jobs}
-    (output / "runs.json").write_text(json.dumps(
-        {"results": results, "counts": counts, "groups": groups, "settings": settings}))
+    (output / "runs.json").write_text(
+        json.dumps({"results": results, "counts": counts, "groups": groups, "settings": settings})
+    )
     figures = write_figures(results, counts, groups, ratio_iters, output)
     info = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "config_file": args.config_file, "iters": args.iters, "seeds": args.seeds,
@@ -519,7 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = write_report(results, tables, info, figures, output)
     logger.info("report: %s", report)
     if args.mlflow_uri:
-        run_id = log_to_mlflow(args.mlflow_uri, args.mlflow_experiment, results, settings, info, output)
+        run_id = log_to_mlflow(
+            args.mlflow_uri, args.mlflow_experiment, results, settings, info, output
+        )
         logger.info("MLflow parent run %s", run_id)
     return 0
 

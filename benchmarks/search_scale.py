@@ -360,15 +360,19 @@ def tune_trials(results: list) -> list[TuneTrial]:
 def _prefix_check(
     count: Count, found: list[int], schedule: list[int], required: int, complete: bool
 ) -> None:
-    """Adds one trial's rows: ``found`` steps must be a prefix of ``schedule`` without repeats,
-    at least its first ``required`` steps (all of them when ``complete``)."""
+    """Adds one trial's rows: ``found`` must hold the first ``required`` steps of ``schedule``
+    (all of them when ``complete``), each once, without gaps; a trial stopped early may add one
+    point off the schedule at its last step (detectron2's writers flush when training stops)."""
     need = len(schedule) if complete else required
     count.expected += need
     count.found += len(found)
-    distinct = sorted(set(found) & set(schedule))
-    count.doubled += len(found) - len(distinct)
-    longest = max(need, len(distinct))
-    count.lost += sum(1 for step in schedule[:longest] if step not in distinct)
+    distinct = sorted(set(found))
+    off_schedule = [step for step in distinct if step not in schedule]
+    allowed = 1 if not complete and off_schedule == distinct[-1:] else 0
+    count.doubled += len(found) - len(distinct) + len(off_schedule) - allowed
+    on_schedule = [step for step in distinct if step in schedule]
+    longest = max(need, len(on_schedule))
+    count.lost += sum(1 for step in schedule[:longest] if step not in on_schedule)
 
 
 def audit_optuna(run: SearchRun, trials: list[TuneTrial]) -> tuple[list[Count], dict[int, str]]:

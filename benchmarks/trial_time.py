@@ -81,7 +81,9 @@ def step_clock_factory(cfg, trainer) -> StepClock:
 def _trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
-    metrics = fit_trial(config["config_file"], config["opts"], config["output_dir"], [step_clock_factory])
+    metrics = fit_trial(
+        config["config_file"], config["opts"], config["output_dir"], [step_clock_factory]
+    )
     tune.report(metrics)
 
 
@@ -91,7 +93,11 @@ def split_times(times: dict[str, Any], fit_start: float, fit_end: float) -> dict
     period = int(times["eval_period"])
     durations = [end - start for _, start, end in steps]
     median = statistics.median(durations)
-    evaluated = {i for i, (it, _, _) in enumerate(steps) if period > 0 and (it + 1) % period == 0 and i < len(steps) - 1}
+    evaluated = {
+        i
+        for i, (it, _, _) in enumerate(steps)
+        if period > 0 and (it + 1) % period == 0 and i < len(steps) - 1
+    }
     training = sum(median if i in evaluated else d for i, d in enumerate(durations))
     periodic_eval = sum(durations[i] - median for i in evaluated)
     final_eval = times["after_train"] - steps[-1][2]
@@ -136,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 tune.with_resources(_trainable, {"eqlv2_trial": 1}),
                 param_space={"config_file": config_file, "opts": opts, "output_dir": output_dir},
                 tune_config=tune.TuneConfig(num_samples=1),
-                run_config=tune.RunConfig(storage_path=os.path.join(work, "tune"), name="trial_time", verbose=0),
+                run_config=tune.RunConfig(
+                    storage_path=os.path.join(work, "tune"), name="trial_time", verbose=0
+                ),
             )
             fit_start = time.time()
             results = tuner.fit()
@@ -151,22 +159,30 @@ def main(argv: list[str] | None = None) -> int:
     split = split_times(times, fit_start, fit_end)
     _print(args.dataset, split, prepared, ray_start, metrics, load_start, os.getloadavg()[0])
     if args.json:
-        Path(args.json).write_text(json.dumps({"split": split, "prepare_s": prepared, "ray_init_s": ray_start}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"split": split, "prepare_s": prepared, "ray_init_s": ray_start}, indent=1)
+        )
     return 0 if split["training_steps"] / split["wall"] >= TARGET_TRAINING_SHARE else 2
 
 
 def _print(dataset, split, prepare, ray_start, metrics, load_start, load_end) -> None:
     wall = split["wall"]
-    print(f"\nOne default {dataset} trial (paper point, {split['iterations']} iterations, 2 Ray Train workers x 1 CPU)")
+    print(
+        f"\nOne default {dataset} trial (paper point, {split['iterations']} iterations, 2 Ray Train workers x 1 CPU)"
+    )
     print(f"load average at start / end: {load_start:.1f} / {load_end:.1f} (2 cores)")
-    print(f"once per search, not per trial: data + base checkpoint {prepare:.1f} s (cached if already built), ray.init {ray_start:.1f} s")
+    print(
+        f"once per search, not per trial: data + base checkpoint {prepare:.1f} s (cached if already built), ray.init {ray_start:.1f} s"
+    )
     print(f"{'part':<16}{'seconds':>9}{'share':>8}")
     for key in ("startup", "training_steps", "evaluation", "other"):
         print(f"{key:<16}{split[key]:>9.1f}{split[key] / wall:>8.0%}")
     print(f"{'trial wall time':<16}{wall:>9.1f}{1:>8.0%}")
     share = split["training_steps"] / wall
     verdict = "meets" if share >= TARGET_TRAINING_SHARE else "misses"
-    print(f"training steps: {share:.0%} of the trial ({verdict} the goal of >= {TARGET_TRAINING_SHARE:.0%})")
+    print(
+        f"training steps: {share:.0%} of the trial ({verdict} the goal of >= {TARGET_TRAINING_SHARE:.0%})"
+    )
     shown = {k: round(v, 2) for k, v in metrics.items() if k in ("AP", "APr", "APc", "APf", "APb")}
     if shown:
         print(f"the trial's result: {shown}")
