@@ -343,11 +343,7 @@ def tune_trials(results: list) -> list[TuneTrial]:
 
     trials = []
     for result in results:
-        if (
-            result.config is None or not result.metrics
-        ):  # never started or never reported (interrupted)
-            continue
-        metrics = result.metrics
+        metrics = result.metrics or {}
         state = (
             "FAIL"
             if result.error is not None

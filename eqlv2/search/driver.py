@@ -518,11 +518,7 @@ def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTrack
     searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=options.concurrency)
     return tune.Tuner(
         trainable,
-        # reuse_actors: a trial process serves trial after trial instead of a new process per trial
-        # importing torch, detectron2 and Ray Train again (8 CPU s each on 2 cores: it capped a
-        # search of short trials at ~15 trials/min, benchmarks/search_scale.py). Tune reuses a
-        # process only once the previous trial's function has returned (else it starts a new one).
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials),
         run_config=_run_config(plan.name, plan, settings, tracking),
     )
 
