@@ -343,7 +343,11 @@ def tune_trials(results: list) -> list[TuneTrial]:
 
     trials = []
     for result in results:
-        metrics = result.metrics or {}
+        if (
+            result.config is None or not result.metrics
+        ):  # never started or never reported (interrupted)
+            continue
+        metrics = result.metrics
         state = (
             "FAIL"
             if result.error is not None

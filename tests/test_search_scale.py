@@ -1,6 +1,6 @@
 """``benchmarks/search_scale.py`` with small numbers, against the real servers of the test session.
 
-The search driver's pipeline runs 24 trials of the stand-in training run, 4 at a time, on a real
+The search driver's pipeline runs 12 trials of the stand-in training run, 4 at a time, on a real
 local Ray, with the Optuna study in PostgreSQL and the trial runs on an MLflow server backed by
 PostgreSQL (``pg_fixtures``). The script exits 0 only if nothing was lost or doubled in either
 store and every Optuna state and MLflow status matches how the trial ended in Tune; the test reads
@@ -25,7 +25,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("mlflow")
 
 ROOT = Path(__file__).resolve().parents[1]
-TRIALS = 24
+TRIALS = 12
 
 
 @pytest.mark.slow
