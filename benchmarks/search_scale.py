@@ -337,27 +337,27 @@ class Count:
     doubled: int = 0
 
 
+def _tune_state(result, completion_key: str) -> str:
+    """FAIL (errored), COMPLETE (reported the completion marker) or PRUNED (stopped without it)."""
+    if result.error is not None:
+        return "FAIL"
+    return "COMPLETE" if result.metrics.get(completion_key) else "PRUNED"
+
+
 def tune_trials(results: list) -> list[TuneTrial]:
-    """Tune's view of every trial, from ``tuner.fit()``'s results."""
+    """Tune's view of every trial that reported, from ``tuner.fit()``'s results (a trial that
+    never started or never reported, after an interrupt, is left out: the run then fails)."""
     from eqlv2.search.optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY
 
     trials = []
     for result in results:
-        if (
-            result.config is None or not result.metrics
-        ):  # never started or never reported (interrupted)
+        if result.config is None or not result.metrics:
             continue
         metrics = result.metrics
-        state = (
-            "FAIL"
-            if result.error is not None
-            else "COMPLETE"
-            if metrics.get(COMPLETION_KEY)
-            else "PRUNED"
-        )
-        iteration = metrics.get("lvis/iteration", metrics.get("iteration", 0))
-        trials.append(TuneTrial(int(result.config[TRIAL_NUMBER_KEY]), str(metrics.get("trial_id", "")), state,
-                                int(metrics.get(STEP_KEY, 0) or 0), int(iteration or 0)))  # fmt: skip
+        iteration = int(metrics.get("lvis/iteration", metrics.get("iteration", 0)) or 0)
+        number, trial_id = int(result.config[TRIAL_NUMBER_KEY]), str(metrics.get("trial_id", ""))
+        state, evals = _tune_state(result, COMPLETION_KEY), int(metrics.get(STEP_KEY, 0) or 0)
+        trials.append(TuneTrial(number, trial_id, state, evals, iteration))
     return trials
 
 

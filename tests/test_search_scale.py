@@ -40,7 +40,9 @@ def test_search_scale_loses_and_doubles_nothing(postgres, mlflow_server, tmp_pat
     env = dict(os.environ, PGPASSWORD=postgres.env["PGPASSWORD"], PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.monotonic()
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840
+    )
     output = proc.stdout[-6000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, output
     data = json.loads(figures.read_text())
@@ -52,4 +54,6 @@ def test_search_scale_loses_and_doubles_nothing(postgres, mlflow_server, tmp_pat
     states = list(data["states"].values())
     assert {"COMPLETE", "PRUNED", "FAIL"} <= set(states), states
     assert data["trials_per_minute"] > 0 and data["driver_cpu_per_trial"] > 0
-    print(f"search_scale.py with {TRIALS} trials: {time.monotonic() - start:.0f} s\n{proc.stdout[-2500:]}")
+    print(
+        f"search_scale.py with {TRIALS} trials: {time.monotonic() - start:.0f} s\n{proc.stdout[-2500:]}"
+    )
