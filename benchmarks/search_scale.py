@@ -37,7 +37,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,9 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from local_services import database_url, mlflow_uri, run_head_services, services_env
+
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
-HEAD_SERVICES = ROOT / "configs/cluster/head_services.sh"
 TARGET_TRIALS_PER_MINUTE = 60.0
 TARGET_OVERHEAD_S = 1.0
 
@@ -87,52 +87,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- servers --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _head_services(env: dict[str, str], *args: str) -> None:
-    proc = subprocess.run(
-        ["bash", str(HEAD_SERVICES), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"head_services.sh {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-        )
-
-
 @contextlib.contextmanager
 def local_servers() -> Iterator[tuple[str, str]]:
     """PostgreSQL and an MLflow server on free 127.0.0.1 ports, as ``tests/pg_fixtures.py`` starts
-    them; yields ``(tracking URI, Optuna URL)`` with ``PGPASSWORD`` set in this environment."""
-    folder = Path(tempfile.mkdtemp(prefix="eqlv2-scale-pg-"))
-    folder.chmod(0o755)  # as root, PostgreSQL runs as user postgres
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PGPASSWORD": secrets.token_urlsafe(16),
-        "EQLV2_SERVICES_DIR": str(folder),
-        "EQLV2_PG_PORT": str(_free_port()),
-        "EQLV2_MLFLOW_PORT": str(_free_port()),
-        "EQLV2_DB_USER": "eqlv2",
-    }
-    try:
-        print(f"Starting PostgreSQL and MLflow in {folder} ...", flush=True)
-        _head_services(env, "start", "all")
+    them (``benchmarks/local_services.py``); yields ``(tracking URI, Optuna URL)`` with
+    ``PGPASSWORD`` set in this environment."""
+    with services_env("eqlv2-scale-pg-") as env:
+        print(f"Starting PostgreSQL and MLflow in {env['EQLV2_SERVICES_DIR']} ...", flush=True)
+        run_head_services(env, "start", "all", timeout=600)
         os.environ["PGPASSWORD"] = env["PGPASSWORD"]  # libpq of this process and of Ray's workers
-        yield (
-            f"http://127.0.0.1:{env['EQLV2_MLFLOW_PORT']}",
-            f"postgresql://eqlv2@127.0.0.1:{env['EQLV2_PG_PORT']}/optuna",
-        )
-    finally:
-        try:
-            _head_services(env, "stop", "all")
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        yield mlflow_uri(env), database_url(env, "optuna")
 
 
 # --- progress and the driver's CPU time -----------------------------------------------------------
