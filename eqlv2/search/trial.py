@@ -244,7 +244,10 @@ def ray_train_run(
 TrainingRun = Callable[[TrialSettings, DatasetSpec, list[str], ReportTranslator, list, str], dict]
 
 
-def _train(training_run: TrainingRun, settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator, hooks: list, trial_dir: str) -> dict:
+def _train(
+    training_run: TrainingRun, settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator,
+    hooks: list, trial_dir: str,
+) -> dict:
     """One training run; its final report. Raises :class:`TrialFailedError` naming the cause."""
     try:
         return training_run(settings, spec, opts, translator, hooks, trial_dir)
