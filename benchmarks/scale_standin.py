@@ -21,7 +21,9 @@ The stand-in's objective (mask AP, in points) at the end of training is
 ``quality * (1 - exp(-3 k / n)) / (1 - exp(-3))`` plus Gaussian noise (std 0.5, seeded by the
 parameters and the iteration, so a point always gives the same curve). **Failure region:**
 ``alpha > 7`` (1/8 of the default space) diverges: the run raises ``FloatingPointError`` right
-after its second evaluation, so failed trials have intermediate values.
+after its second evaluation, so failed trials have intermediate values. Until then its curve is
+the optimum's (quality 30): were it its own (the lowest of the space), ASHA would stop it at its
+first evaluation, before it diverges, and the search would have no failed trial.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ __all__ = [
 
 #: Trials with alpha above this diverge (raise) after their second evaluation.
 DIVERGING_ALPHA = 7.0
+#: The stand-in's best final AP (gamma 10, mu 0.75, alpha 3).
+BEST_QUALITY = 30.0
 #: Evaluations a diverging trial completes before it raises.
 EVALS_BEFORE_DIVERGING = 2
 #: Seconds the stand-in sleeps per logging period (``MODEL.EQLV2.LOG_PERIOD`` iterations).
@@ -64,7 +68,14 @@ STEP_SECONDS_ENV = "EQLV2_STANDIN_STEP_SECONDS"
 
 def standin_quality(gamma: float, mu: float, alpha: float) -> float:
     """The stand-in's final AP without noise (the module docstring)."""
-    return 30.0 - 0.15 * (gamma - 10.0) ** 2 - 40.0 * (mu - 0.75) ** 2 - 0.6 * (alpha - 3.0) ** 2
+    return BEST_QUALITY - 0.15 * (gamma - 10.0) ** 2 - 40.0 * (mu - 0.75) ** 2 - 0.6 * (alpha - 3.0) ** 2
+
+
+def _curve_quality(values: Mapping[str, float]) -> float:
+    """The final AP a run's curve heads for: a diverging run's is the optimum's (the module docstring)."""
+    if values["alpha"] > DIVERGING_ALPHA:
+        return BEST_QUALITY
+    return standin_quality(values["gamma"], values["mu"], values["alpha"])
 
 
 def _noise(values: Mapping[str, float], iteration: int) -> float:
@@ -79,9 +90,7 @@ def standin_results(
 ) -> dict[str, dict[str, float]]:
     """LVIS-style evaluation results (``bbox`` and ``segm``) after ``iteration`` iterations."""
     progress = (1.0 - math.exp(-3.0 * iteration / max_iter)) / (1.0 - math.exp(-3.0))
-    ap = standin_quality(values["gamma"], values["mu"], values["alpha"]) * progress + _noise(
-        values, iteration
-    )
+    ap = _curve_quality(values) * progress + _noise(values, iteration)
     segm = {"AP": ap, "APr": 0.4 * ap, "APc": 0.9 * ap, "APf": 1.3 * ap}
     return {"bbox": {key: value + 1.0 for key, value in segm.items()}, "segm": segm}
 
@@ -143,8 +152,8 @@ class StandInTrainer(TrainerBase):
                 f"stand-in loss diverged at iteration {done} (alpha > {DIVERGING_ALPHA})"
             )
         time.sleep(self.sleep_per_iter)
-        quality = standin_quality(self.values["gamma"], self.values["mu"], self.values["alpha"])
-        loss = 2.0 * math.exp(-done / self.max_iter * (1.0 + quality / 30.0)) + 0.02 * _noise(
+        quality = _curve_quality(self.values)
+        loss = 2.0 * math.exp(-done / self.max_iter * (1.0 + quality / BEST_QUALITY)) + 0.02 * _noise(
             self.values, -done
         )
         self.storage.put_scalars(
