@@ -50,6 +50,7 @@ from local_services import database_url, mlflow_uri, run_head_services, services
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
+sys.path.insert(0, str(ROOT))  # this checkout's eqlv2 (not an installed one), as tune/search.py
 TARGET_TRIALS_PER_MINUTE = 60.0
 TARGET_OVERHEAD_S = 1.0
 
