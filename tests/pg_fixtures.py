@@ -2,8 +2,9 @@
 
 Both are started by ``configs/cluster/head_services.sh`` (the script a cluster's head runs), on
 free loopback ports, in a private temporary folder that is removed afterwards, test failure or
-not. PostgreSQL's binaries refuse to run as root: as root (CI), the script runs them as the
-system user ``postgres`` that Debian's package creates.
+not (``benchmarks/local_services.py``, which ``benchmarks/search_scale.py`` uses too).
+PostgreSQL's binaries refuse to run as root: as root (CI), the script runs them as the system
+user ``postgres`` that Debian's package creates.
 
 The password of the database role is random and reaches libpq only through ``PGPASSWORD`` in
 the environment of whoever connects (:attr:`PostgresServer.env`): the URLs carry none.
@@ -14,20 +15,28 @@ from __future__ import annotations
 
 import glob
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD_SERVICES = ROOT / "configs/cluster/head_services.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from local_services import (  # noqa: E402
+    DB_USER,
+    HEAD_SERVICES,
+    database_url,
+    mlflow_uri,
+    run_head_services,
+    services_env,
+)
+
+__all__ = ["HEAD_SERVICES", "PostgresServer", "mlflow_server", "postgres", "run_head_services"]
 
 
 @dataclass(frozen=True)
@@ -41,15 +50,7 @@ class PostgresServer:
 
     def url(self, database: str) -> str:
         """SQLAlchemy URL of ``database`` (optuna or mlflow), without password."""
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
-
-
-def run_head_services(env: dict[str, str], *args: str, timeout: float = 420) -> None:
-    """``head_services.sh ARGS`` with ``env``; fails the test with the script's output."""
-    proc = subprocess.run(
-        ["bash", str(HEAD_SERVICES), *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"head_services.sh {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+        return database_url(self.env, database)
 
 
 def _postgres_missing() -> str | None:
@@ -66,26 +67,9 @@ def postgres() -> Iterator[PostgresServer]:
     reason = _postgres_missing()
     if reason:
         pytest.skip(reason)
-    # Not under pytest's tmp_path: its parents are private to root, and the server runs as postgres.
-    folder = Path(tempfile.mkdtemp(prefix="eqlv2-pg-"))
-    folder.chmod(0o755)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PGPASSWORD": secrets.token_urlsafe(16),
-        "EQLV2_SERVICES_DIR": str(folder),
-        "EQLV2_PG_PORT": str(free_port()),
-        "EQLV2_MLFLOW_PORT": str(free_port()),
-        "EQLV2_DB_USER": "eqlv2",
-    }
-    try:
+    with services_env("eqlv2-pg-") as env:
         run_head_services(env, "start", "postgres")
-        yield PostgresServer(int(env["EQLV2_PG_PORT"]), "eqlv2", folder, env)
-    finally:
-        try:
-            run_head_services(env, "stop", "all")
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        yield PostgresServer(int(env["EQLV2_PG_PORT"]), DB_USER, Path(env["EQLV2_SERVICES_DIR"]), env)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +78,6 @@ def mlflow_server(postgres: PostgresServer) -> Iterator[str]:
     yields its tracking URI."""
     try:
         run_head_services(postgres.env, "start", "mlflow")
-        yield f"http://127.0.0.1:{postgres.env['EQLV2_MLFLOW_PORT']}"
+        yield mlflow_uri(postgres.env)
     finally:
         run_head_services(postgres.env, "stop", "mlflow")

@@ -24,7 +24,7 @@ import shlex
 import socket
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,8 +472,14 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
     )  # fmt: skip
 
 
-def _trainable(settings: TrialSettings):
-    return tune.with_resources(tune.with_parameters(run_trial, settings=settings), _trial_resources())
+#: One trial as Tune runs it: ``(config, settings)``; :func:`~eqlv2.search.trial.run_trial`, or
+#: a stand-in (``benchmarks/search_scale.py``).
+TrialFunction = Callable[[dict[str, Any], TrialSettings], None]
+
+
+def _trainable(settings: TrialSettings, trial_function: TrialFunction = run_trial):
+    """``trial_function`` with the search's settings bound and one trial's resources."""
+    return tune.with_resources(tune.with_parameters(trial_function, settings=settings), _trial_resources())
 
 
 def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
@@ -489,10 +495,13 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
     )
 
 
-def build_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner:
-    """The interrupted Tune experiment restored (``--resume``), else a new one."""
+def build_tuner(
+    plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, trial_function: TrialFunction = run_trial
+) -> tune.Tuner:
+    """The interrupted Tune experiment restored (``--resume``), else a new one, whose trials
+    ``trial_function`` runs (:data:`TrialFunction`)."""
     options, path = plan.options, plan.experiment_path
-    trainable = _trainable(settings)
+    trainable = _trainable(settings, trial_function)
     if options.resume and tune.Tuner.can_restore(path):
         logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -51,7 +51,9 @@ from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReportTranslator", "SearchReportCallback", "TrialFailedError", "combine_objectives", "run_trial"]
+__all__ = [
+    "ReportTranslator", "SearchReportCallback", "TrainingRun", "TrialFailedError", "combine_objectives", "ray_train_run", "run_trial",
+]  # fmt: skip
 
 NAN = float("nan")
 
@@ -219,22 +221,40 @@ def _ray_train_storage(settings: TrialSettings, trial_dir: str) -> str:
     return f"{trial_dir}/ray_train"
 
 
-def _train(settings: TrialSettings, spec: DatasetSpec, opts: list[str], callback, hooks: list, trial_dir: str) -> dict:
-    """One Ray Train run; its final report. Raises :class:`TrialFailedError` naming the cause."""
+def ray_train_run(
+    settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator, hooks: list, trial_dir: str
+) -> dict:
+    """The training run of a search trial: a Ray Train ``TorchTrainer`` fitted, rank 0's reports
+    forwarded to Tune by :class:`SearchReportCallback`; returns rank 0's final report."""
+    trainer = build_torch_trainer(
+        spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
+        storage_path=_ray_train_storage(settings, trial_dir), name=spec.name, max_failures=settings.max_failures,
+        callbacks=[SearchReportCallback(translator)], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker,
+        checkpoints_to_keep=1,
+    )  # fmt: skip
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
+
+
+#: One training run of a trial: ``(settings, dataset, overrides, report translator, rank-0 hook
+#: factories, trial folder)`` → rank 0's final report; raises when training fails. The search's
+#: is :func:`ray_train_run`; ``benchmarks/search_scale.py`` passes a stand-in.
+TrainingRun = Callable[[TrialSettings, DatasetSpec, list[str], ReportTranslator, list, str], dict]
+
+
+def _train(
+    training_run: TrainingRun, settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator,
+    hooks: list, trial_dir: str,
+) -> dict:
+    """One training run; its final report. Raises :class:`TrialFailedError` naming the cause."""
     try:
-        trainer = build_torch_trainer(
-            spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
-            storage_path=_ray_train_storage(settings, trial_dir), name=spec.name, max_failures=settings.max_failures,
-            callbacks=[callback], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker, checkpoints_to_keep=1,
-        )  # fmt: skip
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        return training_run(settings, spec, opts, translator, hooks, trial_dir)
     except Exception as error:  # reported to Tune (hence to the driver), which records the failure
         message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
         logger.error("%s", message)
         raise TrialFailedError(message) from error
-    return dict(result.metrics or {})
 
 
 def _report_recorded(done: Mapping[str, Any], trial_id: str, number: Any) -> None:
@@ -248,8 +268,9 @@ def _report_recorded(done: Mapping[str, Any], trial_id: str, number: Any) -> Non
     tune.report(result)
 
 
-def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
-    """One trial: train on each dataset with the trial's parameters; report to Tune.
+def run_trial(config: dict[str, Any], settings: TrialSettings, training_run: TrainingRun = ray_train_run) -> None:
+    """One trial: train on each dataset with the trial's parameters (each run by
+    ``training_run``); report to Tune.
 
     Raises:
         TrialFailedError: a training run failed (Tune marks the trial ERROR, the study FAIL).
@@ -264,13 +285,15 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         return _report_recorded(done, trial_id, number)
     run_id = _start_run(settings, trial_id, number, values, setup)
     try:
-        final, evals = _train_datasets(settings, setup, run_id, trial_dir)
+        final, evals = _train_datasets(settings, setup, run_id, trial_dir, training_run)
     finally:
         _flush(settings, trial_id)
     tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
 
 
-def _train_datasets(settings: TrialSettings, setup: TrialSetup, run_id: str | None, trial_dir: str) -> tuple[dict[str, Any], int]:
+def _train_datasets(
+    settings: TrialSettings, setup: TrialSetup, run_id: str | None, trial_dir: str, training_run: TrainingRun
+) -> tuple[dict[str, Any], int]:
     """Trains on each dataset in turn; the trial's final metrics and its evaluations done."""
     values = setup.values
     finished: dict[str, float | None] = {}
@@ -285,7 +308,7 @@ def _train_datasets(settings: TrialSettings, setup: TrialSetup, run_id: str | No
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
             hooks = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline).factories()
-        metrics = _train(settings, spec, opts, SearchReportCallback(translator), hooks, trial_dir)
+        metrics = _train(training_run, settings, spec, opts, translator, hooks, trial_dir)
         found = _final_metrics(spec, metrics)
         if not found:
             logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))

@@ -1,0 +1,59 @@
+"""``benchmarks/search_scale.py`` with small numbers, against the real servers of the test session.
+
+The search driver's pipeline runs 12 trials of the stand-in training run, 4 at a time, on a real
+local Ray, with the Optuna study in PostgreSQL and the trial runs on an MLflow server backed by
+PostgreSQL (``pg_fixtures``). The script exits 0 only if nothing was lost or doubled in either
+store and every Optuna state and MLflow status matches how the trial ended in Tune; the test reads
+its JSON and checks the same, and that the stand-in's failure region and ASHA produced FAIL and
+PRUNED trials (the random sampler with the search's seed draws the same points every run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pg_fixtures import mlflow_server, postgres  # noqa: F401
+
+pytest.importorskip("ray")
+pytest.importorskip("optuna")
+pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIALS = 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_search_scale_loses_and_doubles_nothing(postgres, mlflow_server, tmp_path):  # noqa: F811
+    figures = tmp_path / "figures.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks/search_scale.py"), "--trials", str(TRIALS), "--concurrency", "4",
+        "--sampler", "random", "--step-seconds", "0.2", "--results-dir", str(tmp_path / "runs"), "--json", str(figures),
+        "--mlflow-uri", mlflow_server, "--optuna-storage", postgres.url("optuna"),
+    ]  # fmt: skip
+    env = dict(os.environ, PGPASSWORD=postgres.env["PGPASSWORD"], PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    start = time.monotonic()
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840
+    )
+    output = proc.stdout[-6000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, output
+    data = json.loads(figures.read_text())
+    assert data["trials"] == TRIALS, output
+    for count in data["counts"]:
+        assert count["lost"] == 0 and count["doubled"] == 0, count
+        assert count["found"] >= count["expected"] > 0, count
+    assert data["state_mismatches"] == 0, output
+    states = list(data["states"].values())
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= set(states), states
+    assert data["trials_per_minute"] > 0 and data["driver_cpu_per_trial"] > 0
+    print(
+        f"search_scale.py with {TRIALS} trials: {time.monotonic() - start:.0f} s\n{proc.stdout[-2500:]}"
+    )
