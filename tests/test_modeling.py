@@ -35,6 +35,7 @@ def test_config_defaults_are_the_papers():
     add_eqlv2_config(cfg)
     eql = cfg.MODEL.EQLV2
     assert (eql.LOSS, eql.GAMMA, eql.MU, eql.ALPHA, eql.PRIOR_PROB) == ("eqlv2", 12.0, 0.8, 4.0, 0.001)
+    assert eql.BACKGROUND_PRIOR_PROB == 0.001  # the results in README were trained with it
     assert eql.USE_AGNOSTIC_TASK and eql.NEG_DOWN_WEIGHT and eql.POS_UP_WEIGHT
 
 
@@ -148,6 +149,17 @@ def test_gradient_statistics_hook_writes_group_summaries():
 
 
 # --------------------------------------------------------------------------- 2C-softmax, statistics
+@pytest.mark.parametrize("loss", ["eqlv2", "eqlv2_2c_softmax"])
+def test_background_prior_sets_only_the_background_column(loss):
+    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", loss, "MODEL.EQLV2.BACKGROUND_PRIOR_PROB", 0.75))
+    bias = model.roi_heads.box_predictor.cls_score.bias.detach().double()
+    if loss == "eqlv2_2c_softmax":
+        bias = bias[:6] - bias[6:]  # a pair's softmax is the sigmoid of its logits' difference
+    initial = torch.sigmoid(bias)
+    assert initial[5].item() == pytest.approx(0.75, rel=1e-6)  # column C = 5: background / objectness
+    assert torch.allclose(initial[:5], torch.full((5,), 0.001, dtype=torch.float64), rtol=1e-5)
+
+
 def test_two_class_softmax_predictor_has_2c_logits_and_pair_softmax_probs():
     from eqlv2.losses import EQLv2TwoClassSoftmaxLoss
 

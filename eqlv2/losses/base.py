@@ -141,9 +141,13 @@ class ClassificationLoss(nn.Module, ABC):
         """
         return weight[: self.num_classes]
 
-    def initial_bias(self, prior_prob: float) -> Tensor:
-        """(K,) float64 classifier bias: every category has probability ``prior_prob`` at the start."""
-        return torch.full((self.num_logits,), sigmoid_bias_init(prior_prob), dtype=torch.float64)
+    def initial_bias(self, prior_prob: float, background_prior_prob: float | None = None) -> Tensor:
+        """(K,) float64 classifier bias: every category has probability ``prior_prob`` at the start,
+        the background column C (if the classifier has one) ``background_prior_prob`` (default the same)."""
+        bias = torch.full((self.num_logits,), sigmoid_bias_init(prior_prob), dtype=torch.float64)
+        if background_prior_prob is not None and self.num_logits > self.num_classes:
+            bias[self.num_classes] = sigmoid_bias_init(background_prior_prob)
+        return bias
 
     # ----------------------------------------------------------------------------- statistics
     def gradient_ratio(self) -> Tensor:

@@ -61,9 +61,10 @@ class EQLv2TwoClassSoftmaxLoss(EQLv2Loss):
         width = self.num_classes + 1
         return weight[: self.num_classes] - weight[width : width + self.num_classes]
 
-    def initial_bias(self, prior_prob: float) -> Tensor:
-        """(2(C+1),) prior logit on the positive block and 0 on the others block: p = prior."""
-        bias = super().initial_bias(prior_prob)
+    def initial_bias(self, prior_prob: float, background_prior_prob: float | None = None) -> Tensor:
+        """(2(C+1),) prior logit on the positive block and 0 on the others block: p = prior
+        (``background_prior_prob`` for the background pair)."""
+        bias = super().initial_bias(prior_prob, background_prior_prob)
         bias[self.num_classes + 1 :] = 0.0
         return bias
 

@@ -37,6 +37,7 @@ class EQLv2FastRCNNOutputLayers(FastRCNNOutputLayers):
         *,
         classification_loss: ClassificationLoss,
         prior_prob: float | None = None,
+        background_prior_prob: float | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -47,6 +48,8 @@ class EQLv2FastRCNNOutputLayers(FastRCNNOutputLayers):
                 ``K = classification_loss.num_logits`` outputs.
             prior_prob: if given, the classification biases start so that every category's
                 probability is ``p`` (``-log((1-p)/p)`` for a sigmoid classifier).
+            background_prior_prob: with ``prior_prob``, the start probability of the background
+                column C (the agnostic task's); None: ``prior_prob``.
             kwargs: the arguments of :class:`FastRCNNOutputLayers`.
         """
         # The classification loss goes through ``sigmoid_cross_entropy_loss`` (overridden below to
@@ -65,7 +68,7 @@ class EQLv2FastRCNNOutputLayers(FastRCNNOutputLayers):
             nn.init.constant_(self.cls_score.bias, 0.0)
         if prior_prob is not None:
             with torch.no_grad():
-                self.cls_score.bias.copy_(classification_loss.initial_bias(prior_prob))
+                self.cls_score.bias.copy_(classification_loss.initial_bias(prior_prob, background_prior_prob))
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: ShapeSpec, **overrides: Any) -> dict:
@@ -74,6 +77,7 @@ class EQLv2FastRCNNOutputLayers(FastRCNNOutputLayers):
         loss = build_classification_loss_from_cfg(cfg)
         ret["classification_loss"] = loss
         ret["prior_prob"] = None if isinstance(loss, SoftmaxCELoss) else cfg.MODEL.EQLV2.PRIOR_PROB
+        ret["background_prior_prob"] = cfg.MODEL.EQLV2.BACKGROUND_PRIOR_PROB
         ret.update(overrides)
         return ret
 
