@@ -46,10 +46,11 @@ def _add_model_keys(cfg: CN) -> None:
     # (section 4.2). Ignored by the softmax loss, which keeps detectron2's zero bias.
     cfg.MODEL.EQLV2.PRIOR_PROB = 0.001
     # Initial probability of the background column C (the agnostic task's logit, target 1 on
-    # background proposals). The default keeps PRIOR_PROB's 0.001, as every committed result used;
-    # 0.75, the background share of a sampled batch (1 - ROI_HEADS.POSITIVE_FRACTION), removed the
-    # agnostic task's AP cost on the offline benchmark (README, "Results").
-    cfg.MODEL.EQLV2.BACKGROUND_PRIOR_PROB = 0.001
+    # background proposals): the background share of a sampled batch,
+    # 1 - ROI_HEADS.POSITIVE_FRACTION. Starting it at PRIOR_PROB instead (0.001, as results before
+    # 2026-12 did) lets the agnostic task's loss swamp the classifier's first iterations and
+    # costs AP on short schedules (README, "Results").
+    cfg.MODEL.EQLV2.BACKGROUND_PRIOR_PROB = 0.75
     # EQL v1: categories whose training image frequency (images containing it / all images) is
     # below LAMBDA are tail categories and get no negative gradients from foreground proposals.
     cfg.MODEL.EQLV2.EQLV1_LAMBDA = 1.76e-3

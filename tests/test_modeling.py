@@ -35,7 +35,7 @@ def test_config_defaults_are_the_papers():
     add_eqlv2_config(cfg)
     eql = cfg.MODEL.EQLV2
     assert (eql.LOSS, eql.GAMMA, eql.MU, eql.ALPHA, eql.PRIOR_PROB) == ("eqlv2", 12.0, 0.8, 4.0, 0.001)
-    assert eql.BACKGROUND_PRIOR_PROB == 0.001  # the results in README were trained with it
+    assert eql.BACKGROUND_PRIOR_PROB == 0.75  # 1 - ROI_HEADS.POSITIVE_FRACTION, README "Results"
     assert eql.USE_AGNOSTIC_TASK and eql.NEG_DOWN_WEIGHT and eql.POS_UP_WEIGHT
 
 
@@ -61,7 +61,11 @@ def test_box_predictor_uses_the_chosen_loss_and_bias_prior(loss, expected_bias):
     predictor = model.roi_heads.box_predictor
     assert isinstance(predictor, EQLv2FastRCNNOutputLayers)
     assert isinstance(predictor.classification_loss, SoftmaxCELoss if loss == "softmax" else torch.nn.Module)
-    assert torch.allclose(predictor.cls_score.bias, torch.full_like(predictor.cls_score.bias, expected_bias))
+    bias = predictor.cls_score.bias.detach()
+    categories = predictor.num_classes
+    assert torch.allclose(bias[:categories], torch.full((categories,), expected_bias))
+    if loss == "eqlv2":  # column C: the agnostic task's background logit starts at BACKGROUND_PRIOR_PROB
+        assert torch.sigmoid(bias[categories]).item() == pytest.approx(0.75, rel=1e-6)
 
 
 def test_cascade_heads_have_one_eqlv2_loss_per_stage():
@@ -151,12 +155,12 @@ def test_gradient_statistics_hook_writes_group_summaries():
 # --------------------------------------------------------------------------- 2C-softmax, statistics
 @pytest.mark.parametrize("loss", ["eqlv2", "eqlv2_2c_softmax"])
 def test_background_prior_sets_only_the_background_column(loss):
-    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", loss, "MODEL.EQLV2.BACKGROUND_PRIOR_PROB", 0.75))
+    model = build_model(tiny_cfg("MODEL.EQLV2.LOSS", loss, "MODEL.EQLV2.BACKGROUND_PRIOR_PROB", 0.3))
     bias = model.roi_heads.box_predictor.cls_score.bias.detach().double()
     if loss == "eqlv2_2c_softmax":
         bias = bias[:6] - bias[6:]  # a pair's softmax is the sigmoid of its logits' difference
     initial = torch.sigmoid(bias)
-    assert initial[5].item() == pytest.approx(0.75, rel=1e-6)  # column C = 5: background / objectness
+    assert initial[5].item() == pytest.approx(0.3, rel=1e-6)  # column C = 5: background / objectness
     assert torch.allclose(initial[:5], torch.full((5,), 0.001, dtype=torch.float64), rtol=1e-5)
 
 
@@ -169,7 +173,8 @@ def test_two_class_softmax_predictor_has_2c_logits_and_pair_softmax_probs():
     assert predictor.cls_score.out_features == 12 and predictor.bbox_pred.out_features == 5 * 4
     bias = predictor.cls_score.bias.detach().double()
     initial = torch.exp(bias[:6]) / (torch.exp(bias[:6]) + torch.exp(bias[6:]))
-    assert torch.allclose(initial, torch.full_like(initial, 0.001), rtol=1e-5)
+    assert torch.allclose(initial[:5], torch.full((5,), 0.001, dtype=torch.float64), rtol=1e-5)
+    assert initial[5].item() == pytest.approx(0.75, rel=1e-6)  # the default background prior
 
     logits = torch.randn(7, 12, dtype=torch.float64) * 3
     proposals = [Instances((10, 10), proposal_boxes=Boxes(torch.zeros(n, 4))) for n in (2, 5)]
