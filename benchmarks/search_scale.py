@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", help="write a cProfile of the driver's tuner.fit() to this file"
     )
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="run the stand-in's training loop in the trial process (it then imports torch and "
+        "detectron2, as before the worker server), not in a forked worker",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if bool(args.mlflow_uri) != bool(args.optuna_storage):
@@ -196,7 +201,8 @@ class SearchRun:
 
 
 def _prepare_environment(args: argparse.Namespace, ray_tmp: str) -> None:
-    """Ray's short temp folder; Ray's workers import the stand-in from ``benchmarks/``."""
+    """Ray's short temp folder; Ray's workers import the stand-in from ``benchmarks/``; the
+    libraries set up as the search driver sets them (inherited by the stand-in worker server)."""
     os.environ["RAY_TMPDIR"] = ray_tmp
     paths = [
         str(BENCHMARKS),
@@ -204,9 +210,26 @@ def _prepare_environment(args: argparse.Namespace, ray_tmp: str) -> None:
         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
     ]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    from scale_standin import STEP_SECONDS_ENV
+    from scale_standin import IN_PROCESS_ENV, STEP_SECONDS_ENV
+
+    from eqlv2.search import driver
+
+    driver._configure_libraries()
 
     os.environ[STEP_SECONDS_ENV] = str(args.step_seconds)
+    os.environ[IN_PROCESS_ENV] = "1" if args.in_process else "0"
+
+
+@contextlib.contextmanager
+def standin_workers(args: argparse.Namespace, folder: str) -> Iterator[None]:
+    """The stand-in worker server (``scale_worker.py``), unless ``--in-process``."""
+    if args.in_process:
+        yield
+        return
+    from scale_worker import worker_server
+
+    with worker_server(folder):
+        yield
 
 
 def _options(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, results_dir: Path):
@@ -525,10 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results_dir or tempfile.mkdtemp(prefix="eqlv2-scale-")).resolve()
     _prepare_environment(args, ray_tmp)
     try:
-        if args.mlflow_uri:
-            return benchmark(args, args.mlflow_uri, args.optuna_storage, results_dir)
-        with local_servers() as (mlflow_uri, optuna_url):
-            return benchmark(args, mlflow_uri, optuna_url, results_dir)
+        with standin_workers(args, ray_tmp):
+            if args.mlflow_uri:
+                return benchmark(args, args.mlflow_uri, args.optuna_storage, results_dir)
+            with local_servers() as (mlflow_uri, optuna_url):
+                return benchmark(args, mlflow_uri, optuna_url, results_dir)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         if not args.results_dir:
