@@ -278,14 +278,29 @@ class TrialStateOptunaSearch(Searcher):
         return TrialState.COMPLETE, None
 
     def save(self, checkpoint_path: str) -> None:
+        """Saves the live trials by number (Tune calls this every few seconds).
+
+        Numbers, not the ``optuna.Trial`` objects: pickling those pickles their study and with it
+        the storage's cache of every trial, which made each save, and so the driver's overhead per
+        trial, grow with the size of the study.
+        """
+        live = {tune_id: trial.number for tune_id, trial in self._live.items()}
         with open(checkpoint_path, "wb") as handle:
-            pickle.dump({"live": self._live, "last_steps": self._last_steps}, handle)
+            pickle.dump({"live": live, "last_steps": self._last_steps}, handle)
+
+    def _live_trial(self, saved: int | optuna.Trial) -> optuna.Trial:
+        """A live trial of this study from its saved number (or, from an older save, itself)."""
+        if isinstance(saved, optuna.Trial):
+            return saved
+        study_id = self._storage.get_study_id_from_name(self.study.study_name)
+        return optuna.Trial(self.study, self._storage.get_trial_id_from_study_id_trial_number(study_id, saved))
 
     def restore(self, checkpoint_path: str) -> None:
         """Restores the live trials, then fails this experiment's orphaned ``RUNNING`` trials."""
         with open(checkpoint_path, "rb") as handle:
             state = pickle.load(handle)
-        self._live, self._last_steps = state["live"], state["last_steps"]
+        self._live = {tune_id: self._live_trial(saved) for tune_id, saved in state["live"].items()}
+        self._last_steps = state["last_steps"]
         live = {trial.number for trial in self._live.values()}
         reason = "asked by a search driver that stopped before recording the trial"
         try:
