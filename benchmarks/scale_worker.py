@@ -179,6 +179,7 @@ def serve(address: str, authkey: bytes) -> None:
     with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
         gc.freeze()  # what is imported stays shared with the workers (no copy on write by the GC)
         print("ready", flush=True)
+        os.dup2(2, 1)  # nobody reads the pipe after this line: a worker's output goes to stderr
         while True:
             try:
                 conn = listener.accept()
