@@ -19,6 +19,10 @@ The trial creates its MLflow run (or, restarted by a resumed search, reopens the
 first attempt) and reports what happens to it (a failure is a :class:`TrialFailedError`); it
 never writes the run's final state: the driver does. Its MLflow calls go through the node's
 outbox and are replayed when the trial ends, before its last report.
+
+Every trial is a new process, which imports this module first: it imports Ray Tune, MLflow and
+Optuna (3.4 s of CPU, 0.25 GB), not torch, detectron2 or Ray Train's torch support (9 s more,
+0.8 GB more), which only :func:`ray_train_run` loads.
 """
 
 from __future__ import annotations
