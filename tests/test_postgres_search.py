@@ -109,11 +109,6 @@ def _start_and_interrupt(command: list[str], cwd: Path, env: dict, storage, trac
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky: passed alone (10 min), but once in a full-suite run Optuna raised StorageInternalError "
-    "on a commit with two trials at once; open in issue 11",
-)
 def test_concurrent_search_on_postgres_and_mlflow_server_resumes(postgres, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
     runs = tmp_path / "runs"
     command = _search_command(runs, postgres, mlflow_server)
