@@ -1,17 +1,28 @@
 """The stand-in training run of ``benchmarks/search_scale.py``: detectron2's model and Ray Train
 replaced by a documented function of (gamma, mu, alpha), everything around it the project's own.
 
-A trial of the benchmark is the search's :func:`eqlv2.search.trial.run_trial` (its MLflow run,
-report translation, final report) with :func:`standin_training_run` in place of
-:func:`eqlv2.search.trial.ray_train_run`. The stand-in runs a real detectron2 ``TrainerBase`` loop
-whose ``run_step`` only sleeps and puts scalars into the ``EventStorage``; its hooks are
+**Real** (the project's code, unchanged): a trial of the benchmark is the search's
+:func:`eqlv2.search.trial.run_trial` (the Optuna check of a resumed trial, its MLflow run and
+params, the outbox flush, the final report with the completion marker) with
+:func:`standin_training_run` in place of :func:`eqlv2.search.trial.ray_train_run` (the
+``training_run=`` seam). Every report of the training loop goes through the trial's
+``ReportTranslator`` to ``tune.report``, as ``SearchReportCallback`` forwards rank 0's reports.
+The training loop is a detectron2 ``TrainerBase`` with detectron2's ``EvalHook``, the trial's
+MLflow hooks (:class:`eqlv2.search.run_hooks.TrialRunHooks`: the metric history through
+``MlflowEventWriter``, and after every evaluation the gradient-statistics table, ratio figure and
+summaries through ``TrialArtifactsHook``) and the project's ``RayReportHook`` metrics
+(``benchmarks/scale_worker.py``).
 
-* detectron2's ``EvalHook`` with :func:`standin_results` as the evaluation (LVIS-style results);
-* the trial's MLflow hooks (:class:`eqlv2.search.mlflow_worker.TrialRunHooks`): the metric
-  history (``MlflowEventWriter``) and, after every evaluation, the gradient-statistics table,
-  ratio figure and summaries (``TrialArtifactsHook``), from synthetic per-category statistics;
-* :class:`TuneReportHook`, the project's ``RayReportHook`` reporting straight to Tune through the
-  trial's ``ReportTranslator`` (what ``SearchReportCallback`` does with rank 0's Ray Train reports).
+**Stand-in**: the step only sleeps and puts scalars into the ``EventStorage``; the evaluation is
+:func:`standin_results`; the gradient statistics are synthetic; the report hook hands its metrics
+to the trial instead of ``ray.train.report``. And the process: in a search the loop runs in a Ray
+Train worker beside the trial process; here it runs in a process forked from the stand-in worker
+server (``scale_worker.py``, one per benchmark, which imported detectron2 once), connected to
+the trial by a Unix socket. So the trial process imports what a search's trial process imports
+before its Ray Train run (Ray Tune, MLflow, Optuna; not torch or detectron2). When Tune stops a
+trial, the trial kills its forked worker, as Ray kills a stopped trial's Ray Train workers.
+``EQLV2_STANDIN_IN_PROCESS=1`` runs the loop in the trial process instead (how the benchmark ran
+before: every trial process then imports torch and detectron2).
 
 The stand-in's objective (mask AP, in points) at the end of training is
 
@@ -31,25 +42,22 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
+import signal
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
 from typing import Any
 
 import numpy as np
-import torch
-from detectron2.config import CfgNode
-from detectron2.engine import HookBase, TrainerBase
-from detectron2.engine.hooks import EvalHook
 from ray import tune
 
-from eqlv2.losses.statistics import GradientStatistics
-from eqlv2.raytrain.report_hook import RayReportHook
 from eqlv2.search.settings import DatasetSpec, TrialSettings
 from eqlv2.search.space import CONFIG_KEYS
 from eqlv2.search.trial import ReportTranslator, run_trial
 
 __all__ = [
     "DIVERGING_ALPHA",
+    "StandInJob",
     "standin_quality",
     "standin_results",
     "standin_training_run",
@@ -64,6 +72,15 @@ BEST_QUALITY = 30.0
 EVALS_BEFORE_DIVERGING = 2
 #: Seconds the stand-in sleeps per logging period (``MODEL.EQLV2.LOG_PERIOD`` iterations).
 STEP_SECONDS_ENV = "EQLV2_STANDIN_STEP_SECONDS"
+#: The stand-in worker server's socket and key (set by ``search_scale.py``, inherited by Ray's workers).
+SERVER_ENV = "EQLV2_STANDIN_SERVER"
+AUTHKEY_ENV = "EQLV2_STANDIN_AUTHKEY"
+#: ``1``: run the training loop in the trial process (no worker server).
+IN_PROCESS_ENV = "EQLV2_STANDIN_IN_PROCESS"
+
+
+class StandInTrainingError(RuntimeError):
+    """The stand-in's training run failed (e.g. it diverged); the message names the cause."""
 
 
 def standin_quality(gamma: float, mu: float, alpha: float) -> float:
@@ -71,14 +88,14 @@ def standin_quality(gamma: float, mu: float, alpha: float) -> float:
     return BEST_QUALITY - 0.15 * (gamma - 10.0) ** 2 - 40.0 * (mu - 0.75) ** 2 - 0.6 * (alpha - 3.0) ** 2
 
 
-def _curve_quality(values: Mapping[str, float]) -> float:
+def curve_quality(values: Mapping[str, float]) -> float:
     """The final AP a run's curve heads for: a diverging run's is the optimum's (the module docstring)."""
     if values["alpha"] > DIVERGING_ALPHA:
         return BEST_QUALITY
     return standin_quality(values["gamma"], values["mu"], values["alpha"])
 
 
-def _noise(values: Mapping[str, float], iteration: int) -> float:
+def noise(values: Mapping[str, float], iteration: int) -> float:
     """Gaussian noise (std 0.5) seeded by the parameters and the iteration."""
     key = repr((sorted(values.items()), iteration)).encode()
     seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
@@ -90,7 +107,7 @@ def standin_results(
 ) -> dict[str, dict[str, float]]:
     """LVIS-style evaluation results (``bbox`` and ``segm``) after ``iteration`` iterations."""
     progress = (1.0 - math.exp(-3.0 * iteration / max_iter)) / (1.0 - math.exp(-3.0))
-    ap = _curve_quality(values) * progress + _noise(values, iteration)
+    ap = curve_quality(values) * progress + noise(values, iteration)
     segm = {"AP": ap, "APr": 0.4 * ap, "APc": 0.9 * ap, "APf": 1.3 * ap}
     return {"bbox": {key: value + 1.0 for key, value in segm.items()}, "segm": segm}
 
@@ -105,88 +122,78 @@ def _values(opts: Sequence[str]) -> dict[str, float]:
     return found
 
 
-class _SyntheticStatistics:
-    """The trainer's ``gradient_statistics``: per-category ratios that drift with training."""
+@dataclass(frozen=True)
+class StandInJob:
+    """One stand-in training run, as the trial sends it to its worker (picklable).
 
-    def __init__(self, trainer: StandInTrainer) -> None:
-        self._trainer = trainer
-
-    def snapshots(self) -> list[GradientStatistics]:
-        done = self._trainer.iter + 1
-        counts = np.array([2.0] * 4 + [30.0] * 4 + [300.0] * 4)
-        pos = counts * done * 0.01
-        neg = np.full_like(pos, done * 1.0)
-        ratio = pos / (neg + 1e-12)
-        return [GradientStatistics(pos_grad=pos, neg_grad=neg, ratio=ratio, q=1.0 + ratio, r=ratio)]
-
-
-class StandInTrainer(TrainerBase):
-    """A detectron2 training loop whose step sleeps and records a falling loss.
-
-    Args:
+    Attributes:
         values: gamma, mu and alpha.
-        max_iter: iterations of the run.
+        max_iter, eval_period, log_period: the run's schedule (the driver's).
         sleep_per_iter: seconds each step sleeps.
         diverge_at: iteration after which the step raises (None: never).
+        hooks: the trial's rank-0 hook factories (``TrialRunHooks.factories()``).
     """
 
-    def __init__(
-        self,
-        values: Mapping[str, float],
-        max_iter: int,
-        sleep_per_iter: float,
-        diverge_at: int | None,
-    ) -> None:
-        super().__init__()
-        self.values = dict(values)
-        self.max_iter = max_iter
-        self.sleep_per_iter = sleep_per_iter
-        self.diverge_at = diverge_at
-        self.model = torch.nn.Identity()  # no EQL v2 classifier: no weight norms to log
-        self.gradient_statistics = _SyntheticStatistics(self)
-
-    def run_step(self) -> None:
-        done = self.iter + 1
-        if self.diverge_at is not None and done > self.diverge_at:
-            raise FloatingPointError(
-                f"stand-in loss diverged at iteration {done} (alpha > {DIVERGING_ALPHA})"
-            )
-        time.sleep(self.sleep_per_iter)
-        quality = _curve_quality(self.values)
-        loss = 2.0 * math.exp(-done / self.max_iter * (1.0 + quality / BEST_QUALITY)) + 0.02 * _noise(
-            self.values, -done
-        )
-        self.storage.put_scalars(
-            total_loss=loss, loss_cls=0.6 * loss, loss_box_reg=0.4 * loss, lr=0.02
-        )
+    values: dict[str, float]
+    max_iter: int
+    eval_period: int
+    log_period: int
+    sleep_per_iter: float
+    diverge_at: int | None
+    hooks: list
 
 
-class TuneReportHook(RayReportHook):
-    """The project's ``RayReportHook`` (same reports, same metrics) reporting to Tune directly:
-    each report translated by the trial's ``ReportTranslator``, as ``SearchReportCallback`` does."""
-
-    def __init__(self, cfg: CfgNode, translator: ReportTranslator) -> None:
-        super().__init__(cfg)
-        self._translate = translator
-        self.final: dict[str, Any] = {}
-
-    def report(self, iteration: int, with_checkpoint: bool, evaluated: bool) -> None:
-        self.final = self.metrics(iteration, evaluated)
-        tune.report(self._translate(self.final))
+def _job(settings: TrialSettings, spec: DatasetSpec, opts: list[str], hooks: list) -> StandInJob:
+    """The run's job: parameters from its config overrides (as detectron2 reads them), schedule
+    from the driver's settings."""
+    values = _values(opts)
+    max_iter, eval_period = settings.schedules[spec.name]
+    log_period = max(1, settings.log_period)
+    diverge_at = EVALS_BEFORE_DIVERGING * eval_period if values["alpha"] > DIVERGING_ALPHA else None
+    step_seconds = float(os.environ.get(STEP_SECONDS_ENV, "0.5"))
+    return StandInJob(values, max_iter, eval_period, log_period, step_seconds / log_period, diverge_at, list(hooks))
 
 
-def _run_config(max_iter: int, eval_period: int, log_period: int) -> CfgNode:
-    """The config keys the hooks read."""
-    cfg = CfgNode()
-    cfg.SOLVER = CfgNode({"MAX_ITER": max_iter, "CHECKPOINT_PERIOD": 0})
-    cfg.TEST = CfgNode({"EVAL_PERIOD": eval_period})
-    cfg.DATASETS = CfgNode({"TRAIN": (), "TEST": ("standin_val",)})
-    cfg.MODEL = CfgNode({"EQLV2": CfgNode({"LOG_PERIOD": log_period})})
-    return cfg
+def _kill(pid: int | None) -> None:
+    """Kills a stopped trial's worker (as Ray kills a stopped trial's Ray Train workers)."""
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-def _step_seconds() -> float:
-    return float(os.environ.get(STEP_SECONDS_ENV, "0.5"))
+def _relay(conn: Connection, translator: ReportTranslator) -> dict:
+    """Forwards the worker's reports to Tune until its final report (returned) or its error."""
+    pid, done = None, False
+    try:
+        while True:
+            try:
+                kind, payload = conn.recv()
+            except EOFError as error:
+                raise StandInTrainingError("the stand-in worker died") from error
+            if kind == "pid":
+                pid = payload
+            elif kind == "report":
+                tune.report(translator(payload))  # raises SystemExit when Tune stops the trial
+            else:
+                done = True
+                if kind == "error":
+                    raise StandInTrainingError(payload)
+                return payload
+    finally:
+        if not done:
+            _kill(pid)
+
+
+def _forked_run(job: StandInJob, translator: ReportTranslator) -> dict:
+    """The job run by a worker forked from the stand-in worker server."""
+    address, key = os.environ.get(SERVER_ENV), os.environ.get(AUTHKEY_ENV, "")
+    if not address:
+        raise StandInTrainingError(f"no stand-in worker server: {SERVER_ENV} is not set")
+    with Client(address, family="AF_UNIX", authkey=bytes.fromhex(key)) as conn:
+        conn.send(job)
+        return _relay(conn, translator)
 
 
 def standin_training_run(
@@ -194,27 +201,17 @@ def standin_training_run(
     spec: DatasetSpec,
     opts: list[str],
     translator: ReportTranslator,
-    hooks: list[Callable[[CfgNode, TrainerBase], HookBase]],
+    hooks: list[Callable],
     trial_dir: str,
 ) -> dict:
-    """A :data:`eqlv2.search.trial.TrainingRun`: the stand-in in place of a Ray Train run.
+    """A :data:`eqlv2.search.trial.TrainingRun`: the stand-in in place of a Ray Train run; returns
+    the final report of its rank 0 (the worker). Raises when the run fails."""
+    job = _job(settings, spec, opts, hooks)
+    if os.environ.get(IN_PROCESS_ENV) == "1":
+        from scale_worker import run_job  # detectron2 and torch, in this process
 
-    Its schedule is the driver's (``settings.schedules``, ``settings.log_period``); its
-    parameters are read from the run's config overrides, as detectron2 would.
-    """
-    values = _values(opts)
-    max_iter, eval_period = settings.schedules[spec.name]
-    log_period = max(1, settings.log_period)
-    diverge_at = EVALS_BEFORE_DIVERGING * eval_period if values["alpha"] > DIVERGING_ALPHA else None
-    trainer = StandInTrainer(values, max_iter, _step_seconds() / log_period, diverge_at)
-    cfg = _run_config(max_iter, eval_period, log_period)
-    report_hook = TuneReportHook(cfg, translator)
-    evaluation = EvalHook(
-        eval_period, lambda: standin_results(values, min(trainer.iter + 1, max_iter), max_iter)
-    )
-    trainer.register_hooks([evaluation, *(factory(cfg, trainer) for factory in hooks), report_hook])
-    trainer.train(0, max_iter)
-    return report_hook.final
+        return run_job(job, lambda metrics: tune.report(translator(metrics)))
+    return _forked_run(job, translator)
 
 
 def standin_trial(config: dict[str, Any], settings: TrialSettings) -> None:

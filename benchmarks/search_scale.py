@@ -24,7 +24,17 @@ CPU time, not wall time: on 2 shared cores the driver's wall time mostly waits f
 the servers, while its CPU time is what it takes away from them. Also shown for the first and the
 last fifth of the trials, to tell whether it grows with the number of trials.
 
-Usage: ``python benchmarks/search_scale.py [--trials 500] [--concurrency 32] [--json out.json]``
+**Machine CPU per trial** = CPU time of the machine's processes during ``tuner.fit()``
+(``/proc/stat``: the trial processes, the stand-in workers, Ray, PostgreSQL, the MLflow server,
+the driver, and any other work on the machine but for the user time of niced processes, other
+work run in the background at a low priority) divided by the trials.
+
+The stand-in's training loop runs in a worker forked from ``scale_worker.py``'s server (the
+trial process stays as light as a search's); ``--in-process`` runs it in the trial process,
+which then imports torch and detectron2 (the benchmark's layout before the server), and
+``--compare`` runs both, one after the other on the same servers, and prints them side by side.
+
+Usage: ``python benchmarks/search_scale.py [--trials 500] [--concurrency 32] [--compare] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -78,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", help="write a cProfile of the driver's tuner.fit() to this file"
     )
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="run the stand-in's training loop in the trial process (it then imports torch and "
+        "detectron2, as before the worker server), not in a forked worker",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare", action="store_true",
+        help="run the search twice on the same servers, the stand-in in a forked worker then in "
+        "the trial process, and print both side by side",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if bool(args.mlflow_uri) != bool(args.optuna_storage):
@@ -193,10 +213,21 @@ class SearchRun:
     driver_cpu: float
     outcome_seconds: float
     monitor: DriverMonitor
+    machine_cpu: float = 0.0
+    load: tuple[float, float] = (0.0, 0.0)
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds the machine's processes have used since boot (``/proc/stat``), but for the user
+    time of niced processes (other work run in the background at a low priority)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, _nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _prepare_environment(args: argparse.Namespace, ray_tmp: str) -> None:
-    """Ray's short temp folder; Ray's workers import the stand-in from ``benchmarks/``."""
+    """Ray's short temp folder; Ray's workers import the stand-in from ``benchmarks/``; the
+    libraries set up as the search driver sets them (inherited by the stand-in worker server)."""
     os.environ["RAY_TMPDIR"] = ray_tmp
     paths = [
         str(BENCHMARKS),
@@ -206,7 +237,23 @@ def _prepare_environment(args: argparse.Namespace, ray_tmp: str) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     from scale_standin import STEP_SECONDS_ENV
 
+    from eqlv2.search import driver
+
+    driver._configure_libraries()
+
     os.environ[STEP_SECONDS_ENV] = str(args.step_seconds)
+
+
+@contextlib.contextmanager
+def standin_workers(in_process: bool, folder: str) -> Iterator[None]:
+    """The stand-in worker server (``scale_worker.py``), unless the loop runs in the trial process."""
+    if in_process:
+        yield
+        return
+    from scale_worker import worker_server
+
+    with worker_server(folder):
+        yield
 
 
 def _options(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, results_dir: Path):
@@ -223,20 +270,22 @@ def _options(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, results
     )  # fmt: skip
 
 
-def _fit(tuner, monitor: DriverMonitor, profile: str | None) -> tuple[list, float, float]:
-    """``tuner.fit()`` (under cProfile if asked): its results, wall time and the driver's CPU time."""
+def _fit(tuner, monitor: DriverMonitor, profile: str | None) -> tuple[list, float, float, float]:
+    """``tuner.fit()`` (under cProfile if asked): its results, wall time, the driver's CPU time
+    and the machine's (every process)."""
     profiler = cProfile.Profile() if profile else None
     with monitor.running():
-        cpu, start = time.process_time(), time.monotonic()
+        cpu, start, machine = time.process_time(), time.monotonic(), machine_cpu_seconds()
         if profiler:
             profiler.enable()
         results = list(tuner.fit())
         if profiler:
             profiler.disable()
         wall, cpu = time.monotonic() - start, time.process_time() - cpu
+        machine = machine_cpu_seconds() - machine
     if profiler:
         profiler.dump_stats(profile)
-    return results, wall, cpu - monitor.own_cpu
+    return results, wall, cpu - monitor.own_cpu, machine
 
 
 def run_search(
@@ -263,13 +312,15 @@ def run_search(
             f"Search {plan.name}: {args.trials} stand-in trials, concurrency {args.concurrency}",
             flush=True,
         )
-        results, wall, cpu = _fit(tuner, monitor, args.profile)
+        load_before = os.getloadavg()[0]
+        results, wall, cpu, machine = _fit(tuner, monitor, args.profile)
+        load = (load_before, os.getloadavg()[0])
         start = time.monotonic()
         with contextlib.redirect_stdout(io.StringIO()) as summary:
             driver.report_outcome(plan, settings, tracking, results)
         (results_dir / "summary.txt").write_text(summary.getvalue())
         outcome = time.monotonic() - start
-    return SearchRun(plan, settings, tracking, results, wall, cpu, outcome, monitor)
+    return SearchRun(plan, settings, tracking, results, wall, cpu, outcome, monitor, machine, load)
 
 
 # --- what was written, against what should have been ---------------------------------------------
@@ -455,8 +506,10 @@ def state_table(
 # --- the report -----------------------------------------------------------------------------------
 
 
-def figures(run: SearchRun, trials: list[TuneTrial]) -> dict[str, float]:
+def figures(run: SearchRun, trials: list[TuneTrial]) -> dict[str, Any]:
     """Throughput and the driver's overhead (the module docstring)."""
+    from scale_standin import IN_PROCESS_ENV
+
     count = max(1, len(trials))
     return {
         "trials": len(trials),
@@ -466,6 +519,10 @@ def figures(run: SearchRun, trials: list[TuneTrial]) -> dict[str, float]:
         "driver_cpu_per_trial_first_fifth": run.monitor.cpu_per_trial(0.0, 0.2),
         "driver_cpu_per_trial_last_fifth": run.monitor.cpu_per_trial(0.8, 1.0),
         "report_outcome_seconds": run.outcome_seconds,
+        "machine_cpu_per_trial": run.machine_cpu / count,
+        "load_average_start": run.load[0],
+        "load_average_end": run.load[1],
+        "layout": "in-process" if os.environ.get(IN_PROCESS_ENV) == "1" else "forked",
     }
 
 
@@ -474,7 +531,7 @@ def print_report(
 ) -> None:
     """The figures as a short table."""
     rate, overhead = values["trials_per_minute"], values["driver_cpu_per_trial"]
-    print(f"\nSearch scale: {values['trials']} stand-in trials, concurrency {args.concurrency}, sampler {args.sampler}, "
+    print(f"\nSearch scale: {values['trials']} stand-in trials ({values['layout']}), concurrency {args.concurrency}, sampler {args.sampler}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")  # fmt: skip
     print(f"  {'trials per minute (tuner.fit wall time)':<48}{rate:10.1f}   goal >= {TARGET_TRIALS_PER_MINUTE:g}"
           f"  {'ok' if rate >= TARGET_TRIALS_PER_MINUTE else 'MISSED'}")  # fmt: skip
@@ -483,6 +540,9 @@ def print_report(
     print(f"  {'  first fifth of the trials / last fifth (s)':<48}{values['driver_cpu_per_trial_first_fifth']:10.3f} / "
           f"{values['driver_cpu_per_trial_last_fifth']:.3f}")  # fmt: skip
     print(f"  {'tuner.fit wall time (s)':<48}{values['fit_seconds']:10.1f}")
+    print(f"  {'machine CPU per trial (s, processes not niced)':<48}{values['machine_cpu_per_trial']:10.2f}")
+    print(f"  {'load average (1 min) at start / end of fit':<48}{values['load_average_start']:10.1f} / "
+          f"{values['load_average_end']:.1f}")  # fmt: skip
     print(f"  {'report_outcome after fit (s)':<48}{values['report_outcome_seconds']:10.1f}\n")
     print(f"  {'rows':<42}{'expected':>9}{'found':>9}{'lost':>7}{'doubled':>9}")
     for count in counts:
@@ -496,8 +556,8 @@ def print_report(
     print(f"  trials whose Optuna or MLflow state differs from Tune's: {mismatches}")
 
 
-def benchmark(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, results_dir: Path) -> int:
-    """Runs the search, checks the stores, prints the table; the exit status."""
+def benchmark(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, results_dir: Path) -> tuple[int, dict]:
+    """Runs the search, checks the stores, prints the table; the exit status and the figures."""
     run = run_search(args, mlflow_uri, optuna_url, results_dir)
     trials = tune_trials(run.results)
     optuna_counts, optuna_states = audit_optuna(run, trials)
@@ -506,17 +566,48 @@ def benchmark(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, result
     states, mismatches = state_table(trials, optuna_states, mlflow_statuses)
     values = figures(run, trials)
     print_report(values, counts, states, mismatches, args)
-    if args.json:
-        data = {**values, "counts": [vars(c) for c in counts], "state_mismatches": mismatches,
-                "states": {t.number: t.state for t in trials}, "search": run.plan.name}  # fmt: skip
-        Path(args.json).write_text(json.dumps(data, indent=2))
+    data = {**values, "counts": [vars(c) for c in counts], "state_mismatches": mismatches,
+            "states": {t.number: t.state for t in trials}, "search": run.plan.name}  # fmt: skip
     bad = sum(c.lost + c.doubled for c in counts) + mismatches + (len(trials) != args.trials)
     print(
         "\nNothing lost, nothing doubled, every state as Tune's."
         if not bad
         else f"\nFAILED: {bad} problem(s) above."
     )
-    return 0 if not bad else 1
+    return (0 if not bad else 1), data
+
+
+def _comparison(runs: list[dict]) -> str:
+    """The figures of the runs of ``--compare``, a line each."""
+    lines = ["layout        trials/min  driver CPU/trial (s)  first/last fifth (s)  machine CPU/trial (s)  lost  doubled  "
+             "state mismatches  load average start/end"]  # fmt: skip
+    for v in runs:
+        lost, doubled = (sum(c[k] for c in v["counts"]) for k in ("lost", "doubled"))
+        lines.append(
+            f"{v['layout']:<12}{v['trials_per_minute']:12.1f}{v['driver_cpu_per_trial']:22.3f}"
+            f"{v['driver_cpu_per_trial_first_fifth']:14.3f} / {v['driver_cpu_per_trial_last_fifth']:.3f}"
+            f"{v['machine_cpu_per_trial']:19.2f}{lost:8d}{doubled:9d}{v['state_mismatches']:18d}"
+            f"{v['load_average_start']:14.1f} / {v['load_average_end']:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_layouts(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, results_dir: Path, ray_tmp: str) -> int:
+    """The benchmark in the layout asked, or with ``--compare`` in both, one after the other."""
+    from scale_standin import IN_PROCESS_ENV
+
+    layouts = [False, True] if args.compare else [args.in_process]
+    status, runs = 0, []
+    for in_process in layouts:
+        os.environ[IN_PROCESS_ENV] = "1" if in_process else "0"
+        with standin_workers(in_process, ray_tmp):
+            code, data = benchmark(args, mlflow_uri, optuna_url, results_dir / ("in_process" if in_process else "forked"))
+        status, runs = max(status, code), [*runs, data]
+    if args.compare:
+        print("\nSide by side (the same servers, one after the other):\n" + _comparison(runs))
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs if args.compare else runs[0], indent=2))
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,9 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment(args, ray_tmp)
     try:
         if args.mlflow_uri:
-            return benchmark(args, args.mlflow_uri, args.optuna_storage, results_dir)
+            return run_layouts(args, args.mlflow_uri, args.optuna_storage, results_dir, ray_tmp)
         with local_servers() as (mlflow_uri, optuna_url):
-            return benchmark(args, mlflow_uri, optuna_url, results_dir)
+            return run_layouts(args, mlflow_uri, optuna_url, results_dir, ray_tmp)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         if not args.results_dir:

@@ -28,12 +28,24 @@ pytest.importorskip("mlflow")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trials(url: str) -> list:
+def _trials(storage) -> list:
+    """The study's trials, read through the test's one storage (``_reader``)."""
     try:
-        (summary,) = optuna.get_all_study_summaries(storage=url)
+        (summary,) = optuna.get_all_study_summaries(storage=storage)
     except ValueError:  # no study yet
         return []
-    return optuna.load_study(study_name=summary.study_name, storage=url).trials
+    return optuna.load_study(study_name=summary.study_name, storage=storage).trials
+
+
+def _reader(url: str):
+    """One storage for all of the test's reads, its tables created before the search starts.
+
+    Not a new storage per poll: each one's pooled connections stay open until the garbage
+    collector finds its engine, and in a long test session (a lazy collector) they exhausted
+    PostgreSQL's ``max_connections``: the next storage opened, the driver's or a trial's, then
+    failed with ``StorageInternalError`` (the flake of earlier runs).
+    """
+    return optuna.storages.RDBStorage(url)
 
 
 def _runs(tracking_uri: str) -> list:
@@ -57,7 +69,7 @@ def _search_command(runs: Path, postgres, tracking_uri: str) -> list[str]:  # no
 RAY_STARTUP_TIMEOUT = "The current node timed out during startup"
 
 
-def _kill_once_a_trial_is_complete(proc: subprocess.Popen, url: str, tracking_uri: str, log: Path) -> bool:
+def _kill_once_a_trial_is_complete(proc: subprocess.Popen, storage, tracking_uri: str, log: Path) -> bool:
     """Waits until one trial is COMPLETE and another is training, then SIGKILLs the driver.
 
     Returns False when the driver exited because Ray itself did not start in time (retry).
@@ -65,9 +77,9 @@ def _kill_once_a_trial_is_complete(proc: subprocess.Popen, url: str, tracking_ur
     deadline = time.monotonic() + 1200  # generous: a loaded 2-core machine trains slowly
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            assert RAY_STARTUP_TIMEOUT in log.read_text() and not _trials(url), log.read_text()[-4000:]
+            assert RAY_STARTUP_TIMEOUT in log.read_text() and not _trials(storage), log.read_text()[-4000:]
             return False
-        states = [t.state.name for t in _trials(url)]
+        states = [t.state.name for t in _trials(storage)]
         open_runs = [r for r in _runs(tracking_uri) if r.info.status == "RUNNING" and "tune_trial_id" in r.data.tags]
         if "COMPLETE" in states and "RUNNING" in states and open_runs:
             time.sleep(6)  # Tune checkpoints its experiment every few seconds
@@ -78,14 +90,14 @@ def _kill_once_a_trial_is_complete(proc: subprocess.Popen, url: str, tracking_ur
     pytest.fail("no trial completed in time")
 
 
-def _start_and_interrupt(command: list[str], cwd: Path, env: dict, url: str, tracking_uri: str) -> None:
+def _start_and_interrupt(command: list[str], cwd: Path, env: dict, storage, tracking_uri: str) -> None:
     """Runs the search until it is half done, then kills it (at most 3 tries of Ray's start)."""
     for attempt in range(3):
         log = cwd / f"first{attempt}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                if _kill_once_a_trial_is_complete(proc, url, tracking_uri, log):
+                if _kill_once_a_trial_is_complete(proc, storage, tracking_uri, log):
                     return
             finally:
                 try:
@@ -97,19 +109,14 @@ def _start_and_interrupt(command: list[str], cwd: Path, env: dict, url: str, tra
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky: passed alone (10 min), but once in a full-suite run Optuna raised StorageInternalError "
-    "on a commit with two trials at once; open in issue 11",
-)
 def test_concurrent_search_on_postgres_and_mlflow_server_resumes(postgres, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
     runs = tmp_path / "runs"
     command = _search_command(runs, postgres, mlflow_server)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PGPASSWORD=postgres.env["PGPASSWORD"])
     env.setdefault("EQLV2_SYNTHETIC_ROOT", str(ROOT / "datasets" / "eqlv2_synthetic"))
-    url = postgres.url("optuna")
     monkeypatch.setenv("PGPASSWORD", postgres.env["PGPASSWORD"])  # for this process's own reads
-    _start_and_interrupt(command, tmp_path, env, url, mlflow_server)
+    storage = _reader(postgres.url("optuna"))
+    _start_and_interrupt(command, tmp_path, env, storage, mlflow_server)
 
     for _ in range(3):
         resumed = subprocess.run(
@@ -120,7 +127,7 @@ def test_concurrent_search_on_postgres_and_mlflow_server_resumes(postgres, mlflo
             break
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
 
-    trials = _trials(url)
+    trials = _trials(storage)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     trial_ids = [t.user_attrs["tune_trial_id"] for t in trials]
     assert len(set(trial_ids)) == 3  # none lost, none counted twice

@@ -4,6 +4,7 @@ loopback only and behind the database password."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 
@@ -76,3 +77,37 @@ def test_head_services_refuses_every_interface(postgres):  # noqa: F811
     )  # fmt: skip
     assert proc.returncode == 2
     assert "EQLV2_BIND=0.0.0.0 would listen on every interface" in proc.stderr
+
+
+def test_trial_reads_of_the_study_keep_no_connection(postgres, monkeypatch):  # noqa: F811
+    """A trial process reads its own record of the study (``read_finished_trial``) and keeps no
+    connection open: storages opened the default way (pooled) once held theirs until the garbage
+    collector found them, and enough of them exhausted ``max_connections`` (StorageInternalError)."""
+    from eqlv2.search.optuna_study import RESULT_ATTR, read_finished_trial
+
+    monkeypatch.setenv("PGPASSWORD", postgres.env["PGPASSWORD"])
+    url = postgres.url("optuna")
+    study = optuna.create_study(study_name="trial-reads", storage=url, direction="maximize")
+    done, running = study.ask(), study.ask()
+    done.set_user_attr(RESULT_ATTR, {"objective": 2.0})
+    study.tell(done, 2.0)
+
+    def connections() -> int:
+        with _connect(postgres, "optuna", postgres.env["PGPASSWORD"]) as conn:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'optuna' AND pid <> pg_backend_pid()"
+            return conn.execute(query).fetchone()[0]
+
+    before = connections()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as lazy a collector as a long test session's: nothing may rely on it
+    try:
+        reads = [read_finished_trial(url, "trial-reads", n) for n in (done.number, running.number, 99) for _ in range(5)]
+        after = connections()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    assert reads[0] == {"state": "COMPLETE", "metrics": {"objective": 2.0}, "values": [2.0]}
+    assert reads[5] is None and reads[10] is None  # running, and no such trial
+    assert read_finished_trial(url, "no-such-study", 0) is None
+    assert after <= before, f"{after - before} connection(s) left open by 15 reads"
+    optuna.delete_study(study_name="trial-reads", storage=url)

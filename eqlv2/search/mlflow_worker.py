@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from detectron2.engine import HookBase, PeriodicWriter
+from detectron2.engine import HookBase
 from detectron2.utils.events import EventWriter, get_event_storage
 
 from eqlv2.data import category_statistics
@@ -30,9 +29,9 @@ from eqlv2.losses.statistics import summarize
 from eqlv2.modeling import EQLv2FastRCNNOutputLayers
 from eqlv2.raytrain.report_hook import evaluation_at, evaluation_metrics, is_evaluation_key
 
-from .mlflow_client import limit_http_retries
-from .mlflow_outbox import DurableMlflow, node_outbox
+from .mlflow_outbox import DurableMlflow
 from .plots import gradient_ratio_figure, weight_norms_figure
+from .run_hooks import TrialRunHooks
 
 logger = logging.getLogger(__name__)
 
@@ -167,41 +166,3 @@ class TrialArtifactsHook(HookBase):
             self._log_gradient_statistics(self.trainer.max_iter)
             self._log_weight_norms()
         self._mlflow.flush()
-
-
-@dataclass(frozen=True)
-class TrialRunHooks:
-    """Picklable factories of the rank-0 hooks that write one training run into a trial's run.
-
-    Attributes:
-        tracking_uri: the MLflow tracking URI (absolute for SQLite).
-        outbox_root: the search's outbox folder (absolute; the node's subfolder is used).
-        run_id: the trial's child run (its id, or its outbox placeholder).
-        dataset: short dataset name (``lvis``, ``openimages``): the metric prefix.
-        period: iterations between two writes of the training scalars.
-        baseline_ratio: ``(C,)`` gradient ratio of a baseline model for the plots, or None.
-    """
-
-    tracking_uri: str
-    outbox_root: str
-    run_id: str
-    dataset: str
-    period: int = 20
-    baseline_ratio: tuple[float, ...] | None = None
-
-    def _mlflow(self) -> DurableMlflow:
-        limit_http_retries()  # in the rank-0 worker: a dead server must not stall training
-        return DurableMlflow(self.tracking_uri, node_outbox(self.outbox_root))
-
-    def writer(self, cfg, trainer) -> PeriodicWriter:
-        """The rank-0 ``PeriodicWriter`` of the training scalars."""
-        writer = MlflowEventWriter(self._mlflow(), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
-        return PeriodicWriter([writer], period=max(1, int(self.period)))
-
-    def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
-        """The rank-0 hook of the gradient statistics and weight norms."""
-        return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
-
-    def factories(self) -> list:
-        """The factories for ``build_torch_trainer(extra_hooks=...)``."""
-        return [self.writer, self.artifacts]

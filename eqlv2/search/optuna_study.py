@@ -31,6 +31,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
+from sqlalchemy.pool import NullPool
 
 from .space import same_assignment
 
@@ -46,6 +47,7 @@ __all__ = [
     "finished_trial_summary",
     "open_storage",
     "pending_seed_points",
+    "read_finished_trial",
 ]
 
 #: Result key (value 1) the trainable reports once, after its last training run: the trial is
@@ -65,13 +67,25 @@ REASON_ATTR = "fail_reason"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The RDB storage at ``url`` (tables created on first use)."""
+def open_storage(url: str, reader: bool = False) -> optuna.storages.RDBStorage:
+    """The RDB storage at ``url`` (tables created on first use).
+
+    ``reader=True`` is for the trial processes, which only read a study the driver created: no
+    table creation and no schema check (which loads Alembic's scripts and takes a second
+    connection), and no pool (a connection is closed when its session ends, so a long trial holds
+    none). A pooled engine keeps its connections open until it is garbage collected; enough of
+    them exhaust PostgreSQL's ``max_connections``, and the next storage opened then fails with
+    ``StorageInternalError``.
+    """
     kwargs: dict[str, Any] = {}
+    engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several processes (driver, tests, the dashboard) may read the file at once.
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, **kwargs)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    if reader:
+        engine_kwargs["poolclass"] = NullPool
+        kwargs.update(skip_table_creation=True, skip_compatibility_check=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, **kwargs)
 
 
 def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -126,16 +140,33 @@ def fail_orphaned_trials(
     return marked
 
 
-def finished_trial_summary(study: optuna.Study, number: int) -> dict[str, Any] | None:
-    """State and stored final metrics of trial ``number`` if it is finished, else None."""
-    trial = study.get_trials(deepcopy=False)[number] if number < len(study.trials) else None
-    if trial is None or trial.state not in _FINISHED:
+def _summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """State and stored final metrics of ``trial`` if it is finished, else None."""
+    if trial.state not in _FINISHED:
         return None
     return {
         "state": trial.state.name,
         "metrics": dict(trial.user_attrs.get(RESULT_ATTR) or {}),
         "values": list(trial.values) if trial.values else None,
     }
+
+
+def finished_trial_summary(study: optuna.Study, number: int) -> dict[str, Any] | None:
+    """State and stored final metrics of trial ``number`` if it is finished, else None."""
+    trials = study.get_trials(deepcopy=False)
+    return _summary(trials[number]) if 0 <= number < len(trials) else None
+
+
+def read_finished_trial(url: str, study_name: str, number: int) -> dict[str, Any] | None:
+    """:func:`finished_trial_summary` of trial ``number`` read straight from the database at
+    ``url`` (the trial's rows only, whatever the size of the study; no connection kept)."""
+    storage = open_storage(url, reader=True)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    except KeyError:  # no such study or trial (yet)
+        return None
+    return _summary(storage.get_trial(trial_id))
 
 
 def _finite(value: Any) -> bool:
@@ -247,14 +278,29 @@ class TrialStateOptunaSearch(Searcher):
         return TrialState.COMPLETE, None
 
     def save(self, checkpoint_path: str) -> None:
+        """Saves the live trials by number (Tune calls this every few seconds).
+
+        Numbers, not the ``optuna.Trial`` objects: pickling those pickles their study and with it
+        the storage's cache of every trial, which made each save, and so the driver's overhead per
+        trial, grow with the size of the study.
+        """
+        live = {tune_id: trial.number for tune_id, trial in self._live.items()}
         with open(checkpoint_path, "wb") as handle:
-            pickle.dump({"live": self._live, "last_steps": self._last_steps}, handle)
+            pickle.dump({"live": live, "last_steps": self._last_steps}, handle)
+
+    def _live_trial(self, saved: int | optuna.Trial) -> optuna.Trial:
+        """A live trial of this study from its saved number (or, from an older save, itself)."""
+        if isinstance(saved, optuna.Trial):
+            return saved
+        study_id = self._storage.get_study_id_from_name(self.study.study_name)
+        return optuna.Trial(self.study, self._storage.get_trial_id_from_study_id_trial_number(study_id, saved))
 
     def restore(self, checkpoint_path: str) -> None:
         """Restores the live trials, then fails this experiment's orphaned ``RUNNING`` trials."""
         with open(checkpoint_path, "rb") as handle:
             state = pickle.load(handle)
-        self._live, self._last_steps = state["live"], state["last_steps"]
+        self._live = {tune_id: self._live_trial(saved) for tune_id, saved in state["live"].items()}
+        self._last_steps = state["last_steps"]
         live = {trial.number for trial in self._live.values()}
         reason = "asked by a search driver that stopped before recording the trial"
         try:
