@@ -24,10 +24,10 @@ CPU time, not wall time: on 2 shared cores the driver's wall time mostly waits f
 the servers, while its CPU time is what it takes away from them. Also shown for the first and the
 last fifth of the trials, to tell whether it grows with the number of trials.
 
-**Machine CPU per trial** = CPU time of the machine's processes during ``tuner.fit()``
+**Machine CPU per trial** = CPU time of every process of the machine during ``tuner.fit()``
 (``/proc/stat``: the trial processes, the stand-in workers, Ray, PostgreSQL, the MLflow server,
-the driver, and any other work on the machine but for the user time of niced processes, other
-work run in the background at a low priority) divided by the trials.
+the driver, and any other work on the machine: read it with the load average) divided by the
+trials.
 
 The stand-in's training loop runs in a worker forked from ``scale_worker.py``'s server (the
 trial process stays as light as a search's); ``--in-process`` runs it in the trial process,
@@ -218,11 +218,11 @@ class SearchRun:
 
 
 def machine_cpu_seconds() -> float:
-    """CPU seconds the machine's processes have used since boot (``/proc/stat``), but for the user
-    time of niced processes (other work run in the background at a low priority)."""
+    """CPU seconds every process of the machine has used since boot (``/proc/stat``). Niced time
+    included: Ray runs its workers, the trial processes among them, at niceness 15."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    user, _nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _prepare_environment(args: argparse.Namespace, ray_tmp: str) -> None:
@@ -540,7 +540,7 @@ def print_report(
     print(f"  {'  first fifth of the trials / last fifth (s)':<48}{values['driver_cpu_per_trial_first_fifth']:10.3f} / "
           f"{values['driver_cpu_per_trial_last_fifth']:.3f}")  # fmt: skip
     print(f"  {'tuner.fit wall time (s)':<48}{values['fit_seconds']:10.1f}")
-    print(f"  {'machine CPU per trial (s, processes not niced)':<48}{values['machine_cpu_per_trial']:10.2f}")
+    print(f"  {'machine CPU per trial (s, every process)':<48}{values['machine_cpu_per_trial']:10.2f}")
     print(f"  {'load average (1 min) at start / end of fit':<48}{values['load_average_start']:10.1f} / "
           f"{values['load_average_end']:.1f}")  # fmt: skip
     print(f"  {'report_outcome after fit (s)':<48}{values['report_outcome_seconds']:10.1f}\n")
