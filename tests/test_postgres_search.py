@@ -24,6 +24,7 @@ from pg_fixtures import mlflow_server, postgres  # noqa: F401
 pytest.importorskip("ray")
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("mlflow")
+from eqlv2.search.optuna_study import open_storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def _reader(url: str):
     PostgreSQL's ``max_connections``: the next storage opened, the driver's or a trial's, then
     failed with ``StorageInternalError`` (the flake of earlier runs).
     """
-    return optuna.storages.RDBStorage(url)
+    return open_storage(url)
 
 
 def _runs(tracking_uri: str) -> list:
