@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Two trials of 6 iterations and one evaluation (FIFO: both complete), one worker, logs every 3;
 #: no reference trials.
 SEARCH = [
-    "--smoke", "--num-trials", "2", "--scheduler", "fifo", "--workers-per-trial", "1", "--baseline", "none",
+    "--smoke", "--num-trials", "2", "--scheduler", "fifo", "--concurrency", "1", "--workers-per-trial", "1", "--baseline", "none",
     "--noise-seeds", "0",
     "SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "MODEL.EQLV2.LOG_PERIOD", "3",
 ]  # fmt: skip

@@ -55,7 +55,7 @@ def test_killed_driver_then_resume_finishes_the_search(tmp_path):
     # search with a finished trial and one to interrupt.
     args = [
         sys.executable, str(ROOT / "tune/search.py"), "--smoke", "--num-trials", "2", "--scheduler", "fifo", "--baseline", "none", "--noise-seeds", "0",
-        "--workers-per-trial", "1", "--results-dir", str(runs), "--name", "resumable",
+        "--concurrency", "1", "--workers-per-trial", "1", "--results-dir", str(runs), "--name", "resumable",
         "SOLVER.MAX_ITER", "6", "TEST.EVAL_PERIOD", "0", "MODEL.EQLV2.LOG_PERIOD", "3",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -35,7 +35,7 @@ class SearchOptions:
     config_files: tuple[str, ...] = ()
     opts: tuple[str, ...] = ()
     num_trials: int | None = None  # default: 3 with --smoke, else 2 (plus the reference trials)
-    concurrency: int = 1
+    concurrency: int = 2
     workers_per_trial: int | None = None
     cpus_per_worker: int = 1
     use_gpu: bool = False
