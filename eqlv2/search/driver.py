@@ -1,17 +1,7 @@
-"""The search driver: Ray Tune + Optuna over EQL v2's hyper-parameters, tracked in MLflow.
-
-:func:`run_search` (what ``tune/search.py`` runs) is a pipeline of named steps:
-
-1. :func:`plan_search` — read and check every input, fix every location (absolute: Ray workers
-   run elsewhere) and name; a bad option stops here, before anything starts;
-2. :func:`prepare_datasets` — build each dataset's config once and generate the data it uses;
-3. :func:`ray_cluster` — start Ray (loopback only) or join ``--ray-address``;
-4. :func:`open_tracking` — the MLflow store and the search's parent run;
-5. :func:`trial_settings` and :func:`record_search` — what every trial gets; the search's
-   state file (what ``--resume`` reads) and its settings in MLflow;
-6. :func:`build_tuner` — a new Tune experiment, or the interrupted one restored;
-7. ``tuner.fit()``, then :func:`report_outcome` — the ranked table, the best configuration, the
-   reports, and the parent run closed.
+"""The search driver (``tune/search.py``): Ray Tune + Optuna over EQL v2's hyper-parameters,
+tracked in MLflow. :func:`run_search` is a pipeline of named steps: plan (every input checked
+before anything starts), datasets, Ray, tracking, trial settings and the search's state file, the
+Tune experiment, then the reference trials and the ranked outcome.
 """
 
 from __future__ import annotations
@@ -82,33 +72,22 @@ from .tune_storage import TuneStorage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SMOKE_OVERRIDES", "SearchOutcome", "SearchPlan", "run_search"]
-
 #: Overrides of ``--smoke``: the smallest real search (a few iterations, small images, two
 #: evaluations per run so that ASHA has an intermediate result to act on).
 SMOKE_OVERRIDES: tuple[str, ...] = (
-    "SOLVER.MAX_ITER", "12",
-    "SOLVER.STEPS", "(10,)",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "100000",
-    "TEST.EVAL_PERIOD", "6",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)",
-    "INPUT.MAX_SIZE_TRAIN", "160",
-    "INPUT.MIN_SIZE_TEST", "96",
-    "INPUT.MAX_SIZE_TEST", "160",
-    "MODEL.EQLV2.LOG_PERIOD", "6",
+    "SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(10,)", "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "TEST.EVAL_PERIOD", "6", "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160", "MODEL.EQLV2.LOG_PERIOD", "6",
     "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",  # a smoke run tests the plumbing: no base to train
 )  # fmt: skip
 
 #: Completed trials Optuna's parameter-importance plot needs: fewer cannot carry a conclusion.
 MIN_IMPORTANCE_TRIALS = 8
-#: The search's state in its Tune folder (written once, by the driver): what ``--resume`` reads.
-STATE_FILE = "eqlv2_search.json"
-#: The latest search of a Tune storage folder (``--resume`` without ``--name``).
-LATEST_FILE = "latest_search.json"
+#: The search's state in its Tune folder (written once, by the driver), what ``--resume`` reads,
+#: and the latest search of a Tune storage folder (``--resume`` without ``--name``).
+STATE_FILE, LATEST_FILE = "eqlv2_search.json", "latest_search.json"
 #: Custom resource a Ray cluster started here offers for the trials' driver functions: a trial
 #: takes one, no CPU, so its Ray Train workers can have every core (Ray's advice for Tune + Train).
 TRIAL_RESOURCE = "eqlv2_trial"
@@ -137,7 +116,6 @@ class SearchPlan:
 
     @property
     def experiment_path(self) -> str:
-        """The Tune experiment folder (a path or a remote URI)."""
         return self.storage.join(self.name)
 
     @property
@@ -151,32 +129,20 @@ class SearchPlan:
 
 @dataclass
 class SearchOutcome:
-    """What a search produced: the Tune experiment, the ranked ``table`` and its ``records``, the
-    ``best`` record (None if no trial completed), MLflow's ids (None if not tracked), the study,
-    the written ``report_paths``, and the MLflow calls still in the outbox ``mlflow_outbox``
-    (``mlflow_pending``: ``tune/search.py --sync`` replays them)."""
+    """What a search produced: the ranked ``table`` and its ``records``, the ``best`` record (None
+    if no trial completed), the written reports, and the MLflow calls still in the outbox
+    (``tune/search.py --sync`` replays them)."""
 
     name: str
-    experiment_path: str
     table: str
     best: TrialRecord | None
-    records: list = field(default_factory=list)
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-    experiment_id: str | None = None
-    optuna_storage: str | None = None
-    study_name: str | None = None
-    report_paths: dict = field(default_factory=dict)
-    mlflow_outbox: str | None = None
+    records: list[TrialRecord]
+    report_paths: dict[str, str]
     mlflow_pending: int = 0
 
 
 def run_search(options: SearchOptions) -> SearchOutcome:
-    """Runs (or resumes) a search; returns its outcome. See the module docstring.
-
-    Raises:
-        SystemExit: a bad option, with a message naming it.
-    """
+    """Runs (or resumes) a search; a bad option raises SystemExit naming it."""
     _configure_libraries()
     plan = plan_search(options)
     prepare_datasets(plan)
@@ -202,9 +168,6 @@ def _configure_libraries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
-# --- 1. the plan ----------------------------------------------------------------------------------
-
-
 def _search_name(options: SearchOptions, storage: TuneStorage) -> str:
     """``--name``, the latest search's on ``--resume``, else a new time-stamped one."""
     name = options.name
@@ -221,8 +184,7 @@ def _search_name(options: SearchOptions, storage: TuneStorage) -> str:
 
 
 def _space_path(value: str) -> Path:
-    """The search-space file: as given, else relative to the repository (``configs/search/...``
-    works from any directory)."""
+    """The search-space file as given, else relative to the repository."""
     path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists() and (repository_root() / path).exists():
         path = repository_root() / path
@@ -277,13 +239,9 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     )
 
 
-# --- 2. datasets ----------------------------------------------------------------------------------
-
-
 def prepare_datasets(plan: SearchPlan) -> None:
-    """Prepares datasets and base checkpoints, once, before any trial: builds each config (a bad
-    config or override stops here), generates the data the configs use, and reads the baseline
-    gradient statistics the plots compare with."""
+    """Once, before any trial: builds each config (a bad one stops here), generates its data and
+    base checkpoint, and reads the baseline gradient statistics the plots compare with."""
     plan.env = pin_dataset_roots()
     logger.info("Building configs and generating the data they use (once)")
     for spec in plan.specs:
@@ -304,9 +262,6 @@ def prepare_datasets(plan: SearchPlan) -> None:
         plan.baselines[dataset] = tuple(read_gradient_ratio(path))
 
 
-# --- 3. Ray ---------------------------------------------------------------------------------------
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -315,18 +270,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
-    """Ray for the search: the running one, ``--ray-address``, or a new local instance (shut
-    down at the end) whose every server listens on 127.0.0.1 only
-    (:func:`~eqlv2.search.ray_local.init_local_ray`) and whose dashboard, on a free loopback port,
-    serves the State API that Ray Train's own placement-group cleaner needs to release the
-    workers of stopped trials."""
+    """The running Ray, ``--ray-address``, or a new loopback-only local instance (shut down at the
+    end). Its dashboard serves the State API that Ray Train's placement-group cleaner needs to
+    release the workers of stopped trials."""
     if ray.is_initialized():
         yield
         return
     if options.ray_address:
         ray.init(address=options.ray_address, runtime_env={"env_vars": env}, log_to_driver=options.verbose)
     else:
-        init_local_ray(  # a new instance, never another user's running cluster; loopback only
+        init_local_ray(
             num_cpus=options.num_cpus,
             resources={TRIAL_RESOURCE: 1000},
             include_dashboard=True,
@@ -342,12 +295,8 @@ def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
         ray.shutdown()
 
 
-# --- 4-5. tracking, settings, state ---------------------------------------------------------------
-
-
 def open_tracking(plan: SearchPlan) -> SearchTracking | None:
-    """The MLflow store and the search's parent run (reopened on resume); None if unreachable.
-    MLflow calls the server does not take wait in ``<results dir>/mlflow_outbox/<host>``."""
+    """The MLflow store and the search's parent run (reopened on resume); None if unreachable."""
     artifacts, outbox = plan.results_dir / "mlartifacts", plan.results_dir / "mlflow_outbox"
     return SearchTracking.open(plan.tracking_uri, plan.options.mlflow_experiment, artifacts, plan.name, plan.parent_run_id, outbox)
 
@@ -368,7 +317,6 @@ def _opt_value(opts: Sequence[str], key: str, default: Any) -> Any:
 
 
 def trial_settings(plan: SearchPlan, tracking: SearchTracking | None) -> TrialSettings:
-    """What every trial of the search gets (picklable)."""
     options = plan.options
     return TrialSettings(
         space=plan.space,
@@ -414,8 +362,8 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
 
 
 def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> None:
-    """Writes the search's state file (the only writer: this driver) and, for a new search, its
-    settings, search space and command line on the parent run."""
+    """Writes the search's state file and, for a new search, its settings, search space and
+    command line on the parent run."""
     state = {
         "name": plan.name,
         "tracking_uri": settings.tracking_uri,
@@ -433,12 +381,8 @@ def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTra
         tracking.log_start(_parent_params(plan, settings), {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
 
 
-# --- 6. the Tune experiment -----------------------------------------------------------------------
-
-
 def _trial_resources() -> dict[str, float]:
-    """What the trial function itself reserves: no CPU. Tune needs a non-empty request: the custom
-    resource of a cluster started here, else one byte of memory."""
+    """No CPU for the trial function itself; Tune needs a non-empty request."""
     if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
         return {TRIAL_RESOURCE: 1}
     logger.info("The Ray cluster has no %r resource: trials reserve 1 byte of memory, no CPU", TRIAL_RESOURCE)
@@ -472,19 +416,23 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
     )  # fmt: skip
 
 
-#: One trial as Tune runs it: ``(config, settings)``; :func:`~eqlv2.search.trial.run_trial`, or
-#: a stand-in (``benchmarks/search_scale.py``).
+#: One trial as Tune runs it: :func:`~eqlv2.search.trial.run_trial`, or a stand-in.
 TrialFunction = Callable[[dict[str, Any], TrialSettings], None]
 
 
 def _trainable(settings: TrialSettings, trial_function: TrialFunction = run_trial):
-    """``trial_function`` with the search's settings bound and one trial's resources."""
     return tune.with_resources(tune.with_parameters(trial_function, settings=settings), _trial_resources())
 
 
+def _restored(options: SearchOptions, path: str, trainable) -> tune.Tuner | None:
+    if options.resume and tune.Tuner.can_restore(path):
+        logger.info("Resuming Tune experiment %s", path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    return None
+
+
 def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
-    """Where a Tune experiment of the search lives, and what watches it; a failed trial never
-    stops the search (Tune records it, the study marks it ``FAIL``)."""
+    """A failed trial never stops the search (Tune records it, the study marks it ``FAIL``)."""
     return tune.RunConfig(
         name=name,
         storage_path=plan.storage.location,
@@ -498,13 +446,11 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
 def build_tuner(
     plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, trial_function: TrialFunction = run_trial
 ) -> tune.Tuner:
-    """The interrupted Tune experiment restored (``--resume``), else a new one, whose trials
-    ``trial_function`` runs (:data:`TrialFunction`)."""
+    """The interrupted Tune experiment restored (``--resume``), else a new one."""
     options, path = plan.options, plan.experiment_path
     trainable = _trainable(settings, trial_function)
-    if options.resume and tune.Tuner.can_restore(path):
-        logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    if restored := _restored(options, path, trainable):
+        return restored
     storage = open_storage(plan.optuna_url)
     directions = ["maximize"] * (len(plan.specs) if settings.multi_objective else 1)
     study = optuna.create_study(storage=storage, study_name=plan.study_name, load_if_exists=True, directions=directions)
@@ -525,18 +471,15 @@ def build_tuner(
 
 
 def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner | None:
-    """The reference trials (:mod:`eqlv2.search.references`) as a second Tune experiment, restored
-    on ``--resume``; None when there are none. No scheduler and no searcher: every reference runs
-    to its end and stays out of the Optuna study."""
+    """The reference trials (:mod:`eqlv2.search.references`) as a second Tune experiment; None
+    when there are none. No scheduler, no searcher: each runs to its end, outside the study."""
     options = plan.options
     configs = reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed)
     if not configs:
         return None
-    trainable = _trainable(settings)
-    name = f"{plan.name}-references"
-    path = plan.storage.join(name)
-    if options.resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    trainable, name = _trainable(settings), f"{plan.name}-references"
+    if restored := _restored(options, plan.storage.join(name), trainable):
+        return restored
     print(f"\nReference trials: {', '.join(reference_label(c) for c in configs)}\n", flush=True)
     return tune.Tuner(
         trainable,
@@ -555,9 +498,6 @@ def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
         f"{len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))} reference trial(s)\n",
         flush=True,
     )
-
-
-# --- 7. the outcome -------------------------------------------------------------------------------
 
 
 def _importance_note(study: optuna.Study) -> str:
@@ -590,8 +530,7 @@ def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: Searc
 
 
 def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
-    """Ranks the trials (the search's, then the references), writes the reports, closes the parent
-    run and prints the summary."""
+    """Ranks the trials, writes the reports, closes the parent run and prints the summary."""
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
     records = records_from_results(list(results), settings, study)
     band = paper_point_band(records, settings) if plan.options.noise_seeds else None
@@ -613,18 +552,5 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
     if interrupted:
         best_text += "\n\nThe search was interrupted: continue it with the same command and --resume."
     _print_summary(plan, table, best_text, tracking)
-    return SearchOutcome(
-        name=plan.name,
-        experiment_path=plan.experiment_path,
-        table=table,
-        best=best,
-        records=records,
-        tracking_uri=tracking.tracking_uri if tracking else None,
-        parent_run_id=tracking.parent_run_id if tracking else None,
-        experiment_id=tracking.experiment_id if tracking else None,
-        optuna_storage=plan.optuna_url,
-        study_name=plan.study_name,
-        report_paths={k: str(v) for k, v in paths.items()},
-        mlflow_outbox=tracking.outbox_root if tracking else None,
-        mlflow_pending=tracking.outbox_state.pending if tracking and tracking.outbox_state else 0,
-    )
+    pending = tracking.outbox_state.pending if tracking and tracking.outbox_state else 0
+    return SearchOutcome(plan.name, table, best, records, {k: str(v) for k, v in paths.items()}, pending)

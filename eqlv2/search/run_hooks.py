@@ -1,9 +1,6 @@
-"""The factories of a trial run's rank-0 hooks, light enough for the trial process.
-
-The trial process (:mod:`eqlv2.search.trial`) builds a :class:`TrialRunHooks` per training run
-and hands its factories to the Ray Train workers; only rank 0 calls them. So this module imports
-neither detectron2 nor torch: the hooks themselves (:mod:`eqlv2.search.mlflow_worker`) are
-imported where they run.
+"""The factories of a trial run's rank-0 hooks, picklable and light enough for the trial process:
+this module imports neither detectron2 nor torch; the hooks (:mod:`eqlv2.search.mlflow_worker`)
+are imported where they run.
 """
 
 from __future__ import annotations
@@ -11,29 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .mlflow_client import limit_http_retries
-from .mlflow_outbox import DurableMlflow, node_outbox
+from .mlflow_outbox import DurableMlflow
 
 if TYPE_CHECKING:  # detectron2 types, for the annotations only
     from detectron2.engine import PeriodicWriter
 
     from .mlflow_worker import TrialArtifactsHook
 
-__all__ = ["TrialRunHooks"]
-
-
 @dataclass(frozen=True)
 class TrialRunHooks:
-    """Picklable factories of the rank-0 hooks that write one training run into a trial's run.
-
-    Attributes:
-        tracking_uri: the MLflow tracking URI (absolute for SQLite).
-        outbox_root: the search's outbox folder (absolute; the node's subfolder is used).
-        run_id: the trial's child run (its id, or its outbox placeholder).
-        dataset: short dataset name (``lvis``, ``openimages``): the metric prefix.
-        period: iterations between two writes of the training scalars.
-        baseline_ratio: ``(C,)`` gradient ratio of a baseline model for the plots, or None.
-    """
+    """Factories of the rank-0 hooks that write one training run into a trial's run (its id or
+    outbox placeholder); ``baseline_ratio`` is a baseline's ``(C,)`` gradient ratio for the plots."""
 
     tracking_uri: str
     outbox_root: str
@@ -43,11 +28,9 @@ class TrialRunHooks:
     baseline_ratio: tuple[float, ...] | None = None
 
     def _mlflow(self) -> DurableMlflow:
-        limit_http_retries()  # in the rank-0 worker: a dead server must not stall training
-        return DurableMlflow(self.tracking_uri, node_outbox(self.outbox_root))
+        return DurableMlflow.on_node(self.tracking_uri, self.outbox_root, short_retries=True)
 
     def writer(self, cfg, trainer) -> PeriodicWriter:
-        """The rank-0 ``PeriodicWriter`` of the training scalars."""
         from detectron2.engine import PeriodicWriter
 
         from .mlflow_worker import MlflowEventWriter
@@ -56,11 +39,10 @@ class TrialRunHooks:
         return PeriodicWriter([writer], period=max(1, int(self.period)))
 
     def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
-        """The rank-0 hook of the gradient statistics and weight norms."""
         from .mlflow_worker import TrialArtifactsHook
 
         return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
 
     def factories(self) -> list:
-        """The factories for ``build_torch_trainer(extra_hooks=...)``."""
+        """For ``build_torch_trainer(extra_hooks=...)``."""
         return [self.writer, self.artifacts]

@@ -1,9 +1,5 @@
-"""Where a search's results go: its folders checked, its stores' URLs made absolute, in one place.
-
-Ray workers run in other folders, so every local path is made absolute here. Every store URL a
-user gives passes through :func:`store_url`; every folder through :func:`prepare_writable_dir`,
-which creates it and proves it writable by writing a file (``os.access`` says yes to root even on
-an immutable folder).
+"""Where a search's results go: store URLs made absolute (Ray workers run in other folders), and
+folders proven writable by writing a file (``os.access`` says yes to root even on an immutable one).
 """
 
 from __future__ import annotations
@@ -14,8 +10,6 @@ import tempfile
 from pathlib import Path
 
 from .options import SearchInputError
-
-__all__ = ["is_local_uri", "local_path", "prepare_writable_dir", "sqlite_url", "store_url"]
 
 _SQLITE = "sqlite:///"
 
@@ -28,14 +22,9 @@ def sqlite_url(path: str | os.PathLike) -> str:
 
 
 def store_url(value: str | None, default_file: str | os.PathLike, bare_path_is_sqlite: bool = True) -> str:
-    """The URL of a store.
-
-    Args:
-        value: a URL (``sqlite:///relative.db`` is made absolute, others are kept), a file path
-            (a SQLite database when ``bare_path_is_sqlite``, else kept), or None.
-        default_file: the SQLite database used when ``value`` is None.
-        bare_path_is_sqlite: False for MLflow, which reads a bare path as a file store.
-    """
+    """The URL of a store: ``value`` (a relative ``sqlite:///`` made absolute), a bare path as a
+    SQLite database (unless ``bare_path_is_sqlite`` is False: MLflow reads it as a file store),
+    or when None the SQLite database ``default_file``."""
     if not value:
         return sqlite_url(default_file)
     if value.startswith(_SQLITE) and not value.startswith(_SQLITE + "/"):
@@ -46,7 +35,6 @@ def store_url(value: str | None, default_file: str | os.PathLike, bare_path_is_s
 
 
 def is_local_uri(uri: str) -> bool:
-    """Whether ``uri`` is a store on this machine's file system (SQLite or a folder)."""
     return uri.startswith("sqlite") or uri.startswith("file:") or "://" not in uri
 
 
@@ -61,20 +49,9 @@ def local_path(path: str | os.PathLike) -> Path | None:
 
 
 def prepare_writable_dir(path: str | os.PathLike, flag: str) -> Path | None:
-    """Creates the folder ``path`` (and its parents) and proves it writable by writing a file.
-
-    Args:
-        path: a local folder or ``file://`` URI; remote URIs (``s3://...``) are left to their
-            file system and return None.
-        flag: the option that gave it (``--results-dir``), named in the error.
-
-    Returns:
-        The absolute folder, or None for a remote URI.
-
-    Raises:
-        SearchInputError: one line naming the flag and the path: a file is in the way, the
-            folder cannot be created, or a file cannot be written in it.
-    """
+    """Creates the local folder ``path`` and proves it writable by writing a file; returns it
+    absolute (None for a remote URI, left to its file system). The one-line SearchInputError
+    names ``flag`` and the path."""
     local = local_path(path)
     if local is None:
         return None
@@ -89,7 +66,5 @@ def prepare_writable_dir(path: str | os.PathLike, flag: str) -> Path | None:
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise SearchInputError(
-            f"{flag} {folder} is not writable ({reason}); give a folder you can write to"
-        ) from None
+        raise SearchInputError(f"{flag} {folder} is not writable ({reason}); give a folder you can write to") from None
     return folder

@@ -1,10 +1,8 @@
 """Where the search's Tune experiments live: a local folder or a remote URI (``s3://``, ``gs://``).
 
-Ray Tune takes either as its ``storage_path``; the driver reads and writes its own few files
-there (the search's state file, the name of the latest search, the ranked reports) through the
-same pyarrow file system, so a head node that restarts finds the search in shared storage.
-Credentials never go into the URI: pyarrow reads them from the environment (``AWS_*`` for S3,
-including ``AWS_ENDPOINT_URL`` for an S3-compatible server).
+The driver reads and writes its own few files there (state file, latest search, reports) through
+the pyarrow file system Tune uses, so a restarted head node finds the search in shared storage.
+Credentials never go into the URI: pyarrow reads them from the environment (``AWS_*``).
 """
 
 from __future__ import annotations
@@ -20,32 +18,23 @@ import pyarrow.fs
 from .options import SearchInputError
 from .stores import local_path, prepare_writable_dir
 
-__all__ = ["TuneStorage"]
-
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TuneStorage:
-    """The folder of the Tune experiments.
-
-    Attributes:
-        location: an absolute local path, or a remote URI as given (what Tune gets).
-        is_remote: whether ``location`` is a remote URI.
-    """
+    """The folder of the Tune experiments: an absolute local path or a remote URI (what Tune gets)."""
 
     location: str
     is_remote: bool
 
     @classmethod
     def parse(cls, value: str | os.PathLike) -> TuneStorage:
-        """A local path (made absolute; ``file://`` accepted) or a remote URI, kept as given."""
         local = local_path(value)
         if local is None:
             return cls(os.fspath(value).rstrip("/"), is_remote=True)
         return cls(str(local.resolve()), is_remote=False)
 
     def join(self, *parts: str) -> str:
-        """``location/part/...``: a path or URI."""
         return "/".join([self.location, *parts])
 
     def _resolve(self, *parts: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -55,12 +44,7 @@ class TuneStorage:
         return filesystem, "/".join([root, *parts])
 
     def check_writable(self, flag: str) -> None:
-        """Creates the folder and writes a probe file (a local one through
-        :func:`~eqlv2.search.stores.prepare_writable_dir`).
-
-        Raises:
-            SearchInputError: naming ``flag`` and the location, when either fails.
-        """
+        """Creates the folder and writes a probe file; a SearchInputError names ``flag``."""
         if not self.is_remote:
             prepare_writable_dir(self.location, flag)
             return
@@ -88,8 +72,7 @@ class TuneStorage:
         return data if isinstance(data, dict) else {}
 
     def write_json(self, data: dict, *parts: str) -> None:
-        """Writes ``data`` at ``parts``: atomically on a local disk (a reader never sees half a
-        file), as one object upload on a remote store."""
+        """Writes ``data`` at ``parts``: atomically on a local disk, as one upload on a remote store."""
         filesystem, path = self._resolve(*parts)
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         text = json.dumps(data, indent=2, default=str).encode()
@@ -102,8 +85,7 @@ class TuneStorage:
         os.replace(partial, path)
 
     def upload(self, files: list[Path], *parts: str) -> None:
-        """Copies local ``files`` into the folder ``parts`` of a remote store (a local store: the
-        files are written in place, nothing to do)."""
+        """Copies local ``files`` into the folder ``parts`` of a remote store (local: nothing to do)."""
         if not self.is_remote:
             return
         filesystem, folder = self._resolve(*parts)
