@@ -30,9 +30,8 @@ from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
 from eqlv2.raytrain.launch import pin_dataset_roots
 
 from .credentials import check_url_has_no_credentials
-from .mlflow_client import ui_command
+from .mlflow_client import experiment_url, ui_command
 from .mlflow_driver import SearchTracking
-from .mlflow_ui import experiment_url
 from .mlflow_worker import read_gradient_ratio
 from .options import SearchOptions
 from .optuna_study import (
@@ -66,9 +65,8 @@ from .settings import (
     repository_root,
 )
 from .space import SearchSpace, load_search_space
-from .stores import prepare_writable_dir, store_url
+from .stores import TuneStorage, prepare_writable_dir, store_url
 from .trial import run_trial
-from .tune_storage import TuneStorage
 
 logger = logging.getLogger(__name__)
 

@@ -4,20 +4,30 @@ Every write goes through :class:`eqlv2.search.mlflow_outbox.DurableMlflow`. Chil
 parent with the ``mlflow.parentRunId`` tag set at creation through ``MlflowClient``: the fluent
 ``mlflow.start_run(parent_run_id=...)`` would make the run the process's active run, which MLflow
 ends (``FINISHED``) when the process exits, making the trial a second writer of its final state.
+
+The MLflow UI (3.17) shows an experiment either as "GenAI apps & agents" or as "Machine learning"
+(the runs table). Older UIs read the kind from the experiment tag ``mlflow.experimentKind``
+(:func:`tag_experiment_for_training`, at driver start); 3.17 reads the browser's *workflow type*,
+which the link's ``workflowType=machine_learning`` sets (:func:`experiment_url`). Checked in a
+real browser by ``tests/test_mlflow_ui_browser.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from .stores import is_local_uri
+
+logger = logging.getLogger(__name__)
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 TRIAL_TAG = "tune_trial_id"
@@ -81,3 +91,31 @@ def first_line(error: BaseException | str) -> str:
     if not text:
         return type(error).__name__ if isinstance(error, BaseException) else ""
     return text.splitlines()[0][:300]
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def tag_experiment_for_training(client, experiment_id: str) -> bool:
+    """Tags the experiment as model training unless it has a kind (a user's choice is kept);
+    whether it now carries :data:`MODEL_TRAINING_KIND`. Never raises."""
+    try:
+        current = client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG)
+        if current is None:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+            current = MODEL_TRAINING_KIND
+    except Exception as error:
+        logger.warning("Could not tag MLflow experiment %s as model training: %s", experiment_id, error)
+        return False
+    return current == MODEL_TRAINING_KIND
+
+
+def experiment_url(ui_base: str, experiment_id: str, rank_by: str | None = "objective") -> str:
+    """The link to an experiment's runs table in machine-learning mode, sorted by ``rank_by``
+    (descending): sorted by a metric, the table lists the child runs flat instead of folding them
+    under their parent."""
+    url = f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if rank_by:
+        url += "&orderByKey=" + quote(f"metrics.`{rank_by}`", safe="") + "&orderByAsc=false"
+    return url

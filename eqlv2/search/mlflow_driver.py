@@ -28,9 +28,9 @@ from .mlflow_client import (
     TRIAL_TAG,
     first_line,
     prepare_tracking_store,
+    tag_experiment_for_training,
 )
 from .mlflow_outbox import DurableMlflow, ReplayReport, outbox_report
-from .mlflow_ui import tag_experiment_for_training
 from .plots import optuna_history_figure, optuna_importance_figure
 
 logger = logging.getLogger(__name__)

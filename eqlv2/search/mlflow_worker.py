@@ -29,6 +29,7 @@ from .plots import gradient_ratio_figure, weight_norms_figure
 
 logger = logging.getLogger(__name__)
 
+
 def category_csv(categories: Mapping[str, Any], columns: Mapping[str, Sequence[float]]) -> str:
     """CSV with one row per category: index, name, group, training count, then ``columns``."""
     count = len(categories["names"])

@@ -16,6 +16,7 @@ from .optuna_study import STEP_KEY
 
 logger = logging.getLogger(__name__)
 
+
 class NonFiniteLastASHA(ASHAScheduler):
     """ASHA where NaN is the worst objective and a trial at ``last_step`` (its last evaluation)
     always finishes."""

@@ -18,7 +18,8 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -27,8 +28,12 @@ from .mlflow_client import PARENT_TAG, ROLE_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_T
 from .mlflow_outbox import DurableMlflow
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, read_finished_trial
 from .references import TrialSetup, trial_setup
-from .run_hooks import TrialRunHooks
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
+
+if TYPE_CHECKING:  # detectron2 types, for the annotations only
+    from detectron2.engine import PeriodicWriter
+
+    from .mlflow_worker import TrialArtifactsHook
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,40 @@ class SearchReportCallback(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         translated = self._translate(dict(metrics[0]) if metrics else {})
         super().after_report(run_context, [translated], checkpoint)
+
+
+@dataclass(frozen=True)
+class TrialRunHooks:
+    """Picklable factories of the rank-0 hooks that write one training run into a trial's run (its
+    id or outbox placeholder); ``baseline_ratio`` is a baseline's ``(C,)`` gradient ratio for the
+    plots. The hooks (:mod:`eqlv2.search.mlflow_worker`) are imported where they run."""
+
+    tracking_uri: str
+    outbox_root: str
+    run_id: str
+    dataset: str
+    period: int = 20
+    baseline_ratio: tuple[float, ...] | None = None
+
+    def _mlflow(self) -> DurableMlflow:
+        return DurableMlflow.on_node(self.tracking_uri, self.outbox_root, short_retries=True)
+
+    def writer(self, cfg, trainer) -> PeriodicWriter:
+        from detectron2.engine import PeriodicWriter
+
+        from .mlflow_worker import MlflowEventWriter
+
+        writer = MlflowEventWriter(self._mlflow(), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
+        return PeriodicWriter([writer], period=max(1, int(self.period)))
+
+    def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
+        from .mlflow_worker import TrialArtifactsHook
+
+        return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
+
+    def factories(self) -> list:
+        """For ``build_torch_trainer(extra_hooks=...)``."""
+        return [self.writer, self.artifacts]
 
 
 def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
