@@ -128,14 +128,15 @@ class SearchPlan:
 @dataclass
 class SearchOutcome:
     """What a search produced: the ranked ``table`` and its ``records``, the ``best`` record (None
-    if no trial completed), the written reports, and the MLflow calls still in the outbox
-    (``tune/search.py --sync`` replays them)."""
+    if no trial completed), the written reports, the ``summary`` to show, and the MLflow calls
+    still in the outbox (``tune/search.py --sync`` replays them)."""
 
     name: str
     table: str
     best: TrialRecord | None
     records: list[TrialRecord]
     report_paths: dict[str, str]
+    summary: str
     mlflow_pending: int = 0
 
 
@@ -478,7 +479,7 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
     trainable, name = _trainable(settings), f"{plan.name}-references"
     if restored := _restored(options, plan.storage.join(name), trainable):
         return restored
-    print(f"\nReference trials: {', '.join(reference_label(c) for c in configs)}\n", flush=True)
+    logger.info("Reference trials: %s", ", ".join(reference_label(c) for c in configs))
     return tune.Tuner(
         trainable,
         param_space={REFERENCE_KEY: tune.grid_search(configs)},
@@ -489,13 +490,12 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
 
 def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
     options = plan.options
-    print(
-        f"\nSearch {plan.name}: {options.num_trials} trial(s) of {', '.join(settings.dataset_names)}, "
-        f"{settings.num_workers} Ray Train worker(s) per trial, concurrency {options.concurrency}, "
-        f"{options.scheduler} scheduler, metric {plan.objective.text}; study {plan.study_name!r}; then "
-        f"{len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))} reference trial(s)\n",
-        flush=True,
-    )
+    references = len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))
+    logger.info(
+        "Search %s: %d trial(s) of %s, %d Ray Train worker(s) per trial, concurrency %d, %s scheduler, metric %s; "
+        "study %r; then %d reference trial(s)", plan.name, options.num_trials, ", ".join(settings.dataset_names),
+        settings.num_workers, options.concurrency, options.scheduler, plan.objective.text, plan.study_name, references,
+    )  # fmt: skip
 
 
 def _importance_note(study: optuna.Study) -> str:
@@ -508,27 +508,28 @@ def _importance_note(study: optuna.Study) -> str:
     )
 
 
-def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTracking | None) -> None:
-    print("\nRanked trials (best first; stopped early and failed trials last; reference trials `ref`):\n", flush=True)
-    print(f"{table}\n\n{best_text}\n")
-    print(f"Ray Tune results: {plan.experiment_path}")
-    print(f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}")
-    if tracking is not None:
-        uri, remote = tracking.tracking_uri, tracking.tracking_uri.startswith(("http://", "https://"))
-        print(f"MLflow runs:      {uri}")
-        print(f"Open the MLflow UI with:\n  {ui_command(uri)}")
-        print(f"  then the search's trials: {experiment_url(uri if remote else 'http://127.0.0.1:5000', tracking.experiment_id)}")
-        state = tracking.outbox_state
-        if state is not None and state.pending:
-            print(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
-                  f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
-        print(state.summary() + f" (outbox {tracking.outbox_root})" if state else "", flush=True)
-    else:
-        print("MLflow: not tracked (the store was unreachable at start)", flush=True)
+def _summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTracking | None) -> str:
+    lines = [
+        "Ranked trials (best first; stopped early and failed trials last; reference trials `ref`):\n",
+        f"{table}\n\n{best_text}\n",
+        f"Ray Tune results: {plan.experiment_path}",
+        f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}",
+    ]
+    if tracking is None:
+        return "\n".join([*lines, "MLflow: not tracked (the store was unreachable at start)"])
+    uri, state = tracking.tracking_uri, tracking.outbox_state
+    ui_base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    lines += [f"MLflow runs:      {uri}", f"Open the MLflow UI with:\n  {ui_command(uri)}"]
+    lines.append(f"  then the search's trials: {experiment_url(ui_base, tracking.experiment_id)}")
+    if state is not None and state.pending:
+        lines.append(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
+                     f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
+    lines.append(state.summary() + f" (outbox {tracking.outbox_root})" if state else "")
+    return "\n".join(lines)
 
 
 def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
-    """Ranks the trials, writes the reports, closes the parent run and prints the summary."""
+    """Ranks the trials, writes the reports and closes the parent run."""
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
     records = records_from_results(list(results), settings, study)
     band = paper_point_band(records, settings) if plan.options.noise_seeds else None
@@ -549,6 +550,6 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
         tracking.finish(list(paths.values()), texts, metrics, tags, interrupted)
     if interrupted:
         best_text += "\n\nThe search was interrupted: continue it with the same command and --resume."
-    _print_summary(plan, table, best_text, tracking)
     pending = tracking.outbox_state.pending if tracking and tracking.outbox_state else 0
-    return SearchOutcome(plan.name, table, best, records, {k: str(v) for k, v in paths.items()}, pending)
+    summary = _summary(plan, table, best_text, tracking)
+    return SearchOutcome(plan.name, table, best, records, {k: str(v) for k, v in paths.items()}, summary, pending)

@@ -301,11 +301,8 @@ def _log_batch(client: MlflowClient, run_id: str, payload: Mapping[str, Any], re
 
 def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str | None, lookup: bool) -> str:
     """Creates the run tagged with its placeholder; with ``lookup``, reuses a run already tagged."""
-    if placeholder and lookup:
-        query = f"tags.`{OUTBOX_RUN_TAG}` = '{placeholder}'"
-        found = client.search_runs([payload["experiment_id"]], filter_string=query, max_results=1)
-        if found:
-            return found[0].info.run_id
+    if placeholder and lookup and (found := search_tagged_runs(client, payload["experiment_id"], {OUTBOX_RUN_TAG: placeholder})):
+        return found[0].info.run_id
     tags = dict(payload.get("tags") or {})
     if placeholder:
         tags[OUTBOX_RUN_TAG] = placeholder
