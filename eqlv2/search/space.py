@@ -278,32 +278,33 @@ def _domain(name: str):
     return next((PARAMETER_DOMAINS[short] for short, key in CONFIG_KEYS.items() if name in (short, key)), None)
 
 
-def _accepted(value: Any, accepts) -> bool:
+def _check_value(where: str, name: str, what: str, value: Any) -> None:
+    rule, accepts = _domain(name) or (None, None)
     try:
-        return not isinstance(value, bool) and accepts(float(value))
+        ok = rule is None or (not isinstance(value, bool) and accepts(float(value)))
     except (TypeError, ValueError):
-        return False
+        ok = False
+    if not ok:
+        raise SearchSpaceError(f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {rule}")
 
 
 def check_domains(space: SearchSpace) -> None:
     """Checks every value ``space`` can give ``gamma``, ``mu`` or ``alpha`` (range bounds, choices,
     fixed values); the error names the file and the parameter."""
     where = space.source or "search space"
-    values = []
     for name, spec in space.params.items():
+        for choice in spec.choices:
+            _check_value(where, name, "choice", choice)
         rule, accepts = _domain(name) or (None, None)
         if rule is None or spec.kind == "categorical":
-            values += [(name, "choice", choice) for choice in spec.choices]
             continue
         for bound, value in (("low", spec.low), ("high", spec.high)):
             if not accepts(float(value)):
                 raise SearchSpaceError(
                     f"{where}: params.{name} range [{spec.low:g}, {spec.high:g}] is invalid: its {bound} {value:g} breaks {rule}"
                 )
-    for name, what, value in values + [(name, "fixed value", value) for name, value in space.fixed.items()]:
-        rule, accepts = _domain(name) or (None, None)
-        if rule is not None and not _accepted(value, accepts):
-            raise SearchSpaceError(f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {rule}")
+    for name, value in space.fixed.items():
+        _check_value(where, name, "fixed value", value)
 
 
 def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> SearchSpace:
