@@ -16,8 +16,8 @@ up to the last ``@``, so nothing of it is shown.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote
+from typing import NamedTuple
+from urllib.parse import unquote_plus
 
 MASK = "***"
 #: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
@@ -29,9 +29,7 @@ class CredentialsInUrlError(ValueError):
     """A URL given on the command line carries a password; the message says how to pass it."""
 
 
-@dataclass(frozen=True)
-class _Parts:
-
+class _Parts(NamedTuple):
     scheme: str
     userinfo: str | None
     rest: str
@@ -61,22 +59,20 @@ def _looks_like_broken_userinfo(authority: str) -> bool:
     return not host.rpartition(":")[2].isdigit()
 
 
-def _secret_query_keys(rest: str) -> list[str]:
-    query = rest.split("?", 1)[1].split("#", 1)[0] if "?" in rest else ""
-    return [key for key, _ in parse_qsl(query, keep_blank_values=True) if key.lower() in SECRET_QUERY_KEYS]
-
-
-def _mask_query(rest: str) -> str:
-    """``rest`` with the values of secret query parameters replaced by :data:`MASK`."""
+def _masked_query(rest: str) -> tuple[str, list[str]]:
+    """``rest`` with the values of secret query parameters replaced by :data:`MASK`, and their names."""
     if "?" not in rest:
-        return rest
+        return rest, []
     path, _, query = rest.partition("?")
     query, hash_mark, fragment = query.partition("#")
-    fields = []
+    fields, secrets = [], []
     for field in query.split("&"):
         key, equals, _ = field.partition("=")
-        fields.append(f"{key}={MASK}" if equals and unquote(key).lower() in SECRET_QUERY_KEYS else field)
-    return f"{path}?{'&'.join(fields)}{hash_mark}{fragment}"
+        if unquote_plus(key).lower() in SECRET_QUERY_KEYS:
+            secrets.append(unquote_plus(key))
+            field = f"{key}={MASK}" if equals else field
+        fields.append(field)
+    return f"{path}?{'&'.join(fields)}{hash_mark}{fragment}", secrets
 
 
 def redact_url(url: str) -> str:
@@ -85,7 +81,7 @@ def redact_url(url: str) -> str:
     parts = _split(url)
     if parts is None:
         return url
-    return f"{parts.scheme}://{_mask_query(parts.rest)}"
+    return f"{parts.scheme}://{_masked_query(parts.rest)[0]}"
 
 
 def _how_to_pass(scheme: str) -> str:
@@ -112,7 +108,7 @@ def check_url_has_no_credentials(url: str, flag: str) -> None:
     found = []
     if parts.userinfo is not None and (":" in parts.userinfo or http):
         found.append("a password" if ":" in parts.userinfo else "a user name")
-    secret_keys = _secret_query_keys(parts.rest)
+    secret_keys = _masked_query(parts.rest)[1]
     if secret_keys:
         found.append(f"the secret query parameter(s) {secret_keys}")
     if found:
