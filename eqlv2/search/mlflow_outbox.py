@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -310,43 +311,35 @@ def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str 
     return run.info.run_id
 
 
-def _call_client(client: MlflowClient, op: str, run_id: str | None, payload: dict[str, Any], placeholder: str | None, resent: bool) -> str | None:
-    if op == "create_run":
-        return _create_run(client, payload, placeholder, lookup=resent)
-    if run_id is None:
-        raise _Rejected("its run was never created (the create_run entry failed)")
-    if op == "log_batch":
-        _log_batch(client, run_id, payload, resent)
-    elif op == "log_artifact":
-        if not Path(payload["path"]).is_file():
-            raise _Rejected(f"the file {payload['path']} is gone")
-        client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
-    elif op == "log_text":
-        client.log_text(run_id, payload["text"], payload["artifact_file"])
-    elif op == "update_run":
-        client.update_run(run_id, status=payload["status"])
-    elif op == "set_terminated":
-        client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
-    else:
-        raise _Rejected(f"unknown operation {op!r}")
-    return None
-
-
 def _send(client: MlflowClient, op: str, run_id: str | None, payload: dict[str, Any], *, placeholder: str | None = None, resent: bool = False) -> str | None:
-    """Makes one call; returns the new run id of ``create_run``.
-
-    Raises:
-        _Rejected: the server refused it, or it cannot be made.
-        Exception: anything else (the server is unreachable).
-    """
+    """Makes one call; returns the new run id of ``create_run``. Raises :class:`_Rejected` when the
+    server refused it or it cannot be made, anything else when the server is unreachable."""
     try:
-        return _call_client(client, op, run_id, payload, placeholder, resent)
+        if op == "create_run":
+            return _create_run(client, payload, placeholder, lookup=resent)
+        if run_id is None:
+            raise _Rejected("its run was never created (the create_run entry failed)")
+        if op == "log_batch":
+            _log_batch(client, run_id, payload, resent)
+        elif op == "log_artifact":
+            if not Path(payload["path"]).is_file():
+                raise _Rejected(f"the file {payload['path']} is gone")
+            client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
+        elif op == "log_text":
+            client.log_text(run_id, payload["text"], payload["artifact_file"])
+        elif op == "update_run":
+            client.update_run(run_id, status=payload["status"])
+        elif op == "set_terminated":
+            client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
+        else:
+            raise _Rejected(f"unknown operation {op!r}")
     except _Rejected:
         raise
     except Exception as error:
         if _is_rejection(error):
             raise _Rejected(f"{type(error).__name__}: {error}") from error
         raise
+    return None
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -370,8 +363,7 @@ class ReplayReport:
 
     def add(self, other: ReplayReport) -> None:
         """Adds ``other`` (another outbox folder) to this report."""
-        for op, number in other.replayed.items():
-            self.replayed[op] = self.replayed.get(op, 0) + number
+        self.replayed = dict(Counter(self.replayed) + Counter(other.replayed))
         self.failed += other.failed
         self.pending += other.pending
         self.runs.update(other.runs)
