@@ -347,9 +347,7 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
     return {
         **{f"space/{k}": v for k, v in plan.space.describe().items()},
         "search_space_file": str(plan.space_file),
-        "datasets": ",".join(settings.dataset_names),
-        **{f"config/{s.name}": s.config_file for s in plan.specs},
-        "overrides": " ".join(plan.opts) or "-",
+        **settings.run_params(),
         "metric": plan.objective.text,
         "workers_per_trial": settings.num_workers,
         "optuna_storage": plan.optuna_url,

@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 def category_csv(categories: Mapping[str, Any], columns: Mapping[str, Sequence[float]]) -> str:
     """CSV with one row per category: index, name, group, training count, then ``columns``."""
     count = len(categories["names"])
-    frame = pd.DataFrame({
-        "category": range(count), "name": categories["names"], "group": categories.get("groups") or [""] * count,
-        "train_count": categories["counts"], **{name: [f"{float(v):.6g}" for v in values] for name, values in columns.items()},
-    })  # fmt: skip
+    groups = categories.get("groups") or [""] * count
+    frame = pd.DataFrame({"category": range(count), "name": categories["names"], "group": groups, "train_count": categories["counts"]})
+    for name, values in columns.items():
+        frame[name] = [f"{float(v):.6g}" for v in values]
     return frame.to_csv(index=False)
 
 

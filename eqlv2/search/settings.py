@@ -233,6 +233,11 @@ class TrialSettings:
         max_iter, period = self.schedules.get(dataset, (1, 0))
         return evaluations_done(max_iter, max_iter, period)
 
+    def run_params(self, extra_opts: Sequence[str] = ()) -> dict[str, str]:
+        """The datasets, their configs and the overrides, as MLflow params."""
+        configs = {f"config/{spec.name}": spec.config_file for spec in self.datasets}
+        return {"datasets": ",".join(self.dataset_names), **configs, "overrides": " ".join([*self.opts, *extra_opts]) or "-"}
+
     def objective_keys(self) -> list[str]:
         return [f"{name}/objective" for name in self.dataset_names]
 

@@ -143,9 +143,7 @@ class TrialRunHooks:
 def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
     return {
         **values,
-        "datasets": ",".join(settings.dataset_names),
-        **{f"config/{spec.name}": spec.config_file for spec in settings.datasets},
-        "overrides": " ".join([*settings.opts, *extra]) or "-",
+        **settings.run_params(extra),
         "seed": seed,
         "objective": settings.objective.text,
         "num_workers": settings.num_workers,
