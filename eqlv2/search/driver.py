@@ -27,7 +27,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from eqlv2.engine import setup_cfg
 from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
-from eqlv2.raytrain.launch import pin_dataset_roots
+from eqlv2.raytrain.launch import pin_dataset_roots, run_exists
 
 from .credentials import check_url_has_no_credentials
 from .mlflow_client import experiment_url, ui_command
@@ -177,7 +177,7 @@ def _search_name(options: SearchOptions, storage: TuneStorage) -> str:
     name = name or "eqlv2_search_" + time.strftime("%Y%m%d_%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise SystemExit(f"--name {name!r}: use letters, digits and _ . + - only")
-    if storage.exists(name) and not options.resume:
+    if run_exists(storage.location, name) and not options.resume:
         raise SystemExit(f"experiment {storage.join(name)} exists: add --resume to continue it, or give another --name")
     return name
 

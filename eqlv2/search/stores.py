@@ -118,10 +118,6 @@ class TuneStorage:
         except (OSError, ValueError) as error:
             raise SearchInputError(f"{flag}: cannot write to {self.location}: {error}") from error
 
-    def exists(self, *parts: str) -> bool:
-        filesystem, path = self._resolve(*parts)
-        return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
     def read_json(self, *parts: str) -> dict:
         """The JSON object stored at ``parts``; ``{}`` when missing or unreadable."""
         filesystem, path = self._resolve(*parts)
