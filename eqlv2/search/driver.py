@@ -29,6 +29,7 @@ from eqlv2.engine import setup_cfg
 from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
 from eqlv2.raytrain.launch import pin_dataset_roots, run_exists
 
+from . import ranking
 from .credentials import check_url_has_no_credentials
 from .mlflow_client import experiment_url, ui_command
 from .mlflow_driver import SearchTracking
@@ -41,17 +42,6 @@ from .optuna_study import (
     fail_orphaned_trials,
     open_storage,
     pending_seed_points,
-)
-from .ranking import (
-    TrialRecord,
-    best_config_text,
-    best_record,
-    format_table,
-    paper_point_band,
-    records_from_results,
-    reference_text,
-    search_metrics,
-    write_reports,
 )
 from .ray_local import init_local_ray
 from .references import REFERENCE_KEY, reference_configs, reference_label
@@ -133,8 +123,8 @@ class SearchOutcome:
 
     name: str
     table: str
-    best: TrialRecord | None
-    records: list[TrialRecord]
+    best: ranking.TrialRecord | None
+    records: list[ranking.TrialRecord]
     report_paths: dict[str, str]
     summary: str
     mlflow_pending: int = 0
@@ -529,21 +519,21 @@ def _summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTrack
 def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
     """Ranks the trials, writes the reports and closes the parent run."""
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
-    records = records_from_results(list(results), settings, study)
-    band = paper_point_band(records, settings) if plan.options.noise_seeds else None
-    table, best = format_table(records, settings, band), best_record(records)
-    best_text = "\n".join(filter(None, [reference_text(records, settings, band), best_config_text(best, settings, band)]))
+    records = ranking.records_from_results(list(results), settings, study)
+    band = ranking.paper_point_band(records, settings) if plan.options.noise_seeds else None
+    table, best = ranking.format_table(records, settings, band), ranking.best_record(records)
+    best_text = "\n".join(filter(None, [ranking.reference_text(records, settings, band), ranking.best_config_text(best, settings, band)]))
     if settings.multi_objective:
         front = sorted(r.trial_id for r in records if r.pareto)
         best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
     best_text += "\n" + _importance_note(study)
-    paths = write_reports(records, settings, plan.reports_dir, band)
+    paths = ranking.write_reports(records, settings, plan.reports_dir, band)
     plan.storage.upload(list(paths.values()), plan.name)
     interrupted = any(r.status == "running" for r in records)
     if tracking is not None:
         tracking.close_open_runs({r.trial_id: r.status for r in records})
         tracking.log_optuna_figures(study, settings.objective.text, MIN_IMPORTANCE_TRIALS)
-        metrics, tags = search_metrics(records, settings, band)
+        metrics, tags = ranking.search_metrics(records, settings, band)
         texts = {"summary.txt": table + "\n\n" + best_text + "\n"}
         tracking.finish(list(paths.values()), texts, metrics, tags, interrupted)
     if interrupted:
