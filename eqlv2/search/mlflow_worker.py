@@ -77,8 +77,11 @@ class MlflowEventWriter(EventWriter):
     """Writes the ``EventStorage``'s new scalars to a trial's run (see the module docstring)."""
 
     def __init__(self, mlflow: DurableMlflow, run_id: str, dataset: str, max_iter: int, test_datasets: Sequence[str]) -> None:
-        self._mlflow, self._run_id, self._prefix = mlflow, run_id, f"{dataset}/"
-        self._max_iter, self._tests = int(max_iter), tuple(test_datasets)
+        self._mlflow = mlflow
+        self._run_id = run_id
+        self._prefix = f"{dataset}/"
+        self._max_iter = int(max_iter)
+        self._tests = tuple(test_datasets)
         self._last_write = -1
 
     def write(self) -> None:
@@ -100,7 +103,9 @@ class TrialArtifactsHook(HookBase):
     """Logs the gradient statistics after every evaluation and the weight norms after training."""
 
     def __init__(self, mlflow: DurableMlflow, run_id: str, dataset: str, cfg, baseline_ratio: Sequence[float] | None) -> None:
-        self._mlflow, self._run_id, self._dataset = mlflow, run_id, dataset
+        self._mlflow = mlflow
+        self._run_id = run_id
+        self._dataset = dataset
         self._eval_period = int(cfg.TEST.EVAL_PERIOD)
         self._train_dataset = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
         self._baseline = baseline_ratio

@@ -67,8 +67,11 @@ class ReportTranslator:
         eval_offset: int,
         schedule: tuple[int, int],
     ) -> None:
-        self._dataset, self._all, self._objective = dataset, list(all_datasets), objective
-        self._finished, self._offset = dict(finished), int(eval_offset)
+        self._dataset = dataset
+        self._all = list(all_datasets)
+        self._objective = objective
+        self._finished = dict(finished)
+        self._offset = int(eval_offset)
         self._schedule = (int(schedule[0]), int(schedule[1]))
         self._evals = 0
         self._current: float | None = None
@@ -95,7 +98,8 @@ class ReportTranslator:
 
 
 class SearchReportCallback(TuneReportCallback):
-    """Forwards rank 0's Ray Train reports to Tune, translated; created inside the Tune trial."""
+    """Forwards rank 0's Ray Train reports to Tune, translated. Runs in the Ray Train controller;
+    created inside the Tune trial, whose result queue it reports to."""
 
     def __init__(self, translator: ReportTranslator) -> None:
         super().__init__()
