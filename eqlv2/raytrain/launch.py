@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-#: Config keys holding local paths that must not depend on a worker's working directory.
-_PATH_KEYS = ("SYNTHETIC_ROOT", "CUSTOM_TRAIN_JSON", "CUSTOM_TRAIN_IMAGES", "CUSTOM_VAL_JSON", "CUSTOM_VAL_IMAGES")  # of DATASETS.EQLV2
+#: Keys of ``DATASETS.EQLV2`` holding local paths that must not depend on a worker's working directory.
+_PATH_KEYS = ("SYNTHETIC_ROOT", "CUSTOM_TRAIN_JSON", "CUSTOM_TRAIN_IMAGES", "CUSTOM_VAL_JSON", "CUSTOM_VAL_IMAGES")
 
 
 def _absolute(value: str) -> str:

@@ -522,7 +522,8 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
     records = ranking.records_from_results(list(results), settings, study)
     band = ranking.paper_point_band(records, settings) if plan.options.noise_seeds else None
     table, best = ranking.format_table(records, settings, band), ranking.best_record(records)
-    best_text = "\n".join(filter(None, [ranking.reference_text(records, settings, band), ranking.best_config_text(best, settings, band)]))
+    texts = [ranking.reference_text(records, settings, band), ranking.best_config_text(best, settings, band)]
+    best_text = "\n".join(text for text in texts if text)
     if settings.multi_objective:
         front = sorted(r.trial_id for r in records if r.pareto)
         best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")

@@ -178,7 +178,9 @@ class Outbox:
         os.replace(partial, target)
         return str(target)
 
-    def mark(self, seq: int | None, state: str = DONE, error: str | None = None, run_id: str | None = None, placeholder: str | None = None) -> None:
+    def mark(
+        self, seq: int | None, state: str = DONE, error: str | None = None, run_id: str | None = None, placeholder: str | None = None
+    ) -> None:
         """Sets entry ``seq``'s state (None: no entry) and maps ``placeholder`` to ``run_id``, in
         one transaction."""
         with self._transaction() as db:
@@ -291,7 +293,9 @@ def _log_batch(client: MlflowClient, run_id: str, payload: Mapping[str, Any], re
     metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in payload.get("metrics", [])]
     params = [Param(k, v) for k, v in payload.get("params", [])]
     if resent:
-        seen = {(m.key, m.value, m.timestamp, m.step) for key in {m.key for m in metrics} for m in client.get_metric_history(run_id, key)}
+        seen = set()
+        for key in {m.key for m in metrics}:
+            seen |= {(h.key, h.value, h.timestamp, h.step) for h in client.get_metric_history(run_id, key)}
         held = client.get_run(run_id).data.params if params else {}
         metrics = [m for m in metrics if (m.key, m.value, m.timestamp, m.step) not in seen]
         params = [p for p in params if held.get(p.key) != p.value]
@@ -311,7 +315,9 @@ def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str 
     return run.info.run_id
 
 
-def _send(client: MlflowClient, op: str, run_id: str | None, payload: dict[str, Any], *, placeholder: str | None = None, resent: bool = False) -> str | None:
+def _send(
+    client: MlflowClient, op: str, run_id: str | None, payload: dict[str, Any], *, placeholder: str | None = None, resent: bool = False
+) -> str | None:
     """Makes one call; returns the new run id of ``create_run``. Raises :class:`_Rejected` when the
     server refused it or it cannot be made, anything else when the server is unreachable."""
     try:
@@ -375,7 +381,10 @@ class ReplayReport:
         return f"{line} (stopped: {self.error})" if self.error else line
 
 
-def _replay_entries(outbox: Outbox, client: MlflowClient, replayed: dict[str, int], progress: Callable[[JournalEntry], None] | None) -> None:
+Progress = Callable[[JournalEntry], None]
+
+
+def _replay_entries(outbox: Outbox, client: MlflowClient, replayed: dict[str, int], progress: Progress | None) -> None:
     while (entry := outbox.next_entry()) is not None:
         placeholder = entry.run_ref if entry.op == "create_run" else None
         run_id = None if entry.op == "create_run" else outbox.resolve(entry.run_ref)
@@ -395,7 +404,7 @@ def _replay_entries(outbox: Outbox, client: MlflowClient, replayed: dict[str, in
             shutil.rmtree(Path(entry.payload["path"]).parent, ignore_errors=True)
 
 
-def replay_outbox(outbox: Outbox, client: MlflowClient, *, blocking: bool = True, progress: Callable[[JournalEntry], None] | None = None) -> ReplayReport:
+def replay_outbox(outbox: Outbox, client: MlflowClient, *, blocking: bool = True, progress: Progress | None = None) -> ReplayReport:
     """Sends ``outbox``'s pending entries in order with ``client`` (see :func:`replay`)."""
     replayed: dict[str, int] = {}
     error = None
@@ -412,7 +421,7 @@ def replay_outbox(outbox: Outbox, client: MlflowClient, *, blocking: bool = True
     return report
 
 
-def replay(folder: str | os.PathLike, tracking_uri: str | None = None, *, progress: Callable[[JournalEntry], None] | None = None) -> ReplayReport:
+def replay(folder: str | os.PathLike, tracking_uri: str | None = None, *, progress: Progress | None = None) -> ReplayReport:
     """Replays the outbox in ``folder`` to its tracking server, in order, exactly once.
 
     Safe at any time from any process of the node (one replays at a time; others wait).
@@ -423,7 +432,7 @@ def replay(folder: str | os.PathLike, tracking_uri: str | None = None, *, progre
         return replay_outbox(outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress)
 
 
-def replay_all(root: str | os.PathLike, progress: Callable[[JournalEntry], None] | None = None) -> ReplayReport:
+def replay_all(root: str | os.PathLike, progress: Progress | None = None) -> ReplayReport:
     """Replays every outbox under ``root`` (``tune/search.py --sync``)."""
     report = ReplayReport()
     for folder in outbox_folders(root):

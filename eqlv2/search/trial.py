@@ -185,7 +185,8 @@ def _start_run(
     if mlflow is None:
         return None
     setup = setup or TrialSetup(dict(values), [], settings.seed, "search", None)
-    tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, "optuna_trial_number": number, ROLE_TAG: setup.role}
+    tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, ROLE_TAG: setup.role}
+    tags["optuna_trial_number"] = number
     if settings.parent_run_id:
         tags[PARENT_TAG] = settings.parent_run_id
         previous = mlflow.find_runs(settings.experiment_id, {PARENT_TAG: settings.parent_run_id, TRIAL_TAG: trial_id})
