@@ -127,7 +127,7 @@ def ray_speed(
 ) -> tuple[float, float]:
     """(iterations per second, rank 0's CPU seconds per iteration) of ``build_torch_trainer``
     with ``num_workers`` x ``threads`` and ``batch`` images per iteration."""
-    from eqlv2.raytrain import build_torch_trainer
+    from eqlv2.raytrain.launch import build_torch_trainer
 
     name = f"ray_{num_workers}w{threads}t{batch}b"
     trainer = build_torch_trainer(

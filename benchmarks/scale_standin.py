@@ -8,7 +8,7 @@ params, the outbox flush, the final report with the completion marker) with
 ``training_run=`` seam). Every report of the training loop goes through the trial's
 ``ReportTranslator`` to ``tune.report``, as ``SearchReportCallback`` forwards rank 0's reports.
 The training loop is a detectron2 ``TrainerBase`` with detectron2's ``EvalHook``, the trial's
-MLflow hooks (:class:`eqlv2.search.run_hooks.TrialRunHooks`: the metric history through
+MLflow hooks (:class:`eqlv2.search.trial.TrialRunHooks`: the metric history through
 ``MlflowEventWriter``, and after every evaluation the gradient-statistics table, ratio figure and
 summaries through ``TrialArtifactsHook``) and the project's ``RayReportHook`` metrics
 (``benchmarks/scale_worker.py``).

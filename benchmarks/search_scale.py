@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import io
 import json
 import os
 import secrets
@@ -316,9 +315,7 @@ def run_search(
         results, wall, cpu, machine = _fit(tuner, monitor, args.profile)
         load = (load_before, os.getloadavg()[0])
         start = time.monotonic()
-        with contextlib.redirect_stdout(io.StringIO()) as summary:
-            driver.report_outcome(plan, settings, tracking, results)
-        (results_dir / "summary.txt").write_text(summary.getvalue())
+        (results_dir / "summary.txt").write_text(driver.report_outcome(plan, settings, tracking, results).summary + "\n")
         outcome = time.monotonic() - start
     return SearchRun(plan, settings, tracking, results, wall, cpu, outcome, monitor, machine, load)
 

@@ -22,7 +22,7 @@ from mlflow_server import MlflowServer  # isort: skip (before mlflow: switches i
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from eqlv2.search.mlflow_ui import (
+from eqlv2.search.mlflow_client import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
     experiment_url,

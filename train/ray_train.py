@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray.train import TrainingFailedError
 
-    from eqlv2.raytrain import build_torch_trainer, default_run_name, run_exists
+    from eqlv2.raytrain.launch import build_torch_trainer, default_run_name, run_exists
 
     name = args.name or default_run_name(args.config_file, args.opts)
     # build_torch_trainer checks the config and datasets before it connects to Ray

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from eqlv2.search.driver import run_search
 
     outcome = run_search(options)
+    print(f"\n{outcome.summary}", flush=True)
     if outcome.best is None:
         return 1
     return EXIT_PENDING if outcome.mlflow_pending else 0

@@ -1,16 +1,13 @@
 """The Ray Train checkpoints of a detectron2 trainer (written by rank 0, restored on every rank).
 
-One directory per checkpoint, ``checkpoint_<iteration:07d>`` in the run's storage folder::
+One directory per checkpoint, ``checkpoint_<iteration:07d>``::
 
     model.pth        detectron2 checkpoint: {"model": state_dict (with the EQL v2 buffers
-                     pos_grad, neg_grad, num_updates of every box predictor), "trainer":
-                     {"iteration", "_trainer": {"optimizer", ...}, "hooks": {"LRScheduler": ...}},
-                     "iteration"}; iterations are 0-based indices of the last one done, as in
-                     detectron2's own checkpoints. Loadable by ``DetectionCheckpointer`` (resume)
-                     and as ``MODEL.WEIGHTS``
+                     pos_grad, neg_grad, num_updates), "trainer": {"iteration", "_trainer":
+                     {"optimizer", ...}, "hooks": {"LRScheduler": ...}}, "iteration"}; the
+                     iteration is the 0-based index of the last one done, as in detectron2's own
     last_checkpoint  detectron2's pointer to model.pth
-    metadata.json    {"iteration": completed iterations, "last_iter": index of the last one,
-                     "world_size", "metrics": the metrics reported with it}
+    metadata.json    {"iteration": completed iterations, "last_iter", "world_size", "metrics"}
     config.yaml      the full detectron2 config of the run
 """
 
@@ -26,26 +23,18 @@ from typing import Any
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-__all__ = ["checkpoint_dir_name", "restore_checkpoint", "save_checkpoint"]
-
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pth"
-METADATA_FILE = "metadata.json"
-CONFIG_FILE = "config.yaml"
+MODEL_FILE, METADATA_FILE, CONFIG_FILE = "model.pth", "metadata.json", "config.yaml"
 
 
 def checkpoint_dir_name(iteration: int) -> str:
-    """Name of the checkpoint directory after ``iteration`` completed iterations."""
     return f"checkpoint_{iteration:07d}"
 
 
 def save_checkpoint(trainer, directory: str, iteration: int, metrics: Mapping[str, Any], config_yaml: str) -> None:
-    """Writes the checkpoint of ``trainer`` after ``iteration`` completed iterations (rank 0 only).
-
-    The detectron2 checkpoint records ``iteration - 1`` as its iteration, as detectron2's own
-    checkpoints do, so that loading it resumes at iteration ``iteration``.
-    """
+    """Writes the checkpoint of ``trainer`` after ``iteration`` completed iterations (rank 0 only);
+    it records ``iteration - 1``, as detectron2's own do, so loading it resumes at ``iteration``."""
     current = trainer.iter
     trainer.iter = iteration - 1  # after train(), detectron2 leaves iter at max_iter
     try:
@@ -56,12 +45,8 @@ def save_checkpoint(trainer, directory: str, iteration: int, metrics: Mapping[st
         checkpointer.save(os.path.splitext(MODEL_FILE)[0], iteration=iteration - 1)
     finally:
         trainer.iter = current
-    metadata = {
-        "iteration": iteration,
-        "last_iter": iteration - 1,
-        "world_size": comm.get_world_size(),
-        "metrics": dict(metrics),  # NaN (e.g. AP of an empty group) is written as NaN
-    }
+    # NaN (e.g. AP of an empty group) is written as NaN
+    metadata = {"iteration": iteration, "last_iter": iteration - 1, "world_size": comm.get_world_size(), "metrics": dict(metrics)}
     with open(os.path.join(directory, METADATA_FILE), "w") as f:
         json.dump(metadata, f)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -69,18 +54,8 @@ def save_checkpoint(trainer, directory: str, iteration: int, metrics: Mapping[st
 
 
 def restore_checkpoint(trainer, checkpoint) -> dict[str, Any]:
-    """Loads a checkpoint of :func:`save_checkpoint` into ``trainer`` (on every rank).
-
-    Model (with the EQL v2 statistics), optimizer, LR scheduler and iteration are restored and
-    ``trainer.start_iter`` is set to the next iteration.
-
-    Args:
-        trainer: a detectron2 ``DefaultTrainer``.
-        checkpoint: a ``ray.train.Checkpoint``.
-
-    Returns:
-        The checkpoint's ``metadata.json``.
-    """
+    """Loads a ``ray.train.Checkpoint`` of :func:`save_checkpoint` into a detectron2 trainer (model
+    with the EQL v2 statistics, optimizer, LR scheduler, iteration); returns its metadata."""
     with checkpoint.as_directory() as directory:
         trainer.checkpointer.load(os.path.join(directory, MODEL_FILE))
         with open(os.path.join(directory, METADATA_FILE)) as f:

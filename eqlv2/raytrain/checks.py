@@ -1,14 +1,5 @@
-"""Input checks that fail within seconds instead of letting Ray wait forever.
-
-Ray Train waits indefinitely for a placement group that the cluster cannot hold, and
-``ray.init`` keeps retrying an address that does not answer. These checks run on the driver,
-before anything is scheduled:
-
-* :func:`check_datasets`: every dataset of the config is registered in detectron2's catalog.
-* :func:`check_ray_address`: the host and port of ``RAY_ADDRESS`` (or ``address``) accept a TCP
-  connection.
-* :func:`check_cluster_resources`: the cluster has enough CPUs / GPUs (and nodes, for the
-  ``SPREAD`` strategies) for the requested workers.
+"""Input checks on the driver that fail within seconds where Ray would wait forever: unregistered
+datasets, a ``RAY_ADDRESS`` that does not answer, workers the cluster can never place.
 """
 
 from __future__ import annotations
@@ -23,16 +14,6 @@ from urllib.parse import urlsplit
 import ray
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
-
-__all__ = [
-    "ClusterConnectionError",
-    "InsufficientResourcesError",
-    "UnknownDatasetError",
-    "check_cluster_resources",
-    "check_datasets",
-    "check_ray_address",
-    "connect_ray",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +31,7 @@ class ClusterConnectionError(ConnectionError):
 
 
 def check_datasets(cfg: CfgNode) -> None:
-    """Raise :class:`UnknownDatasetError` naming each unregistered dataset of ``cfg``.
-
-    Checks ``DATASETS.TRAIN`` and ``DATASETS.TEST`` against detectron2's ``DatasetCatalog``
-    (registration is lazy: nothing is loaded).
-    """
+    """Raises :class:`UnknownDatasetError` naming each dataset of ``cfg`` not in the catalog."""
     known = list(DatasetCatalog.keys())
     problems = []
     for key in ("TRAIN", "TEST"):
@@ -75,7 +52,7 @@ def check_datasets(cfg: CfgNode) -> None:
 
 
 def _host_and_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a Ray address such as ``host:6379`` or ``ray://host:10001``; None if none."""
+    """(host, port) of ``host:6379`` or ``ray://host:10001``; None if none."""
     if address in ("auto", "local"):
         return None
     parts = urlsplit(address if "://" in address else f"gcs://{address}")
@@ -89,13 +66,8 @@ def _host_and_port(address: str) -> tuple[str, int] | None:
 
 
 def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> None:
-    """Raise :class:`ClusterConnectionError` if the Ray address does not accept connections.
-
-    Args:
-        address: a Ray address (``host:port``, ``ray://host:port``, ``auto``, ``local``); default
-            ``$RAY_ADDRESS``. Nothing is checked when neither is set or for ``auto``/``local``.
-        timeout_s: seconds to wait for the TCP connection.
-    """
+    """Raises :class:`ClusterConnectionError` if ``address`` (default ``$RAY_ADDRESS``; ``auto``
+    and ``local`` are not checked) does not accept a TCP connection."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         return
@@ -107,19 +79,12 @@ def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> Non
             pass
     except OSError as error:
         raise ClusterConnectionError(
-            f"cannot reach the Ray cluster at {address!r} ({error}). Check RAY_ADDRESS, or unset "
-            "it to start a local Ray instance."
+            f"cannot reach the Ray cluster at {address!r} ({error}). Check RAY_ADDRESS, or unset it to start a local Ray instance."
         ) from error
 
 
 def connect_ray(address: str | None = None, **init_kwargs) -> None:
-    """``ray.init`` after :func:`check_ray_address`; nothing happens if Ray is initialised.
-
-    Args:
-        address: passed to ``ray.init`` (default: ``$RAY_ADDRESS``, else a new or running local
-            instance, as ``ray.init`` decides).
-        init_kwargs: further ``ray.init`` arguments.
-    """
+    """``ray.init`` after :func:`check_ray_address`, unless Ray is initialised."""
     if ray.is_initialized():
         return
     check_ray_address(address)
@@ -137,36 +102,20 @@ def check_cluster_resources(
     placement_strategy: str = "PACK",
     nodes: Iterable[dict[str, float]] | None = None,
 ) -> None:
-    """Raise :class:`InsufficientResourcesError` if the workers can never be placed.
-
-    Compares with the cluster's total resources (not what is free now: other jobs end), so an
-    autoscaling cluster should be scaled up first.
-
-    Args:
-        num_workers: Ray Train workers.
-        cpus_per_worker: CPUs each worker reserves.
-        use_gpu: each worker also reserves one GPU.
-        placement_strategy: ``PACK``, ``SPREAD``, ``STRICT_PACK`` or ``STRICT_SPREAD``.
-        nodes: the resources of each alive node; default from ``ray.nodes()``.
-    """
+    """Raises :class:`InsufficientResourcesError` if the workers can never be placed on the
+    cluster's total resources (not what is free now: other jobs end); ``nodes`` are the resources
+    of each alive node (default from ``ray.nodes()``)."""
     node_list = list(nodes) if nodes is not None else _node_resources()
     demand = {"CPU": float(cpus_per_worker)}
     if use_gpu:
         demand["GPU"] = 1.0
 
-    def fits(node: dict[str, float]) -> int:
-        """How many workers one node can hold."""
-        return int(min(node.get(key, 0.0) // amount if amount else num_workers
-                       for key, amount in demand.items()))
-
-    per_node = [fits(node) for node in node_list]
+    # how many workers each node can hold
+    per_node = [int(min(node.get(k, 0.0) // amount if amount else num_workers for k, amount in demand.items())) for node in node_list]
     totals = {key: sum(node.get(key, 0.0) for node in node_list) for key in demand}
     wanted = ", ".join(f"{amount:g} {key}" for key, amount in demand.items())
-    summary = (
-        f"{num_workers} worker(s) of {wanted} each, {placement_strategy}; the cluster has "
-        f"{len(node_list)} node(s) with "
-        + ", ".join(f"{totals[key]:g} {key}" for key in demand)
-    )
+    have = ", ".join(f"{totals[key]:g} {key}" for key in demand)
+    summary = f"{num_workers} worker(s) of {wanted} each, {placement_strategy}; the cluster has {len(node_list)} node(s) with {have}"
     strategy = placement_strategy.upper()
     if strategy == "STRICT_SPREAD":
         possible = sum(1 for count in per_node if count >= 1)

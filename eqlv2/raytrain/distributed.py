@@ -1,17 +1,12 @@
 """detectron2's distributed helpers inside a Ray Train worker (detectron2's ``launch()`` unused).
 
-The run's backend (:mod:`eqlv2.raytrain.process_group`) has already called ``init_process_group`` (gloo on
-CPU, nccl on GPU) when the training function starts, so :mod:`detectron2.utils.comm` already
-sees the right world size and rank. What it lacks is the *local* (per-node) process group that
-``comm.get_local_rank()`` / ``get_local_size()`` read and that detectron2's ``launch()`` normally
-creates with ``comm.create_local_process_group``. That function assumes the same number of
-workers on every node with contiguous ranks; a Ray placement group gives no such guarantee, so
-:func:`setup_detectron2_comm` builds one group per node from the node and local ranks that Ray's
-train context reports.
-
-:func:`ddp_device_ids_fix` works around detectron2's ``create_ddp_model``, which passes
-``device_ids=[local_rank]`` to ``DistributedDataParallel`` and so breaks every CPU model
-(PyTorch rejects ``device_ids`` for modules on the CPU).
+When the training function starts, the run's backend (:mod:`eqlv2.raytrain.process_group`) has
+set up ``torch.distributed``, so :mod:`detectron2.utils.comm` sees the right world size and rank.
+It lacks the *local* (per-node) process group, which detectron2's
+``comm.create_local_process_group`` builds assuming equally many workers per node with contiguous
+ranks; a Ray placement group gives no such guarantee, so :func:`setup_detectron2_comm` builds one
+group per node from Ray's node and local ranks. :func:`ddp_device_ids_fix` works around
+detectron2's ``create_ddp_model``, whose ``device_ids=[local_rank]`` breaks every CPU model.
 """
 
 from __future__ import annotations
@@ -26,22 +21,12 @@ import torch
 import torch.distributed as dist
 from detectron2.utils import comm
 
-__all__ = ["WorkerPlacement", "ddp_device_ids", "ddp_device_ids_fix", "setup_detectron2_comm"]
-
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WorkerPlacement:
-    """Where one worker runs, as Ray's train context tells it.
-
-    Attributes:
-        world_rank: rank among all workers.
-        local_rank: rank among the workers of its node.
-        node_rank: rank of its node among the nodes of the run.
-        world_size: number of workers.
-        local_world_size: number of workers on its node.
-    """
+    """Where one worker runs, as Ray's train context tells it (local: among its node's workers)."""
 
     world_rank: int
     local_rank: int
@@ -51,7 +36,6 @@ class WorkerPlacement:
 
     @classmethod
     def from_ray_context(cls) -> WorkerPlacement:
-        """The placement of the calling Ray Train worker."""
         import ray.train  # lazily: this module also serves plain torch.distributed processes
 
         context = ray.train.get_context()
@@ -87,26 +71,15 @@ def _ranks_per_node(placements: list[WorkerPlacement]) -> dict[int, list[int]]:
 
 
 def setup_detectron2_comm(placement: WorkerPlacement | None = None) -> dict[int, list[int]]:
-    """Create detectron2's local process group from Ray's node and local ranks.
+    """Creates detectron2's local process group from Ray's node and local ranks, so that
+    ``comm``'s ranks and sizes agree with Ray's; returns node rank -> its world ranks.
 
-    Every worker must call this (it contains collectives) after Ray initialised
-    ``torch.distributed``. Afterwards ``comm.get_world_size()``, ``get_rank()``,
-    ``get_local_rank()`` and ``get_local_size()`` agree with Ray's train context.
-
-    Args:
-        placement: this worker's placement; default :meth:`WorkerPlacement.from_ray_context`.
-
-    Returns:
-        node rank -> the world ranks on that node.
-
-    Raises:
-        RuntimeError: torch.distributed is not initialised, or disagrees with Ray's context.
+    Every worker must call it (collectives) after ``torch.distributed`` is initialised; a
+    disagreement with Ray's context raises RuntimeError.
     """
     placement = placement or WorkerPlacement.from_ray_context()
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "torch.distributed is not initialised: run this inside a ray.train.torch.TorchTrainer"
-        )
+        raise RuntimeError("torch.distributed is not initialised: run this inside a ray.train.torch.TorchTrainer")
     if dist.get_world_size() != placement.world_size or dist.get_rank() != placement.world_rank:
         raise RuntimeError(
             f"torch.distributed has rank {dist.get_rank()}/{dist.get_world_size()}, Ray's context "
@@ -150,13 +123,8 @@ def ddp_device_ids(model: torch.nn.Module) -> list[int] | None:
 
 @contextlib.contextmanager
 def ddp_device_ids_fix() -> Iterator[None]:
-    """Within the block, detectron2's trainers wrap models in DDP with correct ``device_ids``.
-
-    ``DefaultTrainer.__init__`` calls ``detectron2.engine.defaults.create_ddp_model``, which sets
-    ``device_ids=[comm.get_local_rank()]``: wrong for CPU models (PyTorch raises) and for GPUs
-    that Ray exposes under other indices. The patch passes :func:`ddp_device_ids` instead and is
-    undone on exit.
-    """
+    """Within the block, detectron2's ``create_ddp_model`` gets :func:`ddp_device_ids` instead of
+    ``[comm.get_local_rank()]``, wrong for CPU models and for GPUs Ray exposes under other indices."""
     original = defaults.create_ddp_model
 
     def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs):

@@ -1,12 +1,7 @@
-"""The driver side of a Ray Train run: checks, then a ``TorchTrainer`` of detectron2 workers.
-
-:func:`build_torch_trainer` checks the inputs before anything is scheduled and returns a
-``ray.train.torch.TorchTrainer`` whose workers run
-:func:`eqlv2.raytrain.worker.train_loop_per_worker` (the reports and checkpoints are described in
-:mod:`eqlv2.raytrain.report_hook` and :mod:`eqlv2.raytrain.checkpoints`).
-
-Runs are named deterministically (:func:`default_run_name`), so a second ``fit()`` with the same
-config, overrides and storage resumes the run from its latest checkpoint.
+"""The driver side of a Ray Train run: checks, then a ``TorchTrainer`` whose workers run
+:func:`eqlv2.raytrain.worker.train_loop_per_worker`. Runs are named deterministically
+(:func:`default_run_name`), so a second ``fit()`` of the same config, overrides and storage
+resumes the run from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -29,26 +24,12 @@ from .checks import check_cluster_resources, check_datasets, connect_ray
 from .process_group import NodeBoundTorchConfig
 from .worker import train_loop_per_worker
 
-__all__ = [
-    "build_torch_trainer",
-    "default_run_name",
-    "pin_dataset_roots",
-    "resolve_storage_path",
-    "run_exists",
-]
-
 logger = logging.getLogger(__name__)
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-#: Config keys holding local paths that must not depend on a worker's working directory.
-_PATH_KEYS = (
-    "DATASETS.EQLV2.SYNTHETIC_ROOT",
-    "DATASETS.EQLV2.CUSTOM_TRAIN_JSON",
-    "DATASETS.EQLV2.CUSTOM_TRAIN_IMAGES",
-    "DATASETS.EQLV2.CUSTOM_VAL_JSON",
-    "DATASETS.EQLV2.CUSTOM_VAL_IMAGES",
-)
+#: Keys of ``DATASETS.EQLV2`` holding local paths that must not depend on a worker's working directory.
+_PATH_KEYS = ("SYNTHETIC_ROOT", "CUSTOM_TRAIN_JSON", "CUSTOM_TRAIN_IMAGES", "CUSTOM_VAL_JSON", "CUSTOM_VAL_IMAGES")
 
 
 def _absolute(value: str) -> str:
@@ -58,9 +39,8 @@ def _absolute(value: str) -> str:
 
 
 def pin_dataset_roots() -> dict[str, str]:
-    """Makes this process's dataset roots (``DETECTRON2_DATASETS``, ``EQLV2_SYNTHETIC_ROOT``)
-    absolute in its environment, which a local Ray cluster's workers inherit, and returns them
-    for the runtime environment of workers elsewhere (Ray changes their working directory)."""
+    """Makes this process's dataset roots absolute in its environment (which a local Ray cluster's
+    workers inherit) and returns them for the runtime environment of workers elsewhere."""
     os.environ["DETECTRON2_DATASETS"] = _absolute(os.environ.get("DETECTRON2_DATASETS") or "datasets")
     os.environ["EQLV2_SYNTHETIC_ROOT"] = _absolute(os.environ.get("EQLV2_SYNTHETIC_ROOT") or str(synthetic_root()))
     return {name: os.environ[name] for name in ("DETECTRON2_DATASETS", "EQLV2_SYNTHETIC_ROOT")}
@@ -76,12 +56,11 @@ def default_run_name(config_file: str, opts: Sequence[str] = ()) -> str:
 
 
 def resolve_storage_path(storage_path: str | None) -> str:
-    """``storage_path`` as Ray Train uses it: absolute for local folders, default ``~/ray_results``."""
+    """``storage_path`` absolute for local folders, default ``~/ray_results``."""
     return _absolute(os.fspath(storage_path or "~/ray_results"))
 
 
 def run_exists(storage_path: str | None, name: str) -> bool:
-    """Whether the run folder ``<storage_path>/<name>`` exists (local or remote storage)."""
     filesystem, root = pyarrow.fs.FileSystem.from_uri(resolve_storage_path(storage_path))
     return filesystem.get_file_info(f"{root.rstrip('/')}/{name}").type != pyarrow.fs.FileType.NotFound
 
@@ -91,12 +70,8 @@ def _worker_config_yaml(cfg: CfgNode, output_dir: str, use_gpu: bool) -> str:
     cfg = cfg.clone()
     cfg.defrost()
     for key in _PATH_KEYS:
-        node, _, leaf = key.rpartition(".")
-        parent = cfg
-        for part in node.split("."):
-            parent = parent[part]
-        if parent[leaf]:
-            parent[leaf] = _absolute(parent[leaf])
+        if cfg.DATASETS.EQLV2[key]:
+            cfg.DATASETS.EQLV2[key] = _absolute(cfg.DATASETS.EQLV2[key])
     # Resolved here: the default depends on the working directory, which Ray changes.
     cfg.DATASETS.EQLV2.SYNTHETIC_ROOT = str(synthetic_root(cfg))
     if cfg.MODEL.WEIGHTS and os.path.exists(cfg.MODEL.WEIGHTS):
@@ -142,7 +117,6 @@ def _checked_cfg(config_file: str, opts: list[str], num_workers: int) -> CfgNode
 
 
 def _run_config(name: str, storage: str, max_failures: int, checkpoints_to_keep: int | None, callbacks: list | None) -> RunConfig:
-    """Run ``name`` under ``storage``: restarts, checkpoints kept, callbacks, pinned dataset roots."""
     return RunConfig(
         name=name,
         storage_path=storage,
@@ -171,17 +145,10 @@ def build_torch_trainer(
 ) -> TorchTrainer:
     """A ``TorchTrainer`` running the detectron2 training of ``config_file`` on ``num_workers``.
 
-    Checks first, in this order: the arguments, the config and overrides, the dataset names, the
-    Ray address (``ray.init`` if needed: ``$RAY_ADDRESS`` or a local instance), that the cluster
-    can place the workers. ``storage_path`` (default ``~/ray_results``; shared storage for
-    several nodes) holds run ``name`` (default :func:`default_run_name`). ``max_failures``
-    worker-group failures (-1: any) restart from the latest checkpoint. ``callbacks`` are
-    ``ray.train.UserCallback`` objects; ``extra_hooks`` (rank 0) and ``all_rank_hooks`` (every
-    worker) are picklable ``(cfg, trainer) -> HookBase`` factories.
-
-    Raises:
-        FileNotFoundError, ValueError, ConnectionError: a missing config; bad arguments,
-            overrides, datasets or resources; an unreachable ``RAY_ADDRESS`` (see ``checks``).
+    Checks first: the arguments, the config, the datasets, the Ray address (``ray.init`` if
+    needed), the cluster's resources. ``max_failures`` worker-group failures (-1: any) restart
+    from the latest checkpoint. ``extra_hooks`` (rank 0) and ``all_rank_hooks`` (every worker) are
+    picklable ``(cfg, trainer) -> HookBase`` factories.
     """
     _check_arguments(num_workers, cpus_per_worker, max_failures, placement_strategy)
     opts = [str(option) for option in opts]

@@ -1,13 +1,10 @@
 """torch.distributed for a Ray Train run, its store listening on the rank-0 node's address only.
 
-Ray Train's own ``TorchConfig`` backend lets ``init_process_group`` create the run's
-``TCPStore``, whose server (in the rank-0 worker) listens on every interface (``::``): torch
-2.14 has no bind-address option. A laptop search must listen on loopback only, and a cluster
-node only on its own address. So :class:`NodeBoundTorchConfig` keeps ``TorchConfig``'s fields
-and swaps its backend for :class:`NodeBoundTorchBackend`, which does the same set-up through
-Ray Train's public ``Backend`` interface with one difference: the rank-0 worker binds the
-store's socket on its Ray node address (``127.0.0.1`` on a laptop's local Ray) and hands it to
-``TCPStore(master_listen_fd=...)``; every worker then joins with ``init_process_group(store=...)``.
+Ray Train's ``TorchConfig`` lets ``init_process_group`` create the run's ``TCPStore``, whose server
+listens on every interface (torch 2.14 has no bind-address option). :class:`NodeBoundTorchConfig`
+swaps in a backend that does the same set-up through Ray Train's public ``Backend`` interface,
+except that rank 0 binds the store's socket on its Ray node address (127.0.0.1 on a laptop) and
+hands it to ``TCPStore(master_listen_fd=...)``.
 """
 
 from __future__ import annotations
@@ -22,8 +19,6 @@ import ray
 import torch.distributed as dist
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
-
-__all__ = ["NodeBoundTorchBackend", "NodeBoundTorchConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +56,10 @@ def _join_process_group(
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank == 0:
         listen_fd, _store_listener = _store_listener.detach(), None  # the store owns the socket now
-        store = dist.TCPStore(
-            address, port, world_size, is_master=True, master_listen_fd=listen_fd, timeout=timeout
-        )
+        store = dist.TCPStore(address, port, world_size, is_master=True, master_listen_fd=listen_fd, timeout=timeout)
     else:
         store = dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout)
-    dist.init_process_group(
-        backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
-    )
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def _leave_process_group() -> None:
@@ -83,13 +74,7 @@ class NodeBoundTorchBackend(Backend):
         """Opens rank 0's listener, then starts the store and process group on every worker."""
         backend = backend_config.backend or _default_backend(worker_group)
         address, port = worker_group.execute_single(0, _open_store_listener)
-        logger.info(
-            "torch.distributed (%s): store on %s:%d, %d worker(s)",
-            backend,
-            address,
-            port,
-            len(worker_group),
-        )
+        logger.info("torch.distributed (%s): store on %s:%d, %d worker(s)", backend, address, port, len(worker_group))
         worker_group.execute(_set_torchrun_env_vars)
         joins = [
             worker_group.execute_single_async(rank, _join_process_group, backend, rank, len(worker_group), address, port, backend_config.timeout_s)
@@ -98,10 +83,9 @@ class NodeBoundTorchBackend(Backend):
         ray.get(joins)
 
     def on_shutdown(self, worker_group, backend_config: NodeBoundTorchConfig) -> None:
-        """Destroys the process group (and so the store) on every worker, waiting at most
-        ``$TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`` (default 30 s, as Ray's own backend): a run
-        stopped mid-collective (an ASHA stop, a failed peer) must not keep its workers, and with
-        them its placement group, for ever."""
+        """Destroys the process group on every worker, waiting at most
+        ``$TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`` (30 s, as Ray's own backend): a run stopped
+        mid-collective must not keep its workers, and their placement group, for ever."""
         timeout_s = float(os.environ.get("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "30"))
         try:
             ray.get(worker_group.execute_async(_leave_process_group), timeout=timeout_s)
@@ -116,10 +100,8 @@ def _default_backend(worker_group) -> str:
 
 @dataclass
 class NodeBoundTorchConfig(TorchConfig):
-    """``TorchConfig`` (``backend``, ``timeout_s``) whose store listens on the node's address only.
-
-    ``init_method`` is ignored: the store is created explicitly.
-    """
+    """``TorchConfig`` (``backend``, ``timeout_s``; not ``init_method``) whose store listens on the
+    node's address only."""
 
     @property
     def backend_cls(self) -> type[Backend]:

@@ -1,24 +1,14 @@
 """What a detectron2 trainer reports to Ray Train, and when (every worker runs the hook).
 
-``ray.train.report`` is a barrier: all workers call it equally often. Rank 0 reports the metrics
-and writes the checkpoint (:mod:`eqlv2.raytrain.checkpoints`); the other ranks report
-``{"iteration": n}``. Rank 0's report holds floats, except ``iteration``:
+``ray.train.report`` is a barrier: every worker calls it equally often; rank 0 reports the metrics
+and writes the checkpoint, the others report ``{"iteration": n}``. Rank 0's report holds
+``iteration`` (completed iterations), every scalar of the ``EventStorage`` averaged over the
+workers and smoothed as detectron2's writers do, and after an evaluation the results ``EvalHook``
+put into the ``EventStorage`` (``bbox/AP``, ...) with the paper's columns (:func:`paper_columns`).
 
-* ``iteration``: completed iterations (``SOLVER.MAX_ITER`` in the final report);
-* training, in every report: every scalar of detectron2's ``EventStorage`` (losses, ``lr``,
-  ``time``, ``fast_rcnn/...``, the ``eqlv2/...`` summaries of
-  :class:`eqlv2.engine.hooks.GradientStatisticsHook`), averaged over the workers that have it, smoothed
-  like detectron2's writers (median of the last 20 iterations for losses);
-* evaluation, in the reports that follow one: the results detectron2's ``EvalHook`` put into
-  the ``EventStorage`` (``bbox/AP``, ``segm/APr``, ...; prefixed by the dataset name when
-  ``DATASETS.TEST`` has several) and the paper's columns (:func:`paper_columns`).
-
-When: every ``MODEL.EQLV2.LOG_PERIOD`` iterations (training metrics); every ``TEST.EVAL_PERIOD``
-and ``SOLVER.CHECKPOINT_PERIOD`` iterations (with the evaluation if one ran, and a checkpoint);
-after training (final evaluation and checkpoint).
-
-With Ray Tune, a training report carries no evaluation keys: set
-``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` or ``MODEL.EQLV2.LOG_PERIOD 0``.
+When: every ``MODEL.EQLV2.LOG_PERIOD`` iterations; with a checkpoint every ``TEST.EVAL_PERIOD``
+and ``SOLVER.CHECKPOINT_PERIOD`` iterations and after training. With Ray Tune, a training report
+carries no evaluation keys: set ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` or ``MODEL.EQLV2.LOG_PERIOD 0``.
 """
 
 from __future__ import annotations
@@ -39,8 +29,6 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from eqlv2.evaluation import summary
 
 from .checkpoints import checkpoint_dir_name, save_checkpoint
-
-__all__ = ["RayReportHook", "evaluation_at", "evaluation_metrics", "is_evaluation_key", "paper_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +57,9 @@ def evaluation_at(storage: EventStorage, iteration: int, test_datasets: Sequence
 
 
 def paper_columns(results: Mapping[str, Any]) -> dict[str, float]:
-    """The paper's table columns of detectron2 evaluation results.
-
-    OpenImages (box results with frequency groups): ``AP``, ``AP1`` .. ``AP5``. LVIS:
-    :func:`eqlv2.evaluation.summary` (``AP``, ``APr``, ``APc``, ``APf``, ``APb``). COCO-style
-    results (no frequency groups): ``AP`` and ``APb``. Results of several test datasets give
-    ``<dataset>/<column>`` keys.
-    """
+    """The paper's table columns of detectron2 evaluation results: OpenImages ``AP``, ``AP1`` ..
+    ``AP5``; LVIS ``AP``, ``APr``, ``APc``, ``APf``, ``APb``; COCO-style ``AP``, ``APb``; with
+    several test datasets ``<dataset>/<column>``."""
     if not results:
         return {}
     if not {"bbox", "segm"} & set(results) and all(isinstance(v, Mapping) for v in results.values()):
@@ -114,14 +98,8 @@ def _mean_over_workers(per_worker: list[dict[str, float]]) -> dict[str, float]:
 
 
 class RayReportHook(HookBase):
-    """Reports to Ray Train: training metrics periodically, checkpoints with evaluations.
-
-    After the step that completes iteration ``n`` (1-based): ``n`` a multiple of
-    ``TEST.EVAL_PERIOD`` (``EvalHook`` just ran) or of ``SOLVER.CHECKPOINT_PERIOD``: metrics,
-    evaluation and checkpoint; else ``n`` a multiple of ``MODEL.EQLV2.LOG_PERIOD`` (0: never):
-    training metrics. After training: the final evaluation and checkpoint (the last iteration's
-    periodic report is left to this one).
-    """
+    """Reports to Ray Train (see the module docstring); the last iteration's periodic report is
+    left to the final one, after training."""
 
     def __init__(self, cfg: CfgNode, smoothing_window: int = 20) -> None:
         self._report_period = max(int(cfg.MODEL.EQLV2.LOG_PERIOD), 0)

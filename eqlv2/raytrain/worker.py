@@ -1,14 +1,8 @@
-"""What each Ray Train worker runs: one detectron2 :class:`~eqlv2.engine.EQLv2Trainer`, DDP over Ray.
-
-* DDP over the process group Ray Train created (gloo on CPU, nccl on GPU), detectron2's ``comm``
-  set up from Ray's node and local ranks (:mod:`eqlv2.raytrain.distributed`);
-* detectron2's distributed ``TrainingSampler``, evaluation gathered on rank 0, and the EQL v2
-  statistics all-reduced at every step (``EQLv2Loss`` does it when ``torch.distributed`` is up);
-* reports and checkpoints through :class:`~eqlv2.raytrain.report_hook.RayReportHook`, which
-  replaces detectron2's ``PeriodicCheckpointer``; the latest checkpoint is restored on a restart
-  or on a second ``fit()`` of the same run.
-
-Only rank 0 writes files: the detectron2 output folder and the checkpoints.
+"""What each Ray Train worker runs: one detectron2 :class:`~eqlv2.engine.EQLv2Trainer`, DDP over
+the process group Ray Train created, detectron2's ``comm`` set up from Ray's ranks. Reports and
+checkpoints go through :class:`~eqlv2.raytrain.report_hook.RayReportHook` (in place of
+detectron2's ``PeriodicCheckpointer``); the latest checkpoint is restored on a restart or a
+second ``fit()``. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -33,8 +27,6 @@ from .checkpoints import restore_checkpoint
 from .distributed import WorkerPlacement, ddp_device_ids_fix, setup_detectron2_comm
 from .report_hook import RayReportHook
 
-__all__ = ["HookFactory", "RayEQLv2Trainer", "train_loop_per_worker"]
-
 logger = logging.getLogger(__name__)
 
 #: ``(cfg, trainer) -> HookBase | None``; must be picklable (Ray ships it to the workers).
@@ -42,12 +34,8 @@ HookFactory = Callable[[CfgNode, EQLv2Trainer], HookBase | None]
 
 
 class RayEQLv2Trainer(EQLv2Trainer):
-    """:class:`EQLv2Trainer` for a Ray Train worker.
-
-    DDP gets correct ``device_ids`` for CPU models; detectron2's ``PeriodicCheckpointer`` is
-    replaced by a :class:`RayReportHook` (last); hooks from factories are added before it:
-    ``all_rank_hooks`` on every worker, ``extra_hooks`` on rank 0 only.
-    """
+    """:class:`EQLv2Trainer` for a Ray Train worker: a :class:`RayReportHook` last, in place of
+    ``PeriodicCheckpointer``; before it the hooks of ``all_rank_hooks`` and, on rank 0, ``extra_hooks``."""
 
     def __init__(
         self, cfg: CfgNode, extra_hooks: Sequence[HookFactory] = (), all_rank_hooks: Sequence[HookFactory] = ()
@@ -72,9 +60,8 @@ def _set_threads(cpus_per_worker: float) -> int:
 def _setup_logging(output_dir: str, rank: int) -> None:
     """detectron2-style loggers; only rank 0 logs to the console and to ``output_dir/log.txt``."""
     output = output_dir if rank == 0 else None
-    setup_logger(output, distributed_rank=rank, name="fvcore")
-    setup_logger(output, distributed_rank=rank, name="eqlv2")
-    setup_logger(output, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+    for name, abbrev in (("fvcore", None), ("eqlv2", None), ("detectron2", "d2")):
+        setup_logger(output, distributed_rank=rank, name=name, abbrev_name=abbrev)
 
 
 def _worker_cfg(config_yaml: str) -> CfgNode:
@@ -87,13 +74,8 @@ def _worker_cfg(config_yaml: str) -> CfgNode:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Trains on one Ray Train worker (the function given to ``TorchTrainer``).
-
-    Args:
-        config: built by :func:`eqlv2.raytrain.launch.build_torch_trainer`: ``config_yaml`` (the
-            full config, paths absolute, ``OUTPUT_DIR`` and ``MODEL.DEVICE`` set),
-            ``cpus_per_worker``, ``extra_hooks`` (factories, rank 0 only) and ``all_rank_hooks``.
-    """
+    """Trains on one Ray Train worker; ``config`` is built by
+    :func:`~eqlv2.raytrain.launch.build_torch_trainer` (the full config as YAML, hook factories)."""
     threads = _set_threads(config.get("cpus_per_worker", 1))
     placement = WorkerPlacement.from_ray_context()
     setup_detectron2_comm(placement)

@@ -1,42 +1,27 @@
 """Credentials stay in the environment: a URL carrying them is refused, and named redacted.
 
-Policy (chosen here, applied by the driver to ``--mlflow-uri``, ``--optuna-storage`` and any
-other URL flag before anything is printed, stored or pickled):
+Applied by the driver to every URL flag before anything is printed, stored or pickled. A password
+or secret query parameter (``?password=...``) in a URL is refused, with a message saying how to
+pass it instead (refusing says what to do at once; stripping it would leave a search that cannot
+log in). A user name alone is accepted for a database URL (password in ``~/.pgpass``) but not for
+an MLflow server URL (its client reads ``MLFLOW_TRACKING_USERNAME``). The refusal shows the URL
+without its user-info and with secret query values masked.
 
-* **A password inside a URL is refused** (:func:`check_url_has_no_credentials`), with a message
-  saying how to pass it instead: ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or
-  ``MLFLOW_TRACKING_TOKEN``) for an MLflow server, ``PGPASSWORD`` or ``~/.pgpass`` for PostgreSQL,
-  an option file for MySQL. Stripping it silently instead would leave a search that cannot log in,
-  or one whose password still sits in the shell history: refusing says what to do at once. Secret
-  query parameters (``?password=...``) are refused the same way.
-* **A user name alone is accepted for a database URL** (``postgresql://eqlv2@db/optuna`` with the
-  password in ``~/.pgpass`` is the usual setup) and refused for an MLflow server URL (its client
-  reads the user from ``MLFLOW_TRACKING_USERNAME``, not from the URL).
-* **The refusal names the URL redacted** (:func:`redact_url`): the whole user-info is removed,
-  user name included, and secret query values become ``***``. Since no URL that reaches the
-  search carries a secret, nothing the search prints, logs, stores or pickles can.
-
-The user-info of a URL is everything between ``scheme://`` and the last ``@`` before the first
-``/``, ``?`` or ``#`` (the rule of ``urllib.parse`` and SQLAlchemy). A password holding a raw
-``/``, ``?`` or ``#`` makes the URL ambiguous (``http://user:pa/ss@host``: the authority part
-``user:pa`` has a port that is not a number); such a URL is treated as carrying credentials and
-its text up to the last ``@`` is removed, so nothing of the password is shown.
+The user-info is everything between ``scheme://`` and the last ``@`` before the first ``/``, ``?``
+or ``#`` (the rule of ``urllib.parse`` and SQLAlchemy). A password with a raw ``/``, ``?`` or ``#``
+(``http://user:pa/ss@host``: a port that is not a number) is treated as credentials too and cut
+up to the last ``@``, so nothing of it is shown.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote
+from typing import NamedTuple
+from urllib.parse import unquote_plus
 
-__all__ = ["MASK", "CredentialsInUrlError", "check_url_has_no_credentials", "redact_url"]
-
-#: What a secret is replaced with.
 MASK = "***"
 #: Query parameters whose values are secrets (libpq's ``password``, tokens, keys).
-SECRET_QUERY_KEYS = frozenset(
-    {"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey", "sslpassword"}
-)
+SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "pass", "secret", "token", "access_token", "api_key", "apikey", "sslpassword"})
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -44,17 +29,14 @@ class CredentialsInUrlError(ValueError):
     """A URL given on the command line carries a password; the message says how to pass it."""
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """A URL cut at its user-info: ``scheme://`` + user-info + ``@`` + rest."""
-
+class _Parts(NamedTuple):
     scheme: str
     userinfo: str | None
     rest: str
 
 
 def _split(url: str) -> _Parts | None:
-    """The user-info of ``url`` (see the module docstring), or None if it has no ``scheme://``."""
+    """``url`` cut at its user-info (see the module docstring); None without ``scheme://``."""
     match = _SCHEME.match(url)
     if match is None:
         return None
@@ -77,51 +59,35 @@ def _looks_like_broken_userinfo(authority: str) -> bool:
     return not host.rpartition(":")[2].isdigit()
 
 
-def _secret_query_keys(rest: str) -> list[str]:
-    query = rest.split("?", 1)[1].split("#", 1)[0] if "?" in rest else ""
-    return [
-        key
-        for key, _ in parse_qsl(query, keep_blank_values=True)
-        if key.lower() in SECRET_QUERY_KEYS
-    ]
-
-
-def _mask_query(rest: str) -> str:
-    """``rest`` with the values of secret query parameters replaced by :data:`MASK`."""
+def _masked_query(rest: str) -> tuple[str, list[str]]:
+    """``rest`` with the values of secret query parameters replaced by :data:`MASK`, and their names."""
     if "?" not in rest:
-        return rest
+        return rest, []
     path, _, query = rest.partition("?")
     query, hash_mark, fragment = query.partition("#")
-    fields = []
+    fields, secrets = [], []
     for field in query.split("&"):
         key, equals, _ = field.partition("=")
-        fields.append(
-            f"{key}={MASK}" if equals and unquote(key).lower() in SECRET_QUERY_KEYS else field
-        )
-    return f"{path}?{'&'.join(fields)}{hash_mark}{fragment}"
+        if unquote_plus(key).lower() in SECRET_QUERY_KEYS:
+            secrets.append(unquote_plus(key))
+            field = f"{key}={MASK}" if equals else field
+        fields.append(field)
+    return f"{path}?{'&'.join(fields)}{hash_mark}{fragment}", secrets
 
 
 def redact_url(url: str) -> str:
-    """``url`` without user-info (user name and password) and with secret query values masked.
-
-    ``http://user:s3cret@127.0.0.1:5000`` → ``http://127.0.0.1:5000``;
-    ``postgresql+psycopg://eqlv2:p%40ss@[::1]:5432/optuna?sslmode=require`` →
-    ``postgresql+psycopg://[::1]:5432/optuna?sslmode=require``. Paths and ``sqlite:///`` URLs come
-    back unchanged.
-    """
+    """``url`` without user-info and with secret query values masked
+    (``http://user:s3cret@127.0.0.1:5000`` → ``http://127.0.0.1:5000``)."""
     parts = _split(url)
     if parts is None:
         return url
-    return f"{parts.scheme}://{_mask_query(parts.rest)}"
+    return f"{parts.scheme}://{_masked_query(parts.rest)[0]}"
 
 
 def _how_to_pass(scheme: str) -> str:
     base = scheme.split("+", 1)[0].lower()
     if base in ("http", "https"):
-        return (
-            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
-            "environment instead; MLflow reads them"
-        )
+        return "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead; MLflow reads them"
     if base in ("postgresql", "postgres"):
         return (
             "set PGPASSWORD in the environment or put a line host:port:database:user:password in ~/.pgpass "
@@ -133,17 +99,8 @@ def _how_to_pass(scheme: str) -> str:
 
 
 def check_url_has_no_credentials(url: str, flag: str) -> None:
-    """Refuses a URL that carries a password (see the module docstring for the policy).
-
-    Args:
-        url: the value given to ``flag``.
-        flag: the command-line option (``--mlflow-uri``), named in the message.
-
-    Raises:
-        CredentialsInUrlError: the URL carries a password, a secret query parameter, or (an
-            ``http(s)`` URL) a user name; the message shows the redacted URL and says how to pass
-            the credentials.
-    """
+    """Raises CredentialsInUrlError, naming ``flag`` and the redacted URL, if ``url`` carries a
+    password, a secret query parameter, or (``http(s)``) a user name (see the module docstring)."""
     parts = _split(url)
     if parts is None:
         return
@@ -151,7 +108,7 @@ def check_url_has_no_credentials(url: str, flag: str) -> None:
     found = []
     if parts.userinfo is not None and (":" in parts.userinfo or http):
         found.append("a password" if ":" in parts.userinfo else "a user name")
-    secret_keys = _secret_query_keys(parts.rest)
+    secret_keys = _masked_query(parts.rest)[1]
     if secret_keys:
         found.append(f"the secret query parameter(s) {secret_keys}")
     if found:

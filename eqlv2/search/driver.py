@@ -1,17 +1,7 @@
-"""The search driver: Ray Tune + Optuna over EQL v2's hyper-parameters, tracked in MLflow.
-
-:func:`run_search` (what ``tune/search.py`` runs) is a pipeline of named steps:
-
-1. :func:`plan_search` — read and check every input, fix every location (absolute: Ray workers
-   run elsewhere) and name; a bad option stops here, before anything starts;
-2. :func:`prepare_datasets` — build each dataset's config once and generate the data it uses;
-3. :func:`ray_cluster` — start Ray (loopback only) or join ``--ray-address``;
-4. :func:`open_tracking` — the MLflow store and the search's parent run;
-5. :func:`trial_settings` and :func:`record_search` — what every trial gets; the search's
-   state file (what ``--resume`` reads) and its settings in MLflow;
-6. :func:`build_tuner` — a new Tune experiment, or the interrupted one restored;
-7. ``tuner.fit()``, then :func:`report_outcome` — the ranked table, the best configuration, the
-   reports, and the parent run closed.
+"""The search driver (``tune/search.py``): Ray Tune + Optuna over EQL v2's hyper-parameters,
+tracked in MLflow. :func:`run_search` is a pipeline of named steps: plan (every input checked
+before anything starts), datasets, Ray, tracking, trial settings and the search's state file, the
+Tune experiment, then the reference trials and the ranked outcome.
 """
 
 from __future__ import annotations
@@ -37,12 +27,12 @@ from ray.tune.search import ConcurrencyLimiter
 
 from eqlv2.engine import setup_cfg
 from eqlv2.engine.base_checkpoint import ensure_base_checkpoint
-from eqlv2.raytrain.launch import pin_dataset_roots
+from eqlv2.raytrain.launch import pin_dataset_roots, run_exists
 
+from . import ranking
 from .credentials import check_url_has_no_credentials
-from .mlflow_client import ui_command
+from .mlflow_client import experiment_url, ui_command
 from .mlflow_driver import SearchTracking
-from .mlflow_ui import experiment_url
 from .mlflow_worker import read_gradient_ratio
 from .options import SearchOptions
 from .optuna_study import (
@@ -52,17 +42,6 @@ from .optuna_study import (
     fail_orphaned_trials,
     open_storage,
     pending_seed_points,
-)
-from .ranking import (
-    TrialRecord,
-    best_config_text,
-    best_record,
-    format_table,
-    paper_point_band,
-    records_from_results,
-    reference_text,
-    search_metrics,
-    write_reports,
 )
 from .ray_local import init_local_ray
 from .references import REFERENCE_KEY, reference_configs, reference_label
@@ -76,39 +55,27 @@ from .settings import (
     repository_root,
 )
 from .space import SearchSpace, load_search_space
-from .stores import prepare_writable_dir, store_url
+from .stores import TuneStorage, prepare_writable_dir, store_url
 from .trial import run_trial
-from .tune_storage import TuneStorage
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["SMOKE_OVERRIDES", "SearchOutcome", "SearchPlan", "run_search"]
 
 #: Overrides of ``--smoke``: the smallest real search (a few iterations, small images, two
 #: evaluations per run so that ASHA has an intermediate result to act on).
 SMOKE_OVERRIDES: tuple[str, ...] = (
-    "SOLVER.MAX_ITER", "12",
-    "SOLVER.STEPS", "(10,)",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "100000",
-    "TEST.EVAL_PERIOD", "6",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)",
-    "INPUT.MAX_SIZE_TRAIN", "160",
-    "INPUT.MIN_SIZE_TEST", "96",
-    "INPUT.MAX_SIZE_TEST", "160",
-    "MODEL.EQLV2.LOG_PERIOD", "6",
+    "SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(10,)", "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "TEST.EVAL_PERIOD", "6", "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160", "MODEL.EQLV2.LOG_PERIOD", "6",
     "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",  # a smoke run tests the plumbing: no base to train
 )  # fmt: skip
 
 #: Completed trials Optuna's parameter-importance plot needs: fewer cannot carry a conclusion.
 MIN_IMPORTANCE_TRIALS = 8
-#: The search's state in its Tune folder (written once, by the driver): what ``--resume`` reads.
-STATE_FILE = "eqlv2_search.json"
-#: The latest search of a Tune storage folder (``--resume`` without ``--name``).
-LATEST_FILE = "latest_search.json"
+#: The search's state in its Tune folder (written once, by the driver), what ``--resume`` reads,
+#: and the latest search of a Tune storage folder (``--resume`` without ``--name``).
+STATE_FILE, LATEST_FILE = "eqlv2_search.json", "latest_search.json"
 #: Custom resource a Ray cluster started here offers for the trials' driver functions: a trial
 #: takes one, no CPU, so its Ray Train workers can have every core (Ray's advice for Tune + Train).
 TRIAL_RESOURCE = "eqlv2_trial"
@@ -137,7 +104,6 @@ class SearchPlan:
 
     @property
     def experiment_path(self) -> str:
-        """The Tune experiment folder (a path or a remote URI)."""
         return self.storage.join(self.name)
 
     @property
@@ -151,32 +117,21 @@ class SearchPlan:
 
 @dataclass
 class SearchOutcome:
-    """What a search produced: the Tune experiment, the ranked ``table`` and its ``records``, the
-    ``best`` record (None if no trial completed), MLflow's ids (None if not tracked), the study,
-    the written ``report_paths``, and the MLflow calls still in the outbox ``mlflow_outbox``
-    (``mlflow_pending``: ``tune/search.py --sync`` replays them)."""
+    """What a search produced: the ranked ``table`` and its ``records``, the ``best`` record (None
+    if no trial completed), the written reports, the ``summary`` to show, and the MLflow calls
+    still in the outbox (``tune/search.py --sync`` replays them)."""
 
     name: str
-    experiment_path: str
     table: str
-    best: TrialRecord | None
-    records: list = field(default_factory=list)
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-    experiment_id: str | None = None
-    optuna_storage: str | None = None
-    study_name: str | None = None
-    report_paths: dict = field(default_factory=dict)
-    mlflow_outbox: str | None = None
+    best: ranking.TrialRecord | None
+    records: list[ranking.TrialRecord]
+    report_paths: dict[str, str]
+    summary: str
     mlflow_pending: int = 0
 
 
 def run_search(options: SearchOptions) -> SearchOutcome:
-    """Runs (or resumes) a search; returns its outcome. See the module docstring.
-
-    Raises:
-        SystemExit: a bad option, with a message naming it.
-    """
+    """Runs (or resumes) a search; a bad option raises SystemExit naming it."""
     _configure_libraries()
     plan = plan_search(options)
     prepare_datasets(plan)
@@ -202,9 +157,6 @@ def _configure_libraries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
-# --- 1. the plan ----------------------------------------------------------------------------------
-
-
 def _search_name(options: SearchOptions, storage: TuneStorage) -> str:
     """``--name``, the latest search's on ``--resume``, else a new time-stamped one."""
     name = options.name
@@ -215,14 +167,13 @@ def _search_name(options: SearchOptions, storage: TuneStorage) -> str:
     name = name or "eqlv2_search_" + time.strftime("%Y%m%d_%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise SystemExit(f"--name {name!r}: use letters, digits and _ . + - only")
-    if storage.exists(name) and not options.resume:
+    if run_exists(storage.location, name) and not options.resume:
         raise SystemExit(f"experiment {storage.join(name)} exists: add --resume to continue it, or give another --name")
     return name
 
 
 def _space_path(value: str) -> Path:
-    """The search-space file: as given, else relative to the repository (``configs/search/...``
-    works from any directory)."""
+    """The search-space file as given, else relative to the repository."""
     path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists() and (repository_root() / path).exists():
         path = repository_root() / path
@@ -277,13 +228,9 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     )
 
 
-# --- 2. datasets ----------------------------------------------------------------------------------
-
-
 def prepare_datasets(plan: SearchPlan) -> None:
-    """Prepares datasets and base checkpoints, once, before any trial: builds each config (a bad
-    config or override stops here), generates the data the configs use, and reads the baseline
-    gradient statistics the plots compare with."""
+    """Once, before any trial: builds each config (a bad one stops here), generates its data and
+    base checkpoint, and reads the baseline gradient statistics the plots compare with."""
     plan.env = pin_dataset_roots()
     logger.info("Building configs and generating the data they use (once)")
     for spec in plan.specs:
@@ -304,9 +251,6 @@ def prepare_datasets(plan: SearchPlan) -> None:
         plan.baselines[dataset] = tuple(read_gradient_ratio(path))
 
 
-# --- 3. Ray ---------------------------------------------------------------------------------------
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -315,18 +259,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
-    """Ray for the search: the running one, ``--ray-address``, or a new local instance (shut
-    down at the end) whose every server listens on 127.0.0.1 only
-    (:func:`~eqlv2.search.ray_local.init_local_ray`) and whose dashboard, on a free loopback port,
-    serves the State API that Ray Train's own placement-group cleaner needs to release the
-    workers of stopped trials."""
+    """The running Ray, ``--ray-address``, or a new loopback-only local instance (shut down at the
+    end). Its dashboard serves the State API that Ray Train's placement-group cleaner needs to
+    release the workers of stopped trials."""
     if ray.is_initialized():
         yield
         return
     if options.ray_address:
         ray.init(address=options.ray_address, runtime_env={"env_vars": env}, log_to_driver=options.verbose)
     else:
-        init_local_ray(  # a new instance, never another user's running cluster; loopback only
+        init_local_ray(
             num_cpus=options.num_cpus,
             resources={TRIAL_RESOURCE: 1000},
             include_dashboard=True,
@@ -342,12 +284,8 @@ def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
         ray.shutdown()
 
 
-# --- 4-5. tracking, settings, state ---------------------------------------------------------------
-
-
 def open_tracking(plan: SearchPlan) -> SearchTracking | None:
-    """The MLflow store and the search's parent run (reopened on resume); None if unreachable.
-    MLflow calls the server does not take wait in ``<results dir>/mlflow_outbox/<host>``."""
+    """The MLflow store and the search's parent run (reopened on resume); None if unreachable."""
     artifacts, outbox = plan.results_dir / "mlartifacts", plan.results_dir / "mlflow_outbox"
     return SearchTracking.open(plan.tracking_uri, plan.options.mlflow_experiment, artifacts, plan.name, plan.parent_run_id, outbox)
 
@@ -368,7 +306,6 @@ def _opt_value(opts: Sequence[str], key: str, default: Any) -> Any:
 
 
 def trial_settings(plan: SearchPlan, tracking: SearchTracking | None) -> TrialSettings:
-    """What every trial of the search gets (picklable)."""
     options = plan.options
     return TrialSettings(
         space=plan.space,
@@ -400,9 +337,7 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
     return {
         **{f"space/{k}": v for k, v in plan.space.describe().items()},
         "search_space_file": str(plan.space_file),
-        "datasets": ",".join(settings.dataset_names),
-        **{f"config/{s.name}": s.config_file for s in plan.specs},
-        "overrides": " ".join(plan.opts) or "-",
+        **settings.run_params(),
         "metric": plan.objective.text,
         "workers_per_trial": settings.num_workers,
         "optuna_storage": plan.optuna_url,
@@ -414,8 +349,8 @@ def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
 
 
 def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> None:
-    """Writes the search's state file (the only writer: this driver) and, for a new search, its
-    settings, search space and command line on the parent run."""
+    """Writes the search's state file and, for a new search, its settings, search space and
+    command line on the parent run."""
     state = {
         "name": plan.name,
         "tracking_uri": settings.tracking_uri,
@@ -433,12 +368,8 @@ def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTra
         tracking.log_start(_parent_params(plan, settings), {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
 
 
-# --- 6. the Tune experiment -----------------------------------------------------------------------
-
-
 def _trial_resources() -> dict[str, float]:
-    """What the trial function itself reserves: no CPU. Tune needs a non-empty request: the custom
-    resource of a cluster started here, else one byte of memory."""
+    """No CPU for the trial function itself; Tune needs a non-empty request."""
     if ray.cluster_resources().get(TRIAL_RESOURCE, 0) >= 1:
         return {TRIAL_RESOURCE: 1}
     logger.info("The Ray cluster has no %r resource: trials reserve 1 byte of memory, no CPU", TRIAL_RESOURCE)
@@ -472,19 +403,23 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
     )  # fmt: skip
 
 
-#: One trial as Tune runs it: ``(config, settings)``; :func:`~eqlv2.search.trial.run_trial`, or
-#: a stand-in (``benchmarks/search_scale.py``).
+#: One trial as Tune runs it: :func:`~eqlv2.search.trial.run_trial`, or a stand-in.
 TrialFunction = Callable[[dict[str, Any], TrialSettings], None]
 
 
 def _trainable(settings: TrialSettings, trial_function: TrialFunction = run_trial):
-    """``trial_function`` with the search's settings bound and one trial's resources."""
     return tune.with_resources(tune.with_parameters(trial_function, settings=settings), _trial_resources())
 
 
+def _restored(options: SearchOptions, path: str, trainable) -> tune.Tuner | None:
+    if options.resume and tune.Tuner.can_restore(path):
+        logger.info("Resuming Tune experiment %s", path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    return None
+
+
 def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
-    """Where a Tune experiment of the search lives, and what watches it; a failed trial never
-    stops the search (Tune records it, the study marks it ``FAIL``)."""
+    """A failed trial never stops the search (Tune records it, the study marks it ``FAIL``)."""
     return tune.RunConfig(
         name=name,
         storage_path=plan.storage.location,
@@ -498,13 +433,11 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
 def build_tuner(
     plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, trial_function: TrialFunction = run_trial
 ) -> tune.Tuner:
-    """The interrupted Tune experiment restored (``--resume``), else a new one, whose trials
-    ``trial_function`` runs (:data:`TrialFunction`)."""
+    """The interrupted Tune experiment restored (``--resume``), else a new one."""
     options, path = plan.options, plan.experiment_path
     trainable = _trainable(settings, trial_function)
-    if options.resume and tune.Tuner.can_restore(path):
-        logger.info("Resuming Tune experiment %s (study %r)", path, plan.study_name)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    if restored := _restored(options, path, trainable):
+        return restored
     storage = open_storage(plan.optuna_url)
     directions = ["maximize"] * (len(plan.specs) if settings.multi_objective else 1)
     study = optuna.create_study(storage=storage, study_name=plan.study_name, load_if_exists=True, directions=directions)
@@ -525,19 +458,16 @@ def build_tuner(
 
 
 def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner | None:
-    """The reference trials (:mod:`eqlv2.search.references`) as a second Tune experiment, restored
-    on ``--resume``; None when there are none. No scheduler and no searcher: every reference runs
-    to its end and stays out of the Optuna study."""
+    """The reference trials (:mod:`eqlv2.search.references`) as a second Tune experiment; None
+    when there are none. No scheduler, no searcher: each runs to its end, outside the study."""
     options = plan.options
     configs = reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed)
     if not configs:
         return None
-    trainable = _trainable(settings)
-    name = f"{plan.name}-references"
-    path = plan.storage.join(name)
-    if options.resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    print(f"\nReference trials: {', '.join(reference_label(c) for c in configs)}\n", flush=True)
+    trainable, name = _trainable(settings), f"{plan.name}-references"
+    if restored := _restored(options, plan.storage.join(name), trainable):
+        return restored
+    logger.info("Reference trials: %s", ", ".join(reference_label(c) for c in configs))
     return tune.Tuner(
         trainable,
         param_space={REFERENCE_KEY: tune.grid_search(configs)},
@@ -548,16 +478,12 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
 
 def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
     options = plan.options
-    print(
-        f"\nSearch {plan.name}: {options.num_trials} trial(s) of {', '.join(settings.dataset_names)}, "
-        f"{settings.num_workers} Ray Train worker(s) per trial, concurrency {options.concurrency}, "
-        f"{options.scheduler} scheduler, metric {plan.objective.text}; study {plan.study_name!r}; then "
-        f"{len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))} reference trial(s)\n",
-        flush=True,
-    )
-
-
-# --- 7. the outcome -------------------------------------------------------------------------------
+    references = len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))
+    logger.info(
+        "Search %s: %d trial(s) of %s, %d Ray Train worker(s) per trial, concurrency %d, %s scheduler, metric %s; "
+        "study %r; then %d reference trial(s)", plan.name, options.num_trials, ", ".join(settings.dataset_names),
+        settings.num_workers, options.concurrency, options.scheduler, plan.objective.text, plan.study_name, references,
+    )  # fmt: skip
 
 
 def _importance_note(study: optuna.Study) -> str:
@@ -570,61 +496,49 @@ def _importance_note(study: optuna.Study) -> str:
     )
 
 
-def _print_summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTracking | None) -> None:
-    print("\nRanked trials (best first; stopped early and failed trials last; reference trials `ref`):\n", flush=True)
-    print(f"{table}\n\n{best_text}\n")
-    print(f"Ray Tune results: {plan.experiment_path}")
-    print(f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}")
-    if tracking is not None:
-        uri, remote = tracking.tracking_uri, tracking.tracking_uri.startswith(("http://", "https://"))
-        print(f"MLflow runs:      {uri}")
-        print(f"Open the MLflow UI with:\n  {ui_command(uri)}")
-        print(f"  then the search's trials: {experiment_url(uri if remote else 'http://127.0.0.1:5000', tracking.experiment_id)}")
-        state = tracking.outbox_state
-        if state is not None and state.pending:
-            print(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
-                  f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
-        print(state.summary() + f" (outbox {tracking.outbox_root})" if state else "", flush=True)
-    else:
-        print("MLflow: not tracked (the store was unreachable at start)", flush=True)
+def _summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTracking | None) -> str:
+    lines = [
+        "Ranked trials (best first; stopped early and failed trials last; reference trials `ref`):\n",
+        f"{table}\n\n{best_text}\n",
+        f"Ray Tune results: {plan.experiment_path}",
+        f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}",
+    ]
+    if tracking is None:
+        return "\n".join([*lines, "MLflow: not tracked (the store was unreachable at start)"])
+    uri, state = tracking.tracking_uri, tracking.outbox_state
+    ui_base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    lines += [f"MLflow runs:      {uri}", f"Open the MLflow UI with:\n  {ui_command(uri)}"]
+    lines.append(f"  then the search's trials: {experiment_url(ui_base, tracking.experiment_id)}")
+    if state is not None and state.pending:
+        lines.append(f"MLflow is missing {state.pending} call(s) of this search: once the server is back, replay them with\n"
+                     f"  python tune/search.py --sync --results-dir {plan.results_dir}")  # fmt: skip
+    lines.append(state.summary() + f" (outbox {tracking.outbox_root})" if state else "")
+    return "\n".join(lines)
 
 
 def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
-    """Ranks the trials (the search's, then the references), writes the reports, closes the parent
-    run and prints the summary."""
+    """Ranks the trials, writes the reports and closes the parent run."""
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
-    records = records_from_results(list(results), settings, study)
-    band = paper_point_band(records, settings) if plan.options.noise_seeds else None
-    table, best = format_table(records, settings, band), best_record(records)
-    best_text = "\n".join(filter(None, [reference_text(records, settings, band), best_config_text(best, settings, band)]))
+    records = ranking.records_from_results(list(results), settings, study)
+    band = ranking.paper_point_band(records, settings) if plan.options.noise_seeds else None
+    table, best = ranking.format_table(records, settings, band), ranking.best_record(records)
+    texts = [ranking.reference_text(records, settings, band), ranking.best_config_text(best, settings, band)]
+    best_text = "\n".join(text for text in texts if text)
     if settings.multi_objective:
         front = sorted(r.trial_id for r in records if r.pareto)
         best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
     best_text += "\n" + _importance_note(study)
-    paths = write_reports(records, settings, plan.reports_dir, band)
+    paths = ranking.write_reports(records, settings, plan.reports_dir, band)
     plan.storage.upload(list(paths.values()), plan.name)
     interrupted = any(r.status == "running" for r in records)
     if tracking is not None:
         tracking.close_open_runs({r.trial_id: r.status for r in records})
         tracking.log_optuna_figures(study, settings.objective.text, MIN_IMPORTANCE_TRIALS)
-        metrics, tags = search_metrics(records, settings, band)
+        metrics, tags = ranking.search_metrics(records, settings, band)
         texts = {"summary.txt": table + "\n\n" + best_text + "\n"}
         tracking.finish(list(paths.values()), texts, metrics, tags, interrupted)
     if interrupted:
         best_text += "\n\nThe search was interrupted: continue it with the same command and --resume."
-    _print_summary(plan, table, best_text, tracking)
-    return SearchOutcome(
-        name=plan.name,
-        experiment_path=plan.experiment_path,
-        table=table,
-        best=best,
-        records=records,
-        tracking_uri=tracking.tracking_uri if tracking else None,
-        parent_run_id=tracking.parent_run_id if tracking else None,
-        experiment_id=tracking.experiment_id if tracking else None,
-        optuna_storage=plan.optuna_url,
-        study_name=plan.study_name,
-        report_paths={k: str(v) for k, v in paths.items()},
-        mlflow_outbox=tracking.outbox_root if tracking else None,
-        mlflow_pending=tracking.outbox_state.pending if tracking and tracking.outbox_state else 0,
-    )
+    pending = tracking.outbox_state.pending if tracking and tracking.outbox_state else 0
+    summary = _summary(plan, table, best_text, tracking)
+    return SearchOutcome(plan.name, table, best, records, {k: str(v) for k, v in paths.items()}, summary, pending)

@@ -1,34 +1,33 @@
 """What every MLflow writer of a search shares: tags, the tracking store, reads, HTTP limits.
 
-Every MLflow write of a search (driver, trial, rank-0 worker) goes through
-:class:`eqlv2.search.mlflow_outbox.DurableMlflow`, which never raises and keeps on local disk
-what it cannot send. What each process writes is in :mod:`eqlv2.search.mlflow_driver` (the
-parent run, and every trial's final state) and :mod:`eqlv2.search.mlflow_worker` (a trial's
-metrics and artifacts, from its rank-0 worker).
+Every write goes through :class:`eqlv2.search.mlflow_outbox.DurableMlflow`. Child runs name their
+parent with the ``mlflow.parentRunId`` tag set at creation through ``MlflowClient``: the fluent
+``mlflow.start_run(parent_run_id=...)`` would make the run the process's active run, which MLflow
+ends (``FINISHED``) when the process exits, making the trial a second writer of its final state.
 
-Child runs name their parent with MLflow's ``mlflow.parentRunId`` tag, set at creation through
-``MlflowClient``: the fluent ``mlflow.start_run(parent_run_id=...)`` would make the run the
-process's active run, which MLflow ends (``FINISHED``) when the process exits, so the trial
-process would become a second writer of the run's final state.
+The MLflow UI (3.17) shows an experiment either as "GenAI apps & agents" or as "Machine learning"
+(the runs table). Older UIs read the kind from the experiment tag ``mlflow.experimentKind``
+(:func:`tag_experiment_for_training`, at driver start); 3.17 reads the browser's *workflow type*,
+which the link's ``workflowType=machine_learning`` sets (:func:`experiment_url`). Checked in a
+real browser by ``tests/test_mlflow_ui_browser.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from .stores import is_local_uri
 
-__all__ = [
-    "PARENT_TAG", "ROLE_TAG", "SEARCH_TAG", "STATUS_TAG", "TRIAL_HTTP_LIMITS", "TRIAL_TAG", "finite_metrics",
-    "first_line", "limit_http_retries", "prepare_tracking_store", "search_tagged_runs", "ui_command",
-]  # fmt: skip
+logger = logging.getLogger(__name__)
 
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 TRIAL_TAG = "tune_trial_id"
@@ -37,9 +36,8 @@ SEARCH_TAG = "search_name"
 #: What a trial run is: ``search`` (a trial of the search), ``baseline`` or ``noise`` (a reference).
 ROLE_TAG = "trial_role"
 
-#: MLflow's HTTP client settings in trial and rank-0 worker processes. MLflow 3.17 reads them from
-#: ``os.environ`` at every request (``mlflow.utils.rest_utils.http_request``), and by default
-#: retries a failing request 7 times with exponential backoff (minutes): a trial must not stall on
+#: MLflow's HTTP client settings in trial and rank-0 worker processes (read from ``os.environ`` at
+#: every request). By default it retries a failing request for minutes: a trial must not stall on
 #: a dead server, its calls go to the outbox instead.
 TRIAL_HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
@@ -49,12 +47,10 @@ TRIAL_HTTP_LIMITS = {
 
 
 def limit_http_retries() -> None:
-    """Sets :data:`TRIAL_HTTP_LIMITS` in this process's environment (trials, rank-0 workers)."""
     os.environ.update(TRIAL_HTTP_LIMITS)
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this tracking store."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the tracking server's own UI)"
     return f"mlflow ui --backend-store-uri {uri}"
@@ -62,17 +58,8 @@ def ui_command(uri: str) -> str:
 
 def prepare_tracking_store(uri: str, experiment: str, artifact_root: str | os.PathLike | None) -> str:
     """Creates the tracking database (once, by the driver: two processes creating a SQLite MLflow
-    database at once crash) and the experiment; returns the experiment's id.
-
-    Args:
-        uri: the tracking URI.
-        experiment: experiment name.
-        artifact_root: artifact folder of a local store (absolute, so that Ray workers with
-            another working directory write to the same place); None lets the server decide.
-
-    Raises:
-        Exception: whatever MLflow raises when the store is unreachable.
-    """
+    database at once crash) and the experiment; returns its id. ``artifact_root`` is the artifact
+    folder of a local store (made absolute for workers in other folders)."""
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -95,11 +82,7 @@ def search_tagged_runs(client: MlflowClient, experiment_id: str, tags: Mapping[s
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of ``metrics`` as floats (NaN, infinities and text dropped)."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool | int | float) and math.isfinite(float(value)):
-            out[str(key)] = float(value)
-    return out
+    return {str(k): float(v) for k, v in metrics.items() if isinstance(v, bool | int | float) and math.isfinite(float(v))}
 
 
 def first_line(error: BaseException | str) -> str:
@@ -108,3 +91,31 @@ def first_line(error: BaseException | str) -> str:
     if not text:
         return type(error).__name__ if isinstance(error, BaseException) else ""
     return text.splitlines()[0][:300]
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def tag_experiment_for_training(client, experiment_id: str) -> bool:
+    """Tags the experiment as model training unless it has a kind (a user's choice is kept);
+    whether it now carries :data:`MODEL_TRAINING_KIND`. Never raises."""
+    try:
+        current = client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG)
+        if current is None:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+            current = MODEL_TRAINING_KIND
+    except Exception as error:
+        logger.warning("Could not tag MLflow experiment %s as model training: %s", experiment_id, error)
+        return False
+    return current == MODEL_TRAINING_KIND
+
+
+def experiment_url(ui_base: str, experiment_id: str, rank_by: str | None = "objective") -> str:
+    """The link to an experiment's runs table in machine-learning mode, sorted by ``rank_by``
+    (descending): sorted by a metric, the table lists the child runs flat instead of folding them
+    under their parent."""
+    url = f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if rank_by:
+        url += "&orderByKey=" + quote(f"metrics.`{rank_by}`", safe="") + "&orderByAsc=false"
+    return url

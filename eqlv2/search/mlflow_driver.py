@@ -1,23 +1,12 @@
 """The driver's MLflow writer: the search's parent run, and the final state of every trial run.
 
-Layout of one search in MLflow (experiment ``eqlv2-search`` by default):
-
-* one **parent run** per search (tags ``kind=search``, ``search_name``): the search space and
-  settings as params; at the end the ranked table, the best configuration, Optuna's figures;
-* one **child run** per trial, created by the trial process (tags ``mlflow.parentRunId``,
-  ``tune_trial_id``; params ``gamma``, ``mu``, ``alpha``, ...) and continued by it when a resumed
-  search restarts the trial, filled by its rank-0 workers (:mod:`eqlv2.search.mlflow_worker`).
-
-:class:`SearchTracking` is the only writer of a trial run's final state, because only the driver
-knows why a trial ended: completed (``FINISHED``, tag ``trial_status=completed``), stopped by the
-scheduler (``KILLED``, ``stopped_early``), failed (``FAILED``, ``failed``, the error as tag and
-``error.txt``), or cut short by an interrupted driver (``KILLED``, ``interrupted``). A trial
-process that is stopped while it still reports cannot change that.
-
-Every write goes through :class:`~eqlv2.search.mlflow_outbox.DurableMlflow`, into the node's
-outbox while the server is down. The driver finds a trial's run by its tags on the server and in
-the outbox (so a run created while the server was down, known only by its placeholder, is closed
-too), and replays the outbox at the end of the search before it closes what is still open.
+One parent run per search (tags ``kind=search``, ``search_name``: the settings as params, at the
+end the ranked table, the best configuration and Optuna's figures) and one child run per trial,
+created by the trial process and filled by its rank-0 workers. :class:`SearchTracking` alone
+writes a trial run's final state, since only the driver knows why a trial ended: completed
+(``FINISHED``), stopped by the scheduler (``KILLED``, ``stopped_early``), failed (``FAILED``, the
+error as tag and ``error.txt``) or cut short by an interrupted driver (``KILLED``,
+``interrupted``). It finds a trial's run by its tags, on the server and in the outbox.
 """
 
 from __future__ import annotations
@@ -39,14 +28,12 @@ from .mlflow_client import (
     TRIAL_TAG,
     first_line,
     prepare_tracking_store,
+    tag_experiment_for_training,
 )
-from .mlflow_outbox import DurableMlflow, ReplayReport, node_outbox, outbox_report
-from .mlflow_ui import tag_experiment_for_training
+from .mlflow_outbox import DurableMlflow, ReplayReport, outbox_report
 from .plots import optuna_history_figure, optuna_importance_figure
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["SearchTracking", "close_stale_child_runs"]
 
 #: Final state of a trial run by the trial's status in the search: (tag trial_status, run status).
 FINAL_STATES = {
@@ -77,8 +64,7 @@ def error_summary(text: str) -> str:
 
 
 def close_stale_child_runs(mlflow: DurableMlflow, experiment_id: str, parent_run_id: str, status: str) -> int:
-    """Closes ``KILLED`` (tag ``trial_status=status``) the child runs left open by an interrupted
-    driver; returns how many."""
+    """Closes ``KILLED`` the child runs an interrupted driver left open; returns how many."""
     closed = 0
     for run in mlflow.find_runs(experiment_id, {PARENT_TAG: parent_run_id}):
         if run.open:
@@ -91,15 +77,8 @@ def close_stale_child_runs(mlflow: DurableMlflow, experiment_id: str, parent_run
 
 
 class SearchTracking(Callback):
-    """Tune callback on the driver, and the driver's only MLflow writer (see the module docstring).
-
-    Args:
-        tracking_uri: the store.
-        experiment_id: the search's experiment.
-        parent_run_id: the search's parent run.
-        outbox_root: the search's outbox folder (``<results dir>/mlflow_outbox``); each node
-            keeps its outbox in a subfolder (:func:`~eqlv2.search.mlflow_outbox.node_outbox`).
-    """
+    """Tune callback on the driver, and the driver's only MLflow writer (see the module docstring);
+    ``outbox_root`` is the search's outbox folder (``<results dir>/mlflow_outbox``)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, outbox_root: str | os.PathLike) -> None:
         self.tracking_uri = tracking_uri
@@ -107,14 +86,13 @@ class SearchTracking(Callback):
         self.parent_run_id = parent_run_id
         self.outbox_root = str(Path(outbox_root).expanduser().resolve())
         self.started = time.time()
-        #: what the outboxes held at the end of the search (set by :meth:`finish`).
         self.outbox_state: ReplayReport | None = None
-        self.mlflow = DurableMlflow(tracking_uri, node_outbox(self.outbox_root))
+        self.mlflow = DurableMlflow.on_node(tracking_uri, self.outbox_root)
 
     @classmethod
     def open(cls, uri: str, experiment: str, artifact_root: Path, name: str, parent_run_id: str | None, outbox_root: Path) -> SearchTracking | None:
-        """The tracking of search ``name``: its parent run created, or reopened on resume (the
-        runs its interrupted trials left open closed); None when the store is unreachable."""
+        """The tracking of search ``name``: its parent run created, or reopened on resume; None when
+        the store is unreachable."""
         try:
             experiment_id = prepare_tracking_store(uri, experiment, artifact_root)
         except Exception as error:  # the never-raise guard: an untracked search still runs
@@ -123,7 +101,7 @@ class SearchTracking(Callback):
                 "results stay in the Tune folder and the Optuna study.", uri, type(error).__name__, first_line(error),
             )  # fmt: skip
             return None
-        mlflow = DurableMlflow(uri, node_outbox(outbox_root))
+        mlflow = DurableMlflow.on_node(uri, outbox_root)
         # MLflow's UI opens an experiment without a kind on its GenAI pages: mark it as training.
         mlflow.call("tagging the experiment", lambda c: tag_experiment_for_training(c, experiment_id))
         if parent_run_id:
@@ -138,7 +116,7 @@ class SearchTracking(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.mlflow = DurableMlflow(self.tracking_uri, node_outbox(self.outbox_root))
+        self.mlflow = DurableMlflow.on_node(self.tracking_uri, self.outbox_root)
 
     def _close(self, run_id: str, status: str, metrics: Mapping[str, Any], error: str | None) -> None:
         tag, run_status = FINAL_STATES[status]
@@ -167,9 +145,8 @@ class SearchTracking(Callback):
         self._close_trial(trial, "failed", _error_text(trial))
 
     def close_open_runs(self, statuses: Mapping[str, str]) -> None:
-        """Replays the outbox, then closes the runs still open by their trial's status
-        (``statuses``: Tune trial id → status); a run whose create call was in flight when its
-        trial ended is caught here."""
+        """Replays the outbox, then closes the runs still open by their trial's status (``statuses``:
+        Tune trial id → status), e.g. a run whose create call was in flight when its trial ended."""
         self.mlflow.flush()
         for run in self.mlflow.find_runs(self.experiment_id, {PARENT_TAG: self.parent_run_id}):
             if run.open:
@@ -179,7 +156,10 @@ class SearchTracking(Callback):
     def log_start(self, params: Mapping[str, Any], files: Mapping[str, str]) -> None:
         """The search's settings (params) and ``{artifact name: text}`` on the parent run."""
         self.mlflow.log_params(self.parent_run_id, params)
-        for artifact_file, text in files.items():
+        self._log_texts(files)
+
+    def _log_texts(self, texts: Mapping[str, str]) -> None:
+        for artifact_file, text in texts.items():
             self.mlflow.log_text(self.parent_run_id, text, artifact_file)
 
     def log_optuna_figures(self, study, target_name: str, min_importance_trials: int = 2) -> None:
@@ -195,8 +175,7 @@ class SearchTracking(Callback):
         """Logs the outcome on the parent run and closes it (``KILLED`` if the search was interrupted)."""
         for path in files:
             self.mlflow.log_artifact(self.parent_run_id, path)
-        for artifact_file, text in texts.items():
-            self.mlflow.log_text(self.parent_run_id, text, artifact_file)
+        self._log_texts(texts)
         self.mlflow.log_metrics(self.parent_run_id, metrics, step=0)
         self.mlflow.set_tags(self.parent_run_id, {**tags, "search_status": "interrupted" if interrupted else "finished"})
         self.mlflow.terminate(self.parent_run_id, "KILLED" if interrupted else "FINISHED")

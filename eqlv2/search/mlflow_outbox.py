@@ -1,38 +1,21 @@
 """A durable outbox for MLflow: calls made while the tracking server is unreachable are kept on
 local disk, in order, and replayed exactly once when it is back.
 
-* :class:`Outbox` — the journal of one folder: an SQLite file ``outbox.sqlite``, copies of the
-  artifact files (``blobs/``), and the registry of the runs created through it;
-* :func:`replay` (:func:`replay_all` for every node's folder) sends the pending entries in order;
-  :func:`outbox_report` says what was replayed and what is left;
-* :class:`DurableMlflow` — the never-raising client of every MLflow writer of a search: it writes
-  through while the server answers, journals while it does not, and replays the backlog in order
-  before it writes through again.
+One outbox per node (:func:`node_outbox`, ``<results dir>/mlflow_outbox/<hostname>``, on a local
+disk: SQLite locking is not safe on NFS). The driver, its trials and their rank-0 workers append
+to the same journal, so their calls are replayed in the order they were made, whichever process
+replays. A folder belongs to one tracking URI and holds no credentials.
 
-One outbox per node (:func:`node_outbox`: ``<results dir>/mlflow_outbox/<hostname>``, on a local
-disk: SQLite locking is not safe on NFS): the driver, its trials and their rank-0 workers append
-to the same journal, so their calls are replayed in the order they were made whichever process
-replays. A folder belongs to one tracking URI (opening it for another raises) and holds no
-credentials (URIs carrying passwords are refused earlier, ``eqlv2.search.credentials``). SQLite,
-not a JSONL file: entries change state, placeholders map to run ids, and several processes append.
+Exactly once: an entry is marked *sent* before its call goes out and *done* (with the
+placeholder's real run id, in one transaction) after it returns. A *sent* entry may already be
+on the server, so its replay checks first: a run is created with the tag :data:`OUTBOX_RUN_TAG`
+= its placeholder and an existing run with it is reused; metric points and params the run holds
+are dropped; tags, artifacts, texts and states overwrite with the same value.
 
-Exactly once. An entry is marked *sent* before its call goes out and *done* (in the same
-transaction as the placeholder's real run id) after it returns; a call that failed on the way
-(a timeout, a connection reset) is journaled *sent*. The server may hold a *sent* entry already,
-so it is sent again only after checking: a run is created with the tag :data:`OUTBOX_RUN_TAG` =
-its placeholder and an existing run with it is reused; metric points already in the history and
-params already set are dropped; tags, artifacts, texts and run states overwrite with the same
-value.
-
-Run handles. ``create_run`` while the server is down returns a placeholder (``outbox-<hex>``)
-that every method accepts; the outbox maps it to the real id, so another process of the node (the
-driver closing a trial's run, ``tune/search.py --sync``) can use it, and
-:meth:`DurableMlflow.find_runs` finds runs by tag in this registry as well as on the server.
-
-Failures. An unreachable server (connection errors, timeouts, 5xx, authentication) leaves an
-entry pending. A call the server rejects (MLflow's 4xx error codes, or a client-side error such as
-a missing file) is marked *failed* with its error and reported, so it cannot block the calls after
-it.
+``create_run`` while the server is down returns a placeholder (``outbox-<hex>``) that every
+method accepts and that the outbox maps to the real id. An unreachable server (connection
+errors, timeouts, 5xx) leaves an entry pending; a call the server rejects (MLflow's 4xx codes, a
+missing file) is marked *failed* and reported, so it cannot block the calls after it.
 """
 
 from __future__ import annotations
@@ -48,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,55 +42,35 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from .mlflow_client import finite_metrics, first_line, search_tagged_runs
+from .mlflow_client import finite_metrics, first_line, limit_http_retries, search_tagged_runs
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "OUTBOX_RUN_TAG", "DurableMlflow", "JournalEntry", "Outbox", "ReplayReport", "TrackedRun", "node_outbox",
-    "outbox_folders", "outbox_report", "pending_count", "replay", "replay_all",
-]  # fmt: skip
-
 #: Tag of a run created through the outbox: its placeholder id (makes re-creation idempotent).
 OUTBOX_RUN_TAG = "eqlv2.outbox_run"
-#: Prefix of placeholder run ids.
 PLACEHOLDER_PREFIX = "outbox-"
 #: MLflow error codes meaning "the server answered and refuses this call": not retried.
 REJECTION_CODES = frozenset(
     {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
      "BAD_REQUEST", "MALFORMED_REQUEST", "RESOURCE_LIMIT_EXCEEDED", "REQUEST_LIMIT_EXCEEDED"}
 )  # fmt: skip
-#: MLflow's batch limits: metrics per ``log_batch`` (1000; 900 leaves room) and params or tags (100).
-METRICS_PER_BATCH = 900
-PARAMS_PER_BATCH = 100
-#: Run statuses of an open run.
 OPEN_STATUSES = ("RUNNING", "SCHEDULED")
-
 PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    op TEXT NOT NULL,
-    run_ref TEXT,
-    payload TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    error TEXT,
-    created REAL NOT NULL
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, run_ref TEXT, payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', error TEXT, created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
 CREATE TABLE IF NOT EXISTS runs (
-    placeholder TEXT PRIMARY KEY,
-    run_id TEXT,
-    tags TEXT NOT NULL DEFAULT '{}',
-    closed INTEGER NOT NULL DEFAULT 0
+    placeholder TEXT PRIMARY KEY, run_id TEXT, tags TEXT NOT NULL DEFAULT '{}', closed INTEGER NOT NULL DEFAULT 0
 );
 """
 
 
 def is_placeholder(run_ref: str | None) -> bool:
-    """Whether ``run_ref`` is an outbox placeholder rather than an MLflow run id."""
     return bool(run_ref) and str(run_ref).startswith(PLACEHOLDER_PREFIX)
 
 
@@ -122,10 +86,8 @@ def outbox_folders(root: str | os.PathLike) -> list[Path]:
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """One journaled MLflow call: its position ``seq`` (replay order), operation ``op``
-    (``create_run``, ``log_batch``, ``log_artifact``, ``log_text``, ``update_run`` or
-    ``set_terminated``), run (real id or placeholder), arguments (JSON-able) and state
-    (``pending``, ``sent``, ``done`` or ``failed``)."""
+    """One journaled call: ``op`` is ``create_run``, ``log_batch``, ``log_artifact``,
+    ``log_text``, ``update_run`` or ``set_terminated``; ``payload`` its JSON-able arguments."""
 
     seq: int
     op: str
@@ -136,8 +98,8 @@ class JournalEntry:
 
 @dataclass(frozen=True)
 class TrackedRun:
-    """A run found by :meth:`DurableMlflow.find_runs`: its id or placeholder, whether it is still
-    open (as far as this node knows), and its tags."""
+    """A run found by :meth:`DurableMlflow.find_runs`: id or placeholder, open as far as this
+    node knows, tags."""
 
     ref: str
     open: bool
@@ -145,12 +107,7 @@ class TrackedRun:
 
 
 class Outbox:
-    """The journal in ``folder`` (created if missing), bound to one tracking URI.
-
-    Args:
-        folder: a local folder of this node.
-        tracking_uri: the tracking URI the entries are for; None opens an existing outbox for
-            whatever URI it holds.
+    """The journal in ``folder``, bound to ``tracking_uri`` (None: the one it holds).
 
     Raises:
         ValueError: the outbox belongs to another tracking URI, or a new outbox has no URI.
@@ -181,7 +138,6 @@ class Outbox:
         return row[0]
 
     def close(self) -> None:
-        """Closes the database connection."""
         self._db.close()
 
     @contextmanager
@@ -193,8 +149,6 @@ class Outbox:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-
-    # -- writing -------------------------------------------------------------------------------
 
     def append(self, op: str, run_ref: str | None, payload: Mapping[str, Any], state: str = PENDING, error: str | None = None) -> int:
         """Journals one call durably; returns its sequence number."""
@@ -224,25 +178,20 @@ class Outbox:
         os.replace(partial, target)
         return str(target)
 
-    def mark(self, seq: int, state: str, error: str | None = None, run_id: str | None = None, placeholder: str | None = None) -> None:
-        """Sets an entry's state (and maps ``placeholder`` to ``run_id``) in one transaction."""
+    def mark(
+        self, seq: int | None, state: str = DONE, error: str | None = None, run_id: str | None = None, placeholder: str | None = None
+    ) -> None:
+        """Sets entry ``seq``'s state (None: no entry) and maps ``placeholder`` to ``run_id``, in
+        one transaction."""
         with self._transaction() as db:
-            db.execute("UPDATE entries SET state = ?, error = ? WHERE seq = ?", (state, error, seq))
+            if seq is not None:
+                db.execute("UPDATE entries SET state = ?, error = ? WHERE seq = ?", (state, error, seq))
             if placeholder and run_id:
-                self._map(db, placeholder, run_id)
-
-    def map_placeholder(self, placeholder: str, run_id: str) -> None:
-        """Records the real run id of ``placeholder`` (a run created at once)."""
-        with self._transaction() as db:
-            self._map(db, placeholder, run_id)
-
-    @staticmethod
-    def _map(db: sqlite3.Connection, placeholder: str, run_id: str) -> None:
-        db.execute(
-            "INSERT INTO runs (placeholder, run_id) VALUES (?, ?) "
-            "ON CONFLICT (placeholder) DO UPDATE SET run_id = excluded.run_id",
-            (placeholder, run_id),
-        )
+                db.execute(
+                    "INSERT INTO runs (placeholder, run_id) VALUES (?, ?) "
+                    "ON CONFLICT (placeholder) DO UPDATE SET run_id = excluded.run_id",
+                    (placeholder, run_id),
+                )
 
     def set_closed(self, run_ref: str, closed: bool, tags: Mapping[str, str] | None = None) -> None:
         """Records that ``run_ref`` was closed (or reopened) through this outbox; a run the
@@ -254,11 +203,8 @@ class Outbox:
             if not changed and tags is not None:
                 db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (run_ref, run_ref, json.dumps(dict(tags)), int(closed)))
 
-    # -- reading -------------------------------------------------------------------------------
-
     def resolve(self, run_ref: str | None) -> str | None:
-        """The MLflow run id of ``run_ref``: itself, or the mapped id of a placeholder (None if the
-        run has not been created yet)."""
+        """The MLflow run id of ``run_ref`` (None: a placeholder whose run is not created yet)."""
         if not is_placeholder(run_ref):
             return run_ref
         row = self._db.execute("SELECT run_id FROM runs WHERE placeholder = ?", (run_ref,)).fetchone()
@@ -273,27 +219,20 @@ class Outbox:
         return None if row is None else JournalEntry(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
     def count(self, *states: str) -> int:
-        """Entries in ``states``."""
         marks = ", ".join("?" * len(states))
         return int(self._db.execute(f"SELECT COUNT(*) FROM entries WHERE state IN ({marks})", states).fetchone()[0])
 
-    def tally(self, since: float = 0.0) -> dict[str, dict[str, int]]:
-        """``{state: {op: entries}}`` of the entries journaled at or after ``since`` (epoch s)."""
-        out: dict[str, dict[str, int]] = {}
-        rows = self._db.execute("SELECT state, op, COUNT(*) FROM entries WHERE created >= ? GROUP BY state, op", (since,))
-        for state, op, number in rows:
-            out.setdefault(state, {})[op] = int(number)
-        return out
-
-    def failures(self, since: float = 0.0) -> list[tuple[int, str, str]]:
-        """``(seq, op, error)`` of the entries the server rejected (journaled since ``since``)."""
-        rows = self._db.execute("SELECT seq, op, error FROM entries WHERE state = ? AND created >= ? ORDER BY seq", (FAILED, since))
-        return [(int(seq), op, error or "") for seq, op, error in rows]
-
-    def placeholders(self) -> dict[str, str | None]:
-        """``{placeholder: run id or None}``."""
-        rows = self._db.execute("SELECT placeholder, run_id FROM runs").fetchall()
-        return {ref: run_id for ref, run_id in rows if is_placeholder(ref)}
+    def report(self, since: float = 0.0) -> ReplayReport:
+        """What the outbox holds: entries done and rejected since ``since`` (epoch s), all pending."""
+        rows = self._db.execute("SELECT op, COUNT(*) FROM entries WHERE state = ? AND created >= ? GROUP BY op", (DONE, since))
+        failed = self._db.execute("SELECT seq, op, error FROM entries WHERE state = ? AND created >= ? ORDER BY seq", (FAILED, since))
+        runs = self._db.execute("SELECT placeholder, run_id FROM runs").fetchall()
+        return ReplayReport(
+            replayed={op: int(n) for op, n in rows},
+            failed=[(int(seq), op, error or "") for seq, op, error in failed],
+            pending=self.count(PENDING, SENT),
+            runs={ref: run_id for ref, run_id in runs if is_placeholder(ref)},
+        )
 
     def tagged_runs(self, tags: Mapping[str, str]) -> list[tuple[str, str | None, dict[str, str], bool]]:
         """``(ref, run id or None, tags, closed)`` of the registered runs carrying every tag of ``tags``."""
@@ -319,15 +258,21 @@ class Outbox:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _opened(folder: str | os.PathLike, tracking_uri: str | None = None) -> Iterator[Outbox]:
+    outbox = Outbox(folder, tracking_uri)
+    try:
+        yield outbox
+    finally:
+        outbox.close()
+
+
 def pending_count(folder: str | os.PathLike) -> int:
     """Entries of the outbox in ``folder`` not yet on the server (0 if there is no outbox)."""
     if not (Path(folder) / "outbox.sqlite").exists():
         return 0
-    outbox = Outbox(folder)
-    try:
+    with _opened(folder) as outbox:
         return outbox.count(PENDING, SENT)
-    finally:
-        outbox.close()
 
 
 # --- sending one entry ----------------------------------------------------------------------------
@@ -343,34 +288,26 @@ def _is_rejection(error: BaseException) -> bool:
     return not isinstance(error, OSError)  # OSError covers connection errors and timeouts
 
 
-def _batch(payload: Mapping[str, Any]) -> tuple[list[Metric], list[Param], list[RunTag]]:
+def _log_batch(client: MlflowClient, run_id: str, payload: Mapping[str, Any], resent: bool) -> None:
+    """``log_batch``; a resent one without the metric points and params the run already holds."""
     metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in payload.get("metrics", [])]
     params = [Param(k, v) for k, v in payload.get("params", [])]
+    if resent:
+        seen = set()
+        for key in {m.key for m in metrics}:
+            seen |= {(h.key, h.value, h.timestamp, h.step) for h in client.get_metric_history(run_id, key)}
+        held = client.get_run(run_id).data.params if params else {}
+        metrics = [m for m in metrics if (m.key, m.value, m.timestamp, m.step) not in seen]
+        params = [p for p in params if held.get(p.key) != p.value]
     tags = [RunTag(k, v) for k, v in payload.get("tags", [])]
-    return metrics, params, tags
-
-
-def _drop_already_logged(client: MlflowClient, run_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """The ``log_batch`` payload without the metric points and params the run already holds."""
-    metrics = payload.get("metrics", [])
-    seen: set[tuple] = set()
-    for key in {m[0] for m in metrics}:
-        seen |= {(m.key, m.value, m.timestamp, m.step) for m in client.get_metric_history(run_id, key)}
-    params = client.get_run(run_id).data.params if payload.get("params") else {}
-    return {
-        "metrics": [m for m in metrics if (m[0], float(m[1]), int(m[2]), int(m[3])) not in seen],
-        "params": [p for p in payload.get("params", []) if params.get(p[0]) != p[1]],
-        "tags": payload.get("tags", []),
-    }
+    if metrics or params or tags:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
 
 def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str | None, lookup: bool) -> str:
     """Creates the run tagged with its placeholder; with ``lookup``, reuses a run already tagged."""
-    if placeholder and lookup:
-        query = f"tags.`{OUTBOX_RUN_TAG}` = '{placeholder}'"
-        found = client.search_runs([payload["experiment_id"]], filter_string=query, max_results=1)
-        if found:
-            return found[0].info.run_id
+    if placeholder and lookup and (found := search_tagged_runs(client, payload["experiment_id"], {OUTBOX_RUN_TAG: placeholder})):
+        return found[0].info.run_id
     tags = dict(payload.get("tags") or {})
     if placeholder:
         tags[OUTBOX_RUN_TAG] = placeholder
@@ -378,47 +315,30 @@ def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str 
     return run.info.run_id
 
 
-def _call_client(client: MlflowClient, op: str, run_id: str, payload: dict[str, Any], resent: bool) -> None:
-    """Makes one call on an existing run."""
-    if op == "log_batch":
-        metrics, params, tags = _batch(_drop_already_logged(client, run_id, payload) if resent else payload)
-        if metrics or params or tags:
-            client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-    elif op == "log_artifact":
-        if not Path(payload["path"]).is_file():
-            raise _Rejected(f"the file {payload['path']} is gone")
-        client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
-    elif op == "log_text":
-        client.log_text(run_id, payload["text"], payload["artifact_file"])
-    elif op == "update_run":
-        client.update_run(run_id, status=payload["status"])
-    elif op == "set_terminated":
-        client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
-    else:
-        raise _Rejected(f"unknown operation {op!r}")
-
-
 def _send(
-    client: MlflowClient,
-    op: str,
-    run_id: str | None,
-    payload: dict[str, Any],
-    *,
-    placeholder: str | None = None,
-    resent: bool = False,
+    client: MlflowClient, op: str, run_id: str | None, payload: dict[str, Any], *, placeholder: str | None = None, resent: bool = False
 ) -> str | None:
-    """Makes one call; returns the new run id of ``create_run``.
-
-    Raises:
-        _Rejected: the server refused it, or it cannot be made.
-        Exception: anything else (the server is unreachable).
-    """
+    """Makes one call; returns the new run id of ``create_run``. Raises :class:`_Rejected` when the
+    server refused it or it cannot be made, anything else when the server is unreachable."""
     try:
         if op == "create_run":
             return _create_run(client, payload, placeholder, lookup=resent)
         if run_id is None:
             raise _Rejected("its run was never created (the create_run entry failed)")
-        _call_client(client, op, run_id, payload, resent)
+        if op == "log_batch":
+            _log_batch(client, run_id, payload, resent)
+        elif op == "log_artifact":
+            if not Path(payload["path"]).is_file():
+                raise _Rejected(f"the file {payload['path']} is gone")
+            client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
+        elif op == "log_text":
+            client.log_text(run_id, payload["text"], payload["artifact_file"])
+        elif op == "update_run":
+            client.update_run(run_id, status=payload["status"])
+        elif op == "set_terminated":
+            client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
+        else:
+            raise _Rejected(f"unknown operation {op!r}")
     except _Rejected:
         raise
     except Exception as error:
@@ -433,15 +353,9 @@ def _send(
 
 @dataclass
 class ReplayReport:
-    """What a replay did (or, from :func:`outbox_report`, what an outbox holds).
-
-    Attributes:
-        replayed: entries sent, by operation.
-        failed: ``(seq, op, error)`` of the entries the server rejected.
-        pending: entries still to send (the server went away again, or another process replays).
-        runs: placeholders mapped to their real run ids.
-        error: why the replay stopped early, if it did.
-    """
+    """What a replay did, or what an outbox holds: entries ``replayed`` by operation, the
+    ``(seq, op, error)`` the server rejected, entries still ``pending``, placeholders mapped to
+    run ids (``runs``), and why the replay stopped early (``error``)."""
 
     replayed: dict[str, int] = field(default_factory=dict)
     failed: list[tuple[int, str, str]] = field(default_factory=list)
@@ -451,26 +365,26 @@ class ReplayReport:
 
     @property
     def complete(self) -> bool:
-        """Nothing pending and nothing rejected."""
         return self.pending == 0 and not self.failed
 
     def add(self, other: ReplayReport) -> None:
         """Adds ``other`` (another outbox folder) to this report."""
-        for op, number in other.replayed.items():
-            self.replayed[op] = self.replayed.get(op, 0) + number
+        self.replayed = dict(Counter(self.replayed) + Counter(other.replayed))
         self.failed += other.failed
         self.pending += other.pending
         self.runs.update(other.runs)
         self.error = self.error or other.error
 
     def summary(self) -> str:
-        """One line for the search's summary."""
         sent = ", ".join(f"{n} {op}" for op, n in sorted(self.replayed.items())) or "nothing"
         line = f"MLflow outbox: replayed {sent}; {self.pending} call(s) pending; {len(self.failed)} rejected"
         return f"{line} (stopped: {self.error})" if self.error else line
 
 
-def _replay_entries(outbox: Outbox, client: MlflowClient, report: ReplayReport, progress: Callable[[JournalEntry], None] | None) -> None:
+Progress = Callable[[JournalEntry], None]
+
+
+def _replay_entries(outbox: Outbox, client: MlflowClient, replayed: dict[str, int], progress: Progress | None) -> None:
     while (entry := outbox.next_entry()) is not None:
         placeholder = entry.run_ref if entry.op == "create_run" else None
         run_id = None if entry.op == "create_run" else outbox.resolve(entry.run_ref)
@@ -485,62 +399,53 @@ def _replay_entries(outbox: Outbox, client: MlflowClient, report: ReplayReport, 
         if progress is not None:
             progress(entry)
         outbox.mark(entry.seq, DONE, run_id=new_run, placeholder=placeholder)
-        report.replayed[entry.op] = report.replayed.get(entry.op, 0) + 1
+        replayed[entry.op] = replayed.get(entry.op, 0) + 1
         if entry.op == "log_artifact":
             shutil.rmtree(Path(entry.payload["path"]).parent, ignore_errors=True)
 
 
-def replay_outbox(
-    outbox: Outbox, client: MlflowClient, *, blocking: bool = True, progress: Callable[[JournalEntry], None] | None = None
-) -> ReplayReport:
+def replay_outbox(outbox: Outbox, client: MlflowClient, *, blocking: bool = True, progress: Progress | None = None) -> ReplayReport:
     """Sends ``outbox``'s pending entries in order with ``client`` (see :func:`replay`)."""
-    report = ReplayReport()
+    replayed: dict[str, int] = {}
+    error = None
     with outbox.replay_lock(blocking) as locked:
         if not locked:
-            report.error = "another process is replaying this outbox"
+            error = "another process is replaying this outbox"
         else:
             try:
-                _replay_entries(outbox, client, report, progress)
-            except Exception as error:  # the server went away again: the rest stays pending
-                report.error = f"{type(error).__name__}: {first_line(error)}"
-    report.pending = outbox.count(PENDING, SENT)
-    report.failed = outbox.failures()
-    report.runs = outbox.placeholders()
+                _replay_entries(outbox, client, replayed, progress)
+            except Exception as failure:  # the server went away again: the rest stays pending
+                error = f"{type(failure).__name__}: {first_line(failure)}"
+    report = outbox.report()
+    report.replayed, report.error = replayed, error
     return report
 
 
-def replay(
-    folder: str | os.PathLike, tracking_uri: str | None = None, *, progress: Callable[[JournalEntry], None] | None = None
-) -> ReplayReport:
+def replay(folder: str | os.PathLike, tracking_uri: str | None = None, *, progress: Progress | None = None) -> ReplayReport:
     """Replays the outbox in ``folder`` to its tracking server, in order, exactly once.
 
-    Safe to call at any time and from any process of the node (one replays at a time; others
-    wait): after a crash, by ``tune/search.py --sync``, at the end of a trial or of the search.
-
-    Args:
-        folder: the outbox folder.
-        tracking_uri: the server; None uses the one the outbox was made for (a different one
-            raises ValueError).
-        progress: called with each entry after the server accepted it and before it is marked
-            done (progress display; an exception raised there stops the replay like a crash).
+    Safe at any time from any process of the node (one replays at a time; others wait).
+    ``progress`` is called with each entry after the server accepted it and before it is marked
+    done; an exception raised there stops the replay like a crash.
     """
-    outbox = Outbox(folder, tracking_uri)
-    try:
+    with _opened(folder, tracking_uri) as outbox:
         return replay_outbox(outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress)
-    finally:
-        outbox.close()
+
+
+def replay_all(root: str | os.PathLike, progress: Progress | None = None) -> ReplayReport:
+    """Replays every outbox under ``root`` (``tune/search.py --sync``)."""
+    report = ReplayReport()
+    for folder in outbox_folders(root):
+        report.add(replay(folder, progress=progress))
+    return report
 
 
 def outbox_report(root: str | os.PathLike, since: float = 0.0) -> ReplayReport:
-    """What the outboxes under ``root`` hold: the entries journaled since ``since`` (epoch
-    seconds) that were replayed or rejected, and every entry still pending."""
+    """What the outboxes under ``root`` hold (:meth:`Outbox.report`)."""
     report = ReplayReport()
     for folder in outbox_folders(root):
-        outbox = Outbox(folder)
-        try:
-            report.add(ReplayReport(outbox.tally(since).get(DONE, {}), outbox.failures(since), outbox.count(PENDING, SENT)))
-        finally:
-            outbox.close()
+        with _opened(folder) as outbox:
+            report.add(outbox.report(since))
     return report
 
 
@@ -551,22 +456,18 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _texts(values: Mapping[str, Any] | None, limit: int | None = None) -> dict[str, str]:
+    return {str(k): str(v)[:limit] for k, v in (values or {}).items()}
+
+
 class DurableMlflow:
     """A never-raising MLflow client that journals what it cannot send (see the module docstring).
 
     Each call: if the server was unreachable less than ``retry_after`` seconds ago, it is
     journaled at once (no waiting on a dead server); otherwise the backlog is replayed first and,
-    once nothing is pending, the call is sent; if that fails because the server is unreachable it
-    is journaled. Run ids handed out while the server is down are placeholders that every method
-    accepts. Picklable: the copy re-opens the outbox in its process.
-
-    Args:
-        tracking_uri: the MLflow tracking URI (no credentials in it).
-        outbox_dir: the outbox folder, on a local disk of this node (:func:`node_outbox`).
-        retry_after: seconds to journal without trying after the server was found unreachable.
-
-    MLflow's HTTP client retries a failing request for minutes by default; trial processes set
-    it low (:func:`eqlv2.search.mlflow_client.limit_http_retries`).
+    once nothing is pending, the call is sent, and journaled if the server is unreachable.
+    Picklable: the copy re-opens the outbox in its process. ``outbox_dir`` must be on a local disk
+    of this node (:func:`node_outbox`).
     """
 
     def __init__(self, tracking_uri: str, outbox_dir: str | os.PathLike, retry_after: float = 30.0) -> None:
@@ -574,6 +475,14 @@ class DurableMlflow:
         self.outbox_dir = str(Path(outbox_dir).expanduser().resolve())
         self.retry_after = retry_after
         self._reset()
+
+    @classmethod
+    def on_node(cls, tracking_uri: str, outbox_root: str | os.PathLike, short_retries: bool = False) -> DurableMlflow:
+        """The client of this node's outbox under the search's ``outbox_root``; with
+        ``short_retries`` (trial and rank-0 worker processes) a dead server does not stall it."""
+        if short_retries:
+            limit_http_retries()
+        return cls(tracking_uri, node_outbox(outbox_root))
 
     def _reset(self) -> None:
         self._outbox: Outbox | None = None
@@ -599,7 +508,6 @@ class DurableMlflow:
 
     @property
     def client(self) -> MlflowClient:
-        """The underlying ``MlflowClient``."""
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
@@ -630,8 +538,7 @@ class DurableMlflow:
         self._down_since = time.monotonic()
 
     def flush(self) -> ReplayReport:
-        """Replays the backlog now (at the end of a trial, of a training run, of the search);
-        waits for another process's replay of the same outbox; never raises."""
+        """Replays the backlog now, waiting for another process's replay; never raises."""
         with self._lock:
             report = self._guard("replay", lambda: replay_outbox(self.outbox, self.client, blocking=True))
             if report is None:
@@ -653,12 +560,8 @@ class DurableMlflow:
         return report.pending == 0
 
     def _submit(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
-        """Sends or journals one call; returns the run id (or placeholder) of ``create_run``.
-
-        A run is created with its placeholder as tag even when sent at once, and a call that
-        fails on the way is journaled as *sent*: the server may have done it before the
-        connection broke (a timeout), so its replay checks first (see the module docstring).
-        """
+        """Sends or journals one call; returns the run id (or placeholder) of ``create_run``. A
+        call that fails on the way is journaled *sent*: the server may have done it already."""
         with self._lock:
             if op == "create_run":
                 run_ref = self.outbox.new_placeholder(payload["tags"])
@@ -676,7 +579,7 @@ class DurableMlflow:
                 return self._journal(op, run_ref, payload, state=SENT)
             self._down_since = None
             if created is not None:
-                self.outbox.map_placeholder(run_ref, created)
+                self.outbox.mark(None, run_id=created, placeholder=run_ref)
             return created
 
     def _journal(self, op: str, run_ref: str | None, payload: dict[str, Any], state: str = PENDING) -> str | None:
@@ -686,13 +589,12 @@ class DurableMlflow:
         return run_ref if op == "create_run" else None
 
     def _call(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
+        if op != "create_run" and not run_ref:
+            return None
         return self._guard(f"record {what}", lambda: self._submit(what, op, run_ref, payload))
 
-    # --- reads ----------------------------------------------------------------------------------
-
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A read (``fn(client, ...)``, e.g. ``search_runs``): not journaled; None when it fails
-        or while the server is known to be down."""
+        """A read (``fn(client, ...)``), not journaled; None when it fails or the server is down."""
         if not self.available:
             return None
         try:
@@ -705,10 +607,9 @@ class DurableMlflow:
             return None
 
     def find_runs(self, experiment_id: str, tags: Mapping[str, str]) -> list[TrackedRun]:
-        """The runs carrying ``tags``: those on the server (when it answers) and those created
-        through this node's outbox (their creation may still be pending); a run closed through
-        the outbox counts as closed even while its closing call is pending."""
-        tags = {str(k): str(v) for k, v in tags.items()}
+        """The runs carrying ``tags``, on the server (when it answers) and created through this
+        node's outbox; a run closed through the outbox counts as closed even before the server knows."""
+        tags = _texts(tags)
         found = self.call(f"search of the runs tagged {tags}", search_tagged_runs, experiment_id, tags) or []
         local = self._guard("read its runs", lambda: self.outbox.tagged_runs(tags), default=[])
         closed_here = {run_id or ref: closed for ref, run_id, _, closed in local}
@@ -721,58 +622,43 @@ class DurableMlflow:
                 runs[run_id or ref] = TrackedRun(ref if run_id is None else run_id, not closed, run_tags)
         return list(runs.values())
 
-    # --- writes ---------------------------------------------------------------------------------
-
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, Any] | None = None) -> str | None:
         """Creates a RUNNING run; returns its id, or a placeholder while the server is down."""
-        tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        payload = {"experiment_id": str(experiment_id), "run_name": run_name, "tags": tags, "start_time": _now_ms()}
+        payload = {"experiment_id": str(experiment_id), "run_name": run_name, "tags": _texts(tags), "start_time": _now_ms()}
         return self._call(f"create_run {run_name!r}", "create_run", None, payload)
 
     def reopen(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Sets a closed run RUNNING again (a resumed trial continuing its run)."""
-        self._guard("register the run", lambda: self.outbox.set_closed(run_id, False, {str(k): str(v) for k, v in tags.items()}))
+        self._guard("register the run", lambda: self.outbox.set_closed(run_id, False, _texts(tags)))
         self._call(f"reopening run {run_id}", "update_run", run_id, {"status": "RUNNING"})
 
     def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> None:
         """Logs the finite numeric entries of ``metrics`` at ``step`` (time: now, in ms)."""
-        values = finite_metrics(metrics)
-        if not run_id or not values:
-            return
         stamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
-        points = [[key, value, stamp, int(step)] for key, value in values.items()]
-        for start in range(0, len(points), METRICS_PER_BATCH):
-            part = points[start : start + METRICS_PER_BATCH]
-            self._call(f"metrics ({len(part)} at step {step})", "log_batch", run_id, {"metrics": part})
+        points = [[key, value, stamp, int(step)] for key, value in finite_metrics(metrics).items()]
+        if points:
+            self._call(f"metrics ({len(points)} at step {step})", "log_batch", run_id, {"metrics": points})
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         """Logs params (values as text, cut to MLflow's 6000 characters)."""
-        self._log_pairs(run_id, "params", {str(k): str(v)[:6000] for k, v in params.items()})
+        if params:
+            self._call(f"params {list(params)}", "log_batch", run_id, {"params": list(_texts(params, 6000).items())})
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         """Sets tags (values as text, cut to 5000 characters)."""
-        self._log_pairs(run_id, "tags", {str(k): str(v)[:5000] for k, v in tags.items()})
-
-    def _log_pairs(self, run_id: str | None, kind: str, values: dict[str, str]) -> None:
-        pairs = [[k, v] for k, v in values.items()]
-        for start in range(0, len(pairs) if run_id else 0, PARAMS_PER_BATCH):
-            part = pairs[start : start + PARAMS_PER_BATCH]
-            self._call(f"{kind} {[p[0] for p in part]}", "log_batch", run_id, {kind: part})
+        if tags:
+            self._call(f"tags {list(tags)}", "log_batch", run_id, {"tags": list(_texts(tags, 5000).items())})
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Uploads one file (journaled as a copy, so the source may go away)."""
-        if not run_id:
-            return
-        if not Path(path).is_file():
+        if run_id and not Path(path).is_file():
             logger.warning("MLflow artifact %s not logged: no such file", path)
             return
         payload = {"path": str(path), "artifact_path": artifact_path}
         self._call(f"artifact {Path(path).name}", "log_artifact", run_id, payload)
 
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
-        """Uploads ``text`` as the artifact ``artifact_file``."""
-        if run_id:
-            self._call(f"artifact {artifact_file}", "log_text", run_id, {"text": text, "artifact_file": artifact_file})
+        self._call(f"artifact {artifact_file}", "log_text", run_id, {"text": text, "artifact_file": artifact_file})
 
     def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
         """Uploads a matplotlib figure as the image ``artifact_file`` (e.g. ``plots/ratio.png``)."""
@@ -780,24 +666,15 @@ class DurableMlflow:
             return
         folder, _, name = artifact_file.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
             try:
-                figure.savefig(path)
+                figure.savefig(Path(tmp) / name)
             except Exception as error:
                 logger.warning("MLflow figure %s not logged: %s", artifact_file, error)
                 return
-            self.log_artifact(run_id, path, folder or None)
+            self.log_artifact(run_id, Path(tmp) / name, folder or None)
 
     def terminate(self, run_id: str | None, status: str) -> None:
         """Closes a run with ``status`` (FINISHED, FAILED or KILLED), at the time of this call."""
         if run_id:
             self._guard("register the run's end", lambda: self.outbox.set_closed(run_id, True))
             self._call(f"status {status}", "set_terminated", run_id, {"status": status, "end_time": _now_ms()})
-
-
-def replay_all(root: str | os.PathLike, progress: Callable[[JournalEntry], None] | None = None) -> ReplayReport:
-    """Replays every outbox under ``root`` (``tune/search.py --sync``); what it did, and what is left."""
-    report = ReplayReport()
-    for folder in outbox_folders(root):
-        report.add(replay(folder, progress=progress))
-    return report

@@ -1,17 +1,12 @@
 """A trial's MLflow run, written by the rank-0 Ray Train worker of each of its training runs.
 
-* :class:`MlflowEventWriter`, a detectron2 ``EventWriter`` (run by a ``PeriodicWriter`` every
-  ``MODEL.EQLV2.LOG_PERIOD`` iterations and after training): every scalar of the
-  ``EventStorage`` written since the last time (losses, ``lr``, ``eqlv2/...`` summaries, and the
-  results ``EvalHook`` put there, with the paper's columns ``AP``, ``APr``, ...) as
-  ``<dataset>/<name>`` at the step "iterations done";
-* :class:`TrialArtifactsHook`: after every evaluation the gradient statistics (per-category CSV
-  ``gradient_statistics/<dataset>/iter_XXXXXXX.csv``, the ratio figure, the per-group summaries
-  ``<dataset>/grad/...``); after training the classifier weight norms (``weight_norms/``).
+* :class:`MlflowEventWriter`, a detectron2 ``EventWriter`` run by a ``PeriodicWriter``: every new
+  scalar of the ``EventStorage`` (losses, ``lr``, ``eqlv2/...``, and the results ``EvalHook`` put
+  there with the paper's columns) as ``<dataset>/<name>`` at the step "iterations done";
+* :class:`TrialArtifactsHook`: after every evaluation the gradient statistics (CSV, ratio figure,
+  per-group summaries), after training the classifier weight norms.
 
-Neither writes the run's status: the driver alone does (:mod:`eqlv2.search.mlflow_driver`).
-Both write through the node's MLflow outbox (:class:`~eqlv2.search.mlflow_outbox.DurableMlflow`)
-and replay it after training, so a server that was down during training gets the whole run.
+Neither writes the run's status (the driver does); both replay the outbox after training.
 """
 
 from __future__ import annotations
@@ -31,25 +26,17 @@ from eqlv2.raytrain.report_hook import evaluation_at, evaluation_metrics, is_eva
 
 from .mlflow_outbox import DurableMlflow
 from .plots import gradient_ratio_figure, weight_norms_figure
-from .run_hooks import TrialRunHooks
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["MlflowEventWriter", "TrialArtifactsHook", "TrialRunHooks", "gradient_table", "read_gradient_ratio"]
 
 
 def category_csv(categories: Mapping[str, Any], columns: Mapping[str, Sequence[float]]) -> str:
     """CSV with one row per category: index, name, group, training count, then ``columns``."""
     count = len(categories["names"])
-    frame = pd.DataFrame(
-        {
-            "category": range(count),
-            "name": categories["names"],
-            "group": categories.get("groups") or [""] * count,
-            "train_count": categories["counts"],
-            **{name: [f"{float(v):.6g}" for v in values] for name, values in columns.items()},
-        }
-    )
+    groups = categories.get("groups") or [""] * count
+    frame = pd.DataFrame({"category": range(count), "name": categories["names"], "group": groups, "train_count": categories["counts"]})
+    for name, values in columns.items():
+        frame[name] = [f"{float(v):.6g}" for v in values]
     return frame.to_csv(index=False)
 
 
@@ -64,7 +51,7 @@ def read_gradient_ratio(path: str) -> list[float]:
 
 
 def classifier_weight_norms(model) -> list[float] | None:
-    """L2 norms of the C category rows of the (last) box classifier, or None if there is none."""
+    """``(C,)`` L2 norms of the category rows of the (last) box classifier, or None."""
     module = getattr(model, "module", model)
     predictors = [m for m in module.modules() if isinstance(m, EQLv2FastRCNNOutputLayers)]
     if not predictors:
@@ -107,8 +94,7 @@ class MlflowEventWriter(EventWriter):
             self._mlflow.log_metrics(self._run_id, {self._prefix + k: v for k, v in scalars.items()}, step)
             self._last_write = iteration
 
-    def close(self) -> None:
-        """After training: replays what the outbox holds."""
+    def close(self) -> None:  # after training
         report = self._mlflow.flush()
         logger.info("Trial run %s (%s) after training: %s", self._run_id, self._prefix[:-1], report.summary())
 

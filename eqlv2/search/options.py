@@ -1,8 +1,5 @@
-"""The options of a search: the command line of ``tune/search.py``, field for field.
-
-``tune/search.py`` names each argparse destination after a field of :class:`SearchOptions`, so
-:meth:`SearchOptions.from_namespace` takes the parsed arguments as they are.
-"""
+"""The options of a search: the command line of ``tune/search.py``, whose argparse destinations are
+the field names of :class:`SearchOptions`."""
 
 from __future__ import annotations
 
@@ -10,19 +7,12 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-__all__ = ["BASELINE_LOSSES", "SearchInputError", "SearchOptions"]
 
 class SearchInputError(ValueError):
-    """A search input is invalid; the message is one line naming the flag, file or parameter.
-
-    Raised before anything starts (``tune/search.py`` prints it and exits), by the ``--metric``
-    parser (:func:`eqlv2.search.settings.parse_objective`), the search-space reader
-    (:mod:`eqlv2.search.space`) and the folder checks (:mod:`eqlv2.search.stores`).
-    """
+    """A search input is invalid; the message is one line naming the flag, file or parameter."""
 
 
-#: Losses ``--baseline`` accepts (names of ``eqlv2.losses.LOSS_NAMES``, kept here so that
-#: ``--help`` does not import torch).
+#: Losses ``--baseline`` accepts (of ``eqlv2.losses.LOSS_NAMES``; here, ``--help`` imports no torch).
 BASELINE_LOSSES = ("sigmoid", "softmax", "eqlv1", "federated")
 
 
@@ -74,5 +64,4 @@ class SearchOptions:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, argv: Sequence[str] = ()) -> SearchOptions:
-        """The options of parsed arguments whose destinations are this class's field names."""
         return cls(**vars(args), argv=tuple(argv))

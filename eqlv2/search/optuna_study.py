@@ -1,23 +1,13 @@
 """The Optuna study behind the search: its database, the seed points, and honest trial states.
 
-Ray 2.60's :class:`ray.tune.search.optuna.OptunaSearch` tells Optuna ``COMPLETE`` for every trial
-that ends with a result, including trials the scheduler (ASHA) stopped early: the study then holds
-a truncated intermediate value as if it were a final one, and TPE models it as such.
-:class:`TrialStateOptunaSearch`, a Tune ``Searcher`` on Optuna's ask-and-tell interface, and the
-only writer of the study's trials (it runs in the driver), records instead:
-
-* a trial is ``COMPLETE`` only when its last result carries the completion marker
-  (:data:`COMPLETION_KEY`, reported by the trainable after its last training run);
-* a trial that ends without it was stopped by the scheduler or a stopper: it is told ``PRUNED``
-  (Optuna then keeps its last intermediate value, as for a pruned trial of ``study.optimize``);
-* an errored trial, or one whose final objective is not finite (NaN loss), is told ``FAIL``;
-* intermediate values are reported once per evaluation (step :data:`STEP_KEY`), not once per
-  training log line;
-* every Optuna trial is tagged with its Tune trial id and the experiment (user attributes), so
-  that a resumed search can tell its own orphaned trials (asked, then the driver was killed) and
-  mark them ``FAIL`` instead of leaving them ``RUNNING`` forever.
-
-The study lives in a real database (a SQLite file by default, any SQLAlchemy URL otherwise) and is loaded when it exists, so a resumed or repeated search continues it.
+Ray's ``OptunaSearch`` tells Optuna ``COMPLETE`` for every trial that ends with a result, also
+those ASHA stopped early, so TPE would model a truncated value as a final one.
+:class:`TrialStateOptunaSearch` (ask-and-tell, in the driver, the study's only writer) tells
+``COMPLETE`` only when the last result carries :data:`COMPLETION_KEY`, ``PRUNED`` (with the last
+intermediate value) when a trial ends without it, and ``FAIL`` for an error or a non-finite
+objective. Intermediate values are reported once per evaluation (:data:`STEP_KEY`). Each trial
+carries its Tune id and experiment, so a resumed search marks its own orphaned trials (asked,
+then the driver was killed) ``FAIL`` instead of leaving them ``RUNNING``.
 """
 
 from __future__ import annotations
@@ -37,32 +27,14 @@ from .space import same_assignment
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "COMPLETION_KEY",
-    "STEP_KEY",
-    "TRIAL_NUMBER_KEY",
-    "TrialStateOptunaSearch",
-    "build_sampler",
-    "fail_orphaned_trials",
-    "finished_trial_summary",
-    "open_storage",
-    "pending_seed_points",
-    "read_finished_trial",
-]
-
-#: Result key (value 1) the trainable reports once, after its last training run: the trial is
-#: complete. A trial whose last result lacks it was stopped early.
+#: Result key (value 1) the trainable reports after its last training run: the trial is complete.
 COMPLETION_KEY = "trial_complete"
-#: Result key counting the evaluations a trial has done so far (all datasets together): the step
-#: of Optuna's intermediate values and the time attribute of ASHA.
+#: Result key counting the evaluations a trial has done (all datasets): Optuna's step, ASHA's time.
 STEP_KEY = "eval_step"
 #: Config key the searcher adds to each suggestion: the Optuna trial number behind the Tune trial.
 TRIAL_NUMBER_KEY = "optuna_trial_number"
 #: Optuna user attributes set on each trial.
-TUNE_TRIAL_ATTR = "tune_trial_id"
-EXPERIMENT_ATTR = "experiment"
-RESULT_ATTR = "final_metrics"
-REASON_ATTR = "fail_reason"
+TUNE_TRIAL_ATTR, EXPERIMENT_ATTR, RESULT_ATTR, REASON_ATTR = "tune_trial_id", "experiment", "final_metrics", "fail_reason"
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -70,17 +42,14 @@ _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 def open_storage(url: str, reader: bool = False) -> optuna.storages.RDBStorage:
     """The RDB storage at ``url`` (tables created on first use).
 
-    ``reader=True`` is for the trial processes, which only read a study the driver created: no
-    table creation and no schema check (which loads Alembic's scripts and takes a second
-    connection), and no pool (a connection is closed when its session ends, so a long trial holds
-    none). A pooled engine keeps its connections open until it is garbage collected; enough of
-    them exhaust PostgreSQL's ``max_connections``, and the next storage opened then fails with
-    ``StorageInternalError``.
+    ``reader=True`` is for trial processes, which only read: no table creation, no schema check
+    (Alembic's scripts and a second connection), and no pool: a pooled engine keeps its
+    connections until garbage collected, and enough of them exhaust PostgreSQL's
+    ``max_connections``.
     """
     kwargs: dict[str, Any] = {}
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several processes (driver, tests, the dashboard) may read the file at once.
+    if url.startswith("sqlite"):  # several processes may read the file at once
         engine_kwargs["connect_args"] = {"timeout": 60}
     if reader:
         engine_kwargs["poolclass"] = NullPool
@@ -89,11 +58,9 @@ def open_storage(url: str, reader: bool = False) -> optuna.storages.RDBStorage:
 
 
 def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    """Optuna sampler by name: ``tpe`` (default; multi-objective TPE when needed), ``random``,
-    ``nsga2`` (multi-objective)."""
+    """Optuna sampler by name: ``tpe``, ``random`` or ``nsga2``."""
     name = name.lower()
-    if name == "tpe":
-        # A few trials only: start modelling after 2 random draws instead of 10.
+    if name == "tpe":  # a few trials only: start modelling after 2 random draws instead of 10
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=2, multivariate=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -103,8 +70,7 @@ def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 def pending_seed_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """The seed points the study does not hold yet: not complete, pruned, running or queued (a
-    failed attempt, e.g. one orphaned by a killed driver, does not count)."""
+    """The seed points the study does not hold yet (a failed attempt does not count)."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
     pending = []
     for point in points:
@@ -118,14 +84,8 @@ def pending_seed_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]
 def fail_orphaned_trials(
     study: optuna.Study, storage: optuna.storages.BaseStorage, experiment: str, keep_numbers: set[int], reason: str
 ) -> list[int]:
-    """Marks ``FAIL`` the ``RUNNING`` trials of ``experiment`` not in ``keep_numbers``.
-
-    Such trials were asked by a driver that was killed before it recorded them: nothing will ever
-    tell them. Trials of other experiments sharing the study are left alone.
-
-    Returns:
-        The numbers of the trials marked.
-    """
+    """Marks ``FAIL`` the ``RUNNING`` trials of ``experiment`` not in ``keep_numbers`` (asked by a
+    driver killed before it recorded them); returns their numbers."""
     marked = []
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -141,7 +101,6 @@ def fail_orphaned_trials(
 
 
 def _summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
-    """State and stored final metrics of ``trial`` if it is finished, else None."""
     if trial.state not in _FINISHED:
         return None
     return {
@@ -158,8 +117,8 @@ def finished_trial_summary(study: optuna.Study, number: int) -> dict[str, Any] |
 
 
 def read_finished_trial(url: str, study_name: str, number: int) -> dict[str, Any] | None:
-    """:func:`finished_trial_summary` of trial ``number`` read straight from the database at
-    ``url`` (the trial's rows only, whatever the size of the study; no connection kept)."""
+    """:func:`finished_trial_summary` read from the database at ``url`` (the trial's rows only,
+    whatever the size of the study; no connection kept)."""
     storage = open_storage(url, reader=True)
     try:
         study_id = storage.get_study_id_from_name(study_name)
@@ -177,20 +136,11 @@ def _finite(value: Any) -> bool:
 
 
 class TrialStateOptunaSearch(Searcher):
-    """A Tune searcher over an Optuna study that records stopped trials ``PRUNED`` and errors ``FAIL``.
+    """A Tune searcher over an Optuna study (see the module docstring).
 
-    Args:
-        space: ``{name: optuna distribution}``.
-        metric: result key to optimise, or one key per objective (multi-objective).
-        mode: ``"max"``/``"min"`` (or one per objective).
-        points_to_evaluate: seed points, queued in the study (Optuna's ``enqueue_trial``); pass
-            only those the study lacks (:func:`pending_seed_points`).
-        sampler: the Optuna sampler.
-        study_name: name of the study in ``storage`` (created if missing).
-        storage: the study's database (:func:`open_storage`).
-        experiment: name of the Tune experiment, stored on each Optuna trial.
-        record_keys: result keys saved with a finished trial (user attribute
-            :data:`RESULT_ATTR`), so a resumed search can report it without training it again.
+    ``metric`` and ``mode`` are one key or one per objective; ``points_to_evaluate`` are enqueued
+    (pass only those the study lacks); ``record_keys`` are saved with a finished trial
+    (:data:`RESULT_ATTR`), so a resumed search can report it without training it again.
     """
 
     def __init__(
@@ -278,18 +228,14 @@ class TrialStateOptunaSearch(Searcher):
         return TrialState.COMPLETE, None
 
     def save(self, checkpoint_path: str) -> None:
-        """Saves the live trials by number (Tune calls this every few seconds).
-
-        Numbers, not the ``optuna.Trial`` objects: pickling those pickles their study and with it
-        the storage's cache of every trial, which made each save, and so the driver's overhead per
-        trial, grow with the size of the study.
-        """
+        """Saves the live trials by number, not as ``optuna.Trial`` objects: those pickle their
+        study and the storage's cache of every trial, so each save grew with the study."""
         live = {tune_id: trial.number for tune_id, trial in self._live.items()}
         with open(checkpoint_path, "wb") as handle:
             pickle.dump({"live": live, "last_steps": self._last_steps}, handle)
 
     def _live_trial(self, saved: int | optuna.Trial) -> optuna.Trial:
-        """A live trial of this study from its saved number (or, from an older save, itself)."""
+        """A live trial from its saved number (or, from an older save, itself)."""
         if isinstance(saved, optuna.Trial):
             return saved
         study_id = self._storage.get_study_id_from_name(self.study.study_name)

@@ -1,8 +1,7 @@
 """Figures of a search: gradient ratios (paper Fig. 1-2), classifier weight norms (Fig. 3), Optuna.
 
-Each function returns a matplotlib ``Figure`` (``None`` when there is nothing to draw), which the
-tracking code hands to ``MlflowClient.log_figure``; :func:`save_figure` writes one to a file.
-The trial figures are built without pyplot (no global state in a training process).
+Each returns a matplotlib ``Figure`` (None when there is nothing to draw). The trial figures are
+built without pyplot (no global state in a training process).
 """
 
 from __future__ import annotations
@@ -27,15 +26,6 @@ from optuna.visualization.matplotlib import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "frequency_order",
-    "gradient_ratio_figure",
-    "optuna_history_figure",
-    "optuna_importance_figure",
-    "save_figure",
-    "weight_norms_figure",
-]
-
 _GROUP_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 _GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 
@@ -46,7 +36,6 @@ def frequency_order(counts: Sequence[float]) -> np.ndarray:
 
 
 def _shade_groups(ax, groups: Sequence[str] | None, order: np.ndarray) -> None:
-    """Shades the x-range of each frequency group (categories in ``order``)."""
     if groups is None:
         return
     labels = np.asarray(groups)[order]
@@ -84,11 +73,8 @@ def gradient_ratio_figure(
 ) -> Figure:
     """Ratio of accumulated positive to negative gradients per category, as in Figures 1-2.
 
-    Args:
-        ratio: ``(C,)`` ratio of the trial.
-        counts: ``(C,)`` training instance (or image) counts that sort the categories.
-        groups: ``(C,)`` frequency group of each category, shaded in the background.
-        baseline_ratio: ``(C,)`` ratio of a baseline model, drawn for comparison when given.
+    ``ratio``, ``counts`` (training instances or images, which sort the categories), ``groups``
+    (shaded frequency groups) and ``baseline_ratio`` (drawn for comparison) are ``(C,)``.
     """
     figure, ax, order = _category_axes(counts, groups, title, "pos / neg gradient")
     x = np.arange(len(order))
@@ -114,7 +100,6 @@ def weight_norms_figure(
 
 
 def _optuna_figure(draw, *args, **kwargs):
-    """The figure of one of Optuna's matplotlib plots (taken out of pyplot's registry)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         drawn = draw(*args, **kwargs)
@@ -130,8 +115,8 @@ def _complete_trials(study: optuna.Study) -> list:
 
 
 def optuna_history_figure(study: optuna.Study, target_name: str = "objective") -> Figure | None:
-    """Optuna's optimisation history (the Pareto front for several objectives); None, with a
-    log line, when the study has no complete trial."""
+    """Optuna's optimisation history (Pareto front for several objectives); None without a
+    complete trial."""
     if not _complete_trials(study):
         logger.info("No complete trial: no optimisation history plot")
         return None
@@ -141,8 +126,8 @@ def optuna_history_figure(study: optuna.Study, target_name: str = "objective") -
 
 
 def optuna_importance_figure(study: optuna.Study, target_name: str = "objective", min_trials: int = 2) -> Figure | None:
-    """Optuna's hyper-parameter importance (fANOVA); None, with a log line, with fewer than
-    ``min_trials`` complete trials or when the study cannot support it (one searched parameter)."""
+    """Optuna's hyper-parameter importance (fANOVA); None with fewer than ``min_trials`` complete
+    trials or when the study cannot support it (one searched parameter)."""
     if len(_complete_trials(study)) < min_trials:
         logger.info("Fewer than %d complete trials: no parameter-importance plot", min_trials)
         return None
@@ -156,7 +141,6 @@ def optuna_importance_figure(study: optuna.Study, target_name: str = "objective"
 
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
-    """Writes ``figure`` to ``path`` (creating its folder); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

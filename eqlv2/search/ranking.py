@@ -19,31 +19,11 @@ import pandas as pd
 from tabulate import tabulate
 
 from .optuna_study import COMPLETION_KEY, TRIAL_NUMBER_KEY
-from .references import (
-    NOISE_MARGIN,
-    NoiseBand,
-    noise_band,
-    paper_point,
-    trial_setup,
-)
+from .references import NOISE_MARGIN, NoiseBand, noise_band, paper_point, trial_setup
 from .settings import TrialSettings
 from .space import same_assignment
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "TrialRecord",
-    "best_record",
-    "best_config_text",
-    "format_table",
-    "paper_point_band",
-    "ranked_rows",
-    "records_from_results",
-    "reference_text",
-    "search_records",
-    "search_metrics",
-    "write_reports",
-]
 
 #: Rank of each status in the table: complete trials first, then stopped early, then failed.
 _STATUS_ORDER = {"complete": 0, "pruned": 1, "running": 2, "failed": 3}
@@ -53,20 +33,9 @@ _SHOWN = {"lvis": ("AP", "APr", "APc", "APf"), "openimages": ("AP", "AP1", "AP3"
 
 @dataclass
 class TrialRecord:
-    """One trial of the search.
-
-    Attributes:
-        trial_id: Tune trial id.
-        number: Optuna trial number (None if unknown).
-        params: full parameter assignment (searched and fixed).
-        status: ``complete``, ``pruned``, ``failed`` or ``running``.
-        metrics: the trial's last Tune result (flat).
-        error: error text of a failed trial.
-        pareto: on the Pareto front (multi-objective searches).
-        role: ``search``, or a reference trial's ``baseline`` / ``noise``
-            (:mod:`eqlv2.search.references`).
-        label: what the table calls a reference trial (``baseline sigmoid``, ...).
-    """
+    """One trial: its Tune id, Optuna number, full assignment, status (``complete``, ``pruned``,
+    ``failed`` or ``running``), last Tune result, and for a reference trial its ``role``
+    (``baseline`` / ``noise``) and table ``label``."""
 
     trial_id: str
     number: int | None
@@ -80,13 +49,15 @@ class TrialRecord:
 
     @property
     def objective(self) -> float:
-        """The trial's objective (NaN if unknown)."""
-        value = self.metrics.get("objective")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return math.nan
-        return value
+        return _float(self.metrics.get("objective"))
+
+
+def _float(value: Any) -> float:
+    """``value`` as a float; NaN when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _study_states(study) -> dict[int, str]:
@@ -97,13 +68,7 @@ def _study_states(study) -> dict[int, str]:
 
 
 def records_from_results(results: Iterable[Any], settings: TrialSettings, study=None) -> list[TrialRecord]:
-    """Trial records from Tune ``Result`` objects (a ``ResultGrid``) and the study.
-
-    Args:
-        results: Tune results (``.config``, ``.metrics``, ``.error``).
-        settings: the search's settings (for the fixed parameters).
-        study: the Optuna study, or None to derive states from the Tune results alone.
-    """
+    """Trial records from Tune ``Result`` objects and the study (None: states from Tune alone)."""
     states = _study_states(study)
     pareto: set[int] = set()
     if study is not None and settings.multi_objective:
@@ -125,19 +90,9 @@ def records_from_results(results: Iterable[Any], settings: TrialSettings, study=
             status = states[number]
         else:
             status = "complete" if metrics.get(COMPLETION_KEY) else "pruned"
-        records.append(
-            TrialRecord(
-                trial_id=str(metrics.get("trial_id") or getattr(result, "path", "?")).split("/")[-1],
-                number=number,
-                params=params,
-                status=status,
-                metrics=metrics,
-                error=str(error).strip().splitlines()[-1][:200] if error is not None else None,
-                pareto=number in pareto,
-                role=role,
-                label=label,
-            )
-        )
+        trial_id = str(metrics.get("trial_id") or getattr(result, "path", "?")).split("/")[-1]
+        error_line = str(error).strip().splitlines()[-1][:200] if error is not None else None
+        records.append(TrialRecord(trial_id, number, params, status, metrics, error_line, number in pareto, role, label))
     return records
 
 
@@ -150,12 +105,11 @@ def _role_and_params(config: Mapping[str, Any], settings: TrialSettings) -> tupl
 
 
 def search_records(records: Sequence[TrialRecord]) -> list[TrialRecord]:
-    """The trials of the search itself (no reference trials)."""
     return [r for r in records if r.role == "search"]
 
 
 def paper_point_band(records: Sequence[TrialRecord], settings: TrialSettings) -> NoiseBand | None:
-    """The noise band over every completed run of the paper point (search trial and noise seeds)."""
+    """The noise band over every completed run of the paper point (search trial, noise seeds)."""
     point = paper_point(settings.space)
     runs = [r for r in records if r.role in ("search", "noise") and r.status == "complete"]
     return noise_band([r.objective for r in runs if same_assignment(r.params, point)])
@@ -167,7 +121,7 @@ def _sort_key(record: TrialRecord) -> tuple:
 
 
 def best_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The complete trial with the highest finite objective, or None."""
+    """The complete search trial with the highest finite objective, or None."""
     complete = [r for r in search_records(records) if r.status == "complete" and math.isfinite(r.objective)]
     return max(complete, key=lambda r: r.objective) if complete else None
 
@@ -177,12 +131,9 @@ def _param_text(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else "-" if value is None else str(value)
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{number:.{digits}f}" if math.isfinite(number) else "-"
+def _number(value: Any, digits: int = 3, sign: str = "") -> str:
+    number = _float(value)
+    return f"{number:{sign}.{digits}f}" if math.isfinite(number) else "-"
 
 
 def _metric_columns(settings: TrialSettings) -> tuple[list[str], list[str]]:
@@ -249,11 +200,7 @@ def _baseline_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 
 def _difference(value: Any, reference: Any) -> str:
-    try:
-        difference = float(value) - float(reference)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{difference:+.3f}" if math.isfinite(difference) else "-"
+    return _number(_float(value) - _float(reference), sign="+")
 
 
 def format_table(
@@ -265,16 +212,14 @@ def format_table(
 
 
 def best_config_text(record: TrialRecord | None, settings: TrialSettings, band: NoiseBand | None = None) -> str:
-    """The best configuration, whether it stands out of the paper point's noise ``band``, and how
-    to train with it."""
+    """The best configuration, whether it stands out of the noise ``band``, and how to train it."""
     if record is None:
         return "No trial completed: no best configuration."
     values = ", ".join(f"{name} = {_number(value, 4)}" for name, value in record.params.items())
     what = settings.objective.text
     if len(settings.datasets) > 1:
         what = f"mean over {', '.join(settings.dataset_names)} of {what}"
-    lines = [f"Best configuration (trial {record.trial_id}, objective {what} = {_number(record.objective, 4)}):"]
-    lines.append(f"  {values}")
+    lines = [f"Best configuration (trial {record.trial_id}, objective {what} = {_number(record.objective, 4)}):", f"  {values}"]
     if band is not None and math.isfinite(band.std) and not band.differs(record.objective):
         lines.append(
             f"  It lies within {NOISE_MARGIN:g} std of the paper point's mean over seeds: this search cannot "
@@ -284,10 +229,7 @@ def best_config_text(record: TrialRecord | None, settings: TrialSettings, band: 
     if settings.opts:
         last_values = dict(zip(settings.opts[::2], settings.opts[1::2], strict=True))  # later ones win
         lines.append(f"  (its trials also ran with: {' '.join(f'{k} {v}' for k, v in last_values.items())})")
-    for spec in settings.datasets:
-        lines.append(
-            f"  train it: python train/train_net.py --config-file {spec.config_file} {overrides}"
-        )
+    lines += [f"  train it: python train/train_net.py --config-file {spec.config_file} {overrides}" for spec in settings.datasets]
     return "\n".join(lines)
 
 
@@ -321,13 +263,9 @@ def write_reports(
 def search_metrics(
     records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The search's outcome as parent-run metrics and tags.
-
-    Metrics: the search's trial counts, the best trial's objective and paper metrics
-    (``best/<dataset>/<metric>``), the baseline's (``baseline/<dataset>/<metric>``) and the noise
-    band (``noise/objective_mean``, ``noise/objective_std``, ``noise/runs``). Tags: the best trial
-    and its parameters.
-    """
+    """The parent run's metrics (trial counts, ``best/<dataset>/<metric>``,
+    ``baseline/<dataset>/<metric>``, ``noise/...``, ``best_objective``) and tags (the best trial
+    and its parameters)."""
     searched = search_records(records)
     metrics: dict[str, Any] = {f"trials_{s}": sum(r.status == s for r in searched) for s in ("complete", "pruned", "failed")}
     if band is not None:

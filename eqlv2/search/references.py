@@ -1,19 +1,12 @@
 """Reference trials of a search: the baseline loss, and the paper point re-trained with more seeds.
 
-A ranked table alone cannot say whether the best (gamma, mu, alpha) is better than the plain
-sigmoid loss, or better than the paper's point by more than seed noise. So, after the search, the
-driver trains (in a second Tune experiment, ``<search name>-references``, outside the Optuna study
-and the scheduler, so that no reference is stopped early or fed to the sampler):
-
-* the **baseline**: the same trial with ``MODEL.EQLV2.LOSS <baseline>`` (``--baseline sigmoid``,
-  the default; ``none`` skips it) and the paper point's other values;
-* the **noise seeds**: the paper point — the search space's first seed point, completed with its
-  fixed values — with ``--noise-seeds K`` further detectron2 seeds (search seed + 1, ..., + K).
-
-The **noise band** is the mean and sample standard deviation of the objective over every
-completed run of the paper point (its search trial, if the study had not evaluated it before, and
-the noise seeds). A search trial whose objective differs from that mean by more than
-:data:`NOISE_MARGIN` standard deviations is marked in the ranked table.
+A ranked table alone cannot say whether the best (gamma, mu, alpha) beats the plain sigmoid loss,
+or the paper's point by more than seed noise. So after the search the driver trains, in a second
+Tune experiment outside the study and the scheduler: the **baseline** (``MODEL.EQLV2.LOSS
+<--baseline>`` with the paper point's other values) and the **noise seeds** (the paper point, the
+space's first seed point, with ``--noise-seeds K`` further seeds). The **noise band** is the mean
+and standard deviation of the objective over every completed run of the paper point; a trial
+more than :data:`NOISE_MARGIN` std from the mean is marked in the ranked table.
 """
 
 from __future__ import annotations
@@ -26,18 +19,6 @@ from typing import Any
 
 from .space import CONFIG_KEYS, SearchSpace
 
-__all__ = [
-    "NOISE_MARGIN",
-    "REFERENCE_KEY",
-    "NoiseBand",
-    "paper_point",
-    "reference_configs",
-    "reference_label",
-    "reference_setup",
-    "TrialSetup",
-    "trial_setup",
-]
-
 #: Config key of a reference trial (absent in search trials): ``baseline`` or ``noise``.
 REFERENCE_KEY = "reference"
 #: A trial differs from the paper point when ``|objective - mean| > NOISE_MARGIN * std``.
@@ -46,20 +27,12 @@ LOSS_KEY = "MODEL.EQLV2.LOSS"
 
 
 def paper_point(space: SearchSpace) -> dict[str, Any] | None:
-    """The full assignment of the space's first seed point (None if it has none)."""
     return space.complete(space.seed_points[0]) if space.seed_points else None
 
 
 def reference_configs(space: SearchSpace, baseline: str, noise_seeds: int, seed: int) -> list[dict[str, Any]]:
-    """The reference trials, the baseline first: each ``{"role": "baseline", "loss": ...}`` or
-    ``{"role": "noise", "seed": ...}`` (a Tune config holds one under :data:`REFERENCE_KEY`).
-
-    Args:
-        space: the search space (its first seed point is the paper point).
-        baseline: the baseline's loss name, or ``none``.
-        noise_seeds: further seeds of the paper point (none without a seed point).
-        seed: the search's detectron2 seed; noise seeds are ``seed + 1 ... seed + noise_seeds``.
-    """
+    """The reference trials, the baseline (unless ``none``) first: ``{"role": "baseline", "loss":
+    ...}`` or ``{"role": "noise", "seed": ...}`` with seeds ``seed + 1 ... seed + noise_seeds``."""
     configs: list[dict[str, Any]] = []
     if baseline != "none":
         configs.append({"role": "baseline", "loss": baseline})
@@ -69,18 +42,14 @@ def reference_configs(space: SearchSpace, baseline: str, noise_seeds: int, seed:
 
 
 def reference_label(reference: Mapping[str, Any]) -> str:
-    """``baseline sigmoid`` or ``paper point, seed 43``."""
     if reference["role"] == "baseline":
         return f"baseline {reference['loss']}"
     return f"paper point, seed {reference['seed']}"
 
 
 def reference_setup(reference: Mapping[str, Any], space: SearchSpace, seed: int) -> tuple[dict[str, Any], list[str], int]:
-    """What a reference trial trains: ``(values, extra overrides, seed)``.
-
-    The baseline keeps the paper point's values of the parameters that are not EQL v2's (e.g. a
-    searched learning rate) and drops gamma, mu and alpha, which its loss does not read.
-    """
+    """``(values, extra overrides, seed)`` of a reference trial; the baseline drops gamma, mu and
+    alpha (its loss does not read them) and keeps the paper point's other values."""
     point = paper_point(space) or dict(space.fixed)
     if reference["role"] == "baseline":
         values = {name: value for name, value in point.items() if name not in CONFIG_KEYS}
@@ -90,11 +59,7 @@ def reference_setup(reference: Mapping[str, Any], space: SearchSpace, seed: int)
 
 @dataclass(frozen=True)
 class NoiseBand:
-    """The objective of the paper point over seeds.
-
-    Attributes:
-        values: the objective of each completed run of the paper point.
-    """
+    """The objective of each completed run of the paper point."""
 
     values: tuple[float, ...]
 
@@ -114,12 +79,10 @@ class NoiseBand:
         return (objective - self.mean) / self.std
 
     def differs(self, objective: float) -> bool:
-        """Whether ``objective`` lies more than :data:`NOISE_MARGIN` std from the mean."""
         distance = self.distance(objective)
         return math.isfinite(distance) and abs(distance) > NOISE_MARGIN
 
     def describe(self, metric: str) -> str:
-        """One line for the summary."""
         runs = len(self.values)
         if runs < 2:
             return f"Noise band: {runs} completed run of the paper point, too few to measure seed noise."
@@ -130,7 +93,7 @@ class NoiseBand:
 
 
 def noise_band(objectives: Sequence[float]) -> NoiseBand | None:
-    """The band of the finite ``objectives`` of the paper point's runs (None if there are none)."""
+    """The band of the finite ``objectives`` (None if there are none)."""
     finite = tuple(float(v) for v in objectives if math.isfinite(float(v)))
     return NoiseBand(finite) if finite else None
 
@@ -149,11 +112,7 @@ class TrialSetup:
 
 def trial_setup(config: Mapping[str, Any], space: SearchSpace, seed: int) -> TrialSetup:
     """A trial's setup from its Tune config: a search trial's sampled values with the search's
-    ``seed``, or a reference trial's (the module docstring).
-
-    Raises:
-        SearchSpaceError: a search trial's config lacks a searched parameter.
-    """
+    ``seed``, or a reference trial's."""
     reference = config.get(REFERENCE_KEY)
     if reference:
         values, extra, seed = reference_setup(reference, space, seed)

@@ -1,11 +1,8 @@
-"""Early stopping of the search: ASHA on the intermediate objective, or none.
+"""Early stopping of the search: ASHA on the intermediate objective (time: evaluations done), or none.
 
-ASHA's time attribute is the number of evaluations a trial has done
-(:data:`~eqlv2.search.optuna_study.STEP_KEY`), its metric the intermediate objective. An
-evaluation without a finite objective (a model that detects nothing gets a NaN AP from the LVIS
-evaluator) ranks last: Ray's ASHA would otherwise never stop such a trial, since ``NaN < cutoff``
-is false. And no decision is taken at a trial's last evaluation: stopping it there saves nothing
-(training is over) and would record a fully trained trial as pruned.
+A NaN objective (a model that detects nothing) ranks last: Ray's ASHA would never stop such a
+trial, since ``NaN < cutoff`` is false. And no decision is taken at a trial's last evaluation:
+stopping it there saves nothing and would record a fully trained trial as pruned.
 """
 
 from __future__ import annotations
@@ -19,17 +16,10 @@ from .optuna_study import STEP_KEY
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLastASHA", "build_scheduler"]
-
 
 class NonFiniteLastASHA(ASHAScheduler):
-    """ASHA where a NaN objective counts as the worst possible one, and that lets every trial
-    that reached its last evaluation finish.
-
-    Args:
-        last_step: the time-attribute value of a trial's last evaluation.
-        kwargs: :class:`ray.tune.schedulers.ASHAScheduler`'s arguments.
-    """
+    """ASHA where NaN is the worst objective and a trial at ``last_step`` (its last evaluation)
+    always finishes."""
 
     def __init__(self, last_step: int, *, time_attr: str, metric: str, mode: str, **kwargs) -> None:
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, **kwargs)
@@ -56,26 +46,14 @@ class NonFiniteLastASHA(ASHAScheduler):
 def build_scheduler(
     kind: str, total_evaluations: int, grace_period: int = 1, reduction_factor: int = 2
 ) -> TrialScheduler:
-    """The trial scheduler of a search.
-
-    Args:
-        kind: ``asha`` (early stopping) or ``fifo`` (none).
-        total_evaluations: evaluations of a complete trial (all datasets together).
-        grace_period: evaluations before a trial may be stopped.
-        reduction_factor: ASHA's reduction factor (keeps the best 1/rf at each rung).
-
-    Raises:
-        ValueError: unknown ``kind``.
-    """
+    """``asha`` or ``fifo`` (no early stopping); ``total_evaluations`` of a complete trial."""
     kind = kind.lower()
     if kind == "fifo":
         return FIFOScheduler()
     if kind != "asha":
         raise ValueError(f"unknown scheduler {kind!r}: use asha or fifo")
     if total_evaluations < 2:
-        logger.warning(
-            "A trial evaluates only once: ASHA cannot stop any trial early (lower TEST.EVAL_PERIOD)"
-        )
+        logger.warning("A trial evaluates only once: ASHA cannot stop any trial early (lower TEST.EVAL_PERIOD)")
     # max_t beyond the last evaluation: a trial that reaches it is complete, never "stopped".
     return NonFiniteLastASHA(
         last_step=total_evaluations,

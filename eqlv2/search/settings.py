@@ -1,10 +1,6 @@
-"""What a trial needs to know: the datasets, the objective, the resources and where to log.
-
-* :data:`DATASETS` — the datasets a search can train on (``--datasets lvis,openimages``), each with
-  its default config and the flat metrics its evaluator reports;
-* :class:`Objective` — the metric to optimise, one metric (``AP``) or a weighted mix
-  (``0.5*AP+0.5*APr``), computed per dataset; across datasets the objective is their mean;
-* :class:`TrialSettings` — the picklable bundle the driver hands to every trial.
+"""What a trial needs to know: the datasets (:data:`DATASETS`), the :class:`Objective` (one metric
+or a weighted mix such as ``0.5*AP+0.5*APr``, per dataset; across datasets their mean), and the
+picklable :class:`TrialSettings` the driver hands to every trial.
 """
 
 from __future__ import annotations
@@ -19,17 +15,6 @@ from typing import Any
 from .options import SearchInputError
 from .space import SearchSpace
 
-__all__ = [
-    "DATASETS",
-    "DatasetSpec",
-    "Objective",
-    "TrialSettings",
-    "dataset_specs",
-    "evaluations_done",
-    "parse_objective",
-    "repository_root",
-]
-
 
 def repository_root() -> Path:
     """The project's checkout (where ``configs/`` lives)."""
@@ -38,13 +23,8 @@ def repository_root() -> Path:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A dataset a trial trains on.
-
-    Attributes:
-        name: short name, the prefix of its metrics (``lvis``, ``openimages``).
-        config_file: absolute path of the detectron2 config that trains on it.
-        metrics: the flat evaluation metrics reported for it (the first is its main AP).
-    """
+    """A dataset a trial trains on: its short name (the prefix of its metrics), the absolute path
+    of its detectron2 config, and the flat metrics its evaluator reports (the first: its main AP)."""
 
     name: str
     config_file: str
@@ -59,25 +39,13 @@ class DatasetSpec:
 #: Known datasets: default config (relative to the repository) and reported metrics.
 DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lvis": ("configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml", ("AP", "APr", "APc", "APf", "APb")),
-    "openimages": (
-        "configs/tiny/faster_rcnn_tiny_synthetic_openimages.yaml",
-        ("AP", "AP1", "AP2", "AP3", "AP4", "AP5"),
-    ),
+    "openimages": ("configs/tiny/faster_rcnn_tiny_synthetic_openimages.yaml", ("AP", "AP1", "AP2", "AP3", "AP4", "AP5")),
 }
 
 
 def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tuple[DatasetSpec, ...]:
-    """Dataset specs for ``names`` with configs from ``config_files``.
-
-    Args:
-        names: dataset short names (keys of :data:`DATASETS`), in training order.
-        config_files: entries ``NAME=PATH`` (config of one dataset) or a bare ``PATH`` (allowed
-            when one dataset is searched); datasets not named keep their default config.
-
-    Raises:
-        ValueError: unknown dataset, duplicate, or a bare path with several datasets.
-        FileNotFoundError: a config file does not exist.
-    """
+    """Dataset specs for ``names`` (in training order), with ``config_files`` entries ``NAME=PATH``
+    or, with one dataset, a bare ``PATH``; datasets not named keep their default config."""
     names = [name.strip().lower() for name in names if name.strip()]
     if not names:
         raise ValueError("no dataset given: use --datasets lvis, openimages or lvis,openimages")
@@ -96,9 +64,7 @@ def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tup
         elif len(names) == 1:
             name, path = names[0], entry
         else:
-            raise ValueError(
-                f"--config-file {entry!r}: with several datasets give NAME=PATH (e.g. lvis=my.yaml)"
-            )
+            raise ValueError(f"--config-file {entry!r}: with several datasets give NAME=PATH (e.g. lvis=my.yaml)")
         chosen[name] = path
     specs = []
     for name in names:
@@ -112,19 +78,13 @@ def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tup
 
 @dataclass(frozen=True)
 class Objective:
-    """A weighted sum of flat evaluation metrics, maximised.
-
-    Attributes:
-        terms: ``(weight, metric name)`` pairs.
-        text: the expression as given.
-    """
+    """A weighted sum of flat evaluation metrics (``(weight, name)`` terms), maximised."""
 
     terms: tuple[tuple[float, str], ...]
     text: str
 
     @property
     def names(self) -> list[str]:
-        """Metric names the objective reads."""
         return [name for _, name in self.terms]
 
     @property
@@ -137,10 +97,7 @@ class Objective:
         for spec in datasets:
             missing = [name for name in self.names if name not in spec.metrics]
             if missing:
-                raise ValueError(
-                    f"--metric {self.text!r}: {spec.name} does not report {missing} "
-                    f"(it reports {', '.join(spec.metrics)})"
-                )
+                raise ValueError(f"--metric {self.text!r}: {spec.name} does not report {missing} (it reports {', '.join(spec.metrics)})")
 
     def value(self, metrics: Mapping[str, Any]) -> float | None:
         """The objective from one dataset's flat metrics; None if a term is missing or not finite."""
@@ -176,19 +133,9 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
 
 
 def parse_objective(text: str, known: Iterable[str] | None = None) -> Objective:
-    """Reads ``--metric`` with the grammar ``[sign] term (sign term)*``, ``term = [number '*'] NAME``.
-
-    Args:
-        text: the expression, e.g. ``AP`` or ``0.5*AP + 0.5*APr`` (a leading ``-`` negates a term).
-        known: metric names the datasets report; None skips that check.
-
-    Returns:
-        The objective, one ``(weight, name)`` per term.
-
-    Raises:
-        SearchInputError: a dangling or doubled operator, a missing ``*``, a number without a
-            metric, a metric named twice, a zero or non-finite weight, or an unknown metric.
-    """
+    """Reads ``--metric`` with the grammar ``[sign] term (sign term)*``, ``term = [number '*'] NAME``
+    (e.g. ``0.5*AP + 0.5*APr``); ``known`` (None: unchecked) are the metrics the datasets report.
+    Any error is a one-line SearchInputError saying where and why."""
     if not text or not text.strip():
         raise SearchInputError(f"--metric is empty: {_EXAMPLES}")
 
@@ -247,28 +194,12 @@ def _read_term(
 class TrialSettings:
     """Everything a trial needs, fixed by the driver for the whole search (picklable).
 
-    Attributes:
-        space: the search space (fixed values are applied by the trial).
-        datasets: the datasets each trial trains on, in order.
-        opts: trailing ``KEY VALUE`` config overrides, applied to every dataset.
-        objective: what is optimised per dataset.
-        multi_objective: one Optuna objective per dataset instead of their mean.
-        num_workers, use_gpu, cpus_per_worker: Ray Train resources of one training run.
-        max_failures: retries of a Ray Train run whose worker died.
-        seed: detectron2 ``SEED`` of every trial (the same for all: trials differ by their
-            parameters only).
-        tracking_uri, experiment_id, parent_run_id: MLflow (None: not tracked).
-        mlflow_outbox: the search's MLflow outbox folder, absolute (``<results dir>/mlflow_outbox``):
-            each node keeps its journal of the calls the server did not take in a subfolder named
-            after the host, on that node's disk (None: not tracked).
-        search_name: Tune experiment name.
-        remote_storage: the search's Tune storage when it is a remote URI (``s3://...``): the
-            trials' Ray Train runs keep their checkpoints under ``<it>/<search>/ray_train/``,
-            where any node finds them (None: beside the trial, on its node's disk).
-        optuna_storage, study_name: the study (a resumed trial checks it before training).
-        log_period: iterations between two MLflow logs of the training scalars.
-        baseline_ratios: per dataset, a baseline's gradient ratio for the plots.
-        schedules: per dataset, ``(SOLVER.MAX_ITER, TEST.EVAL_PERIOD)`` of its training run.
+    ``seed`` is the detectron2 ``SEED`` of every trial (trials differ by their parameters only).
+    MLflow fields are None when the search is not tracked; ``mlflow_outbox`` is the search's
+    outbox folder (each node journals in a subfolder named after its host). ``remote_storage`` is
+    the Tune storage when it is a remote URI: the trials' Ray Train checkpoints then go under
+    ``<it>/<search>/ray_train/`` where any node finds them. ``schedules`` maps a dataset to
+    ``(SOLVER.MAX_ITER, TEST.EVAL_PERIOD)``; ``baseline_ratios`` to a baseline's gradient ratio.
     """
 
     space: SearchSpace
@@ -295,7 +226,6 @@ class TrialSettings:
 
     @property
     def dataset_names(self) -> list[str]:
-        """Short names of the datasets."""
         return [spec.name for spec in self.datasets]
 
     def evaluations(self, dataset: str) -> int:
@@ -303,18 +233,19 @@ class TrialSettings:
         max_iter, period = self.schedules.get(dataset, (1, 0))
         return evaluations_done(max_iter, max_iter, period)
 
+    def run_params(self, extra_opts: Sequence[str] = ()) -> dict[str, str]:
+        """The datasets, their configs and the overrides, as MLflow params."""
+        configs = {f"config/{spec.name}": spec.config_file for spec in self.datasets}
+        return {"datasets": ",".join(self.dataset_names), **configs, "overrides": " ".join([*self.opts, *extra_opts]) or "-"}
+
     def objective_keys(self) -> list[str]:
-        """Result keys of the per-dataset objectives (``<dataset>/objective``)."""
         return [f"{name}/objective" for name in self.dataset_names]
 
 
 def evaluations_done(iteration: int, max_iter: int, eval_period: int) -> int:
-    """Evaluations a detectron2 run has done once ``iteration`` iterations are complete.
-
-    detectron2's ``EvalHook`` evaluates after every multiple of ``eval_period`` below ``max_iter``
-    and once after training. Counting from the iteration (not from the reports seen) keeps the
-    count right when a Ray Train run resumes from a checkpoint.
-    """
+    """Evaluations a detectron2 run has done once ``iteration`` iterations are complete: its
+    ``EvalHook`` evaluates at every multiple of ``eval_period`` below ``max_iter`` and once after
+    training (counted from the iteration, so right after a resume from a checkpoint too)."""
     periodic = 0
     if eval_period > 0:
         periodic = len(range(eval_period, min(iteration, max_iter - 1) + 1, eval_period))

@@ -14,16 +14,15 @@ fixed value, and the points to evaluate first::
     trial_overrides:                # detectron2 KEY: VALUE applied to every trial (its budget)
       SOLVER.MAX_ITER: 100
 
-A parameter entry is ``{low, high}`` (``type: float`` by default, or ``int``; ``log: true`` for a
-log-uniform draw, ``step`` for a grid) or ``{choices: [...]}`` (categorical). A parameter may not
-be both searched and fixed.
+A parameter entry is ``{low, high}`` (``type: float`` or ``int``; ``log: true`` for a
+log-uniform draw, ``step`` for a grid) or ``{choices: [...]}``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,26 +34,8 @@ from .options import SearchInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CONFIG_KEYS",
-    "PAPER_SETTING",
-    "ParamSpec",
-    "SearchSpace",
-    "PARAMETER_DOMAINS",
-    "SearchSpaceError",
-    "check_domains",
-    "config_key",
-    "load_search_space",
-    "parse_search_space",
-    "same_assignment",
-]
-
 #: Short names of the EQL v2 hyper-parameters and the detectron2 config keys they set.
-CONFIG_KEYS: dict[str, str] = {
-    "gamma": "MODEL.EQLV2.GAMMA",
-    "mu": "MODEL.EQLV2.MU",
-    "alpha": "MODEL.EQLV2.ALPHA",
-}
+CONFIG_KEYS: dict[str, str] = {"gamma": "MODEL.EQLV2.GAMMA", "mu": "MODEL.EQLV2.MU", "alpha": "MODEL.EQLV2.ALPHA"}
 
 #: The paper's setting (Tan et al. 2021, Tables 7-8): evaluated first by default.
 PAPER_SETTING: dict[str, float] = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
@@ -68,33 +49,18 @@ class SearchSpaceError(SearchInputError):
 
 
 def config_key(name: str) -> str:
-    """The detectron2 config key a parameter name sets (``gamma`` → ``MODEL.EQLV2.GAMMA``).
-
-    Raises:
-        SearchSpaceError: ``name`` is neither a short name nor a dotted upper-case config key.
-    """
+    """The detectron2 config key a parameter name sets (``gamma`` → ``MODEL.EQLV2.GAMMA``)."""
     if name in CONFIG_KEYS:
         return CONFIG_KEYS[name]
     if "." in name and name.upper() == name:
         return name
-    raise SearchSpaceError(
-        f"unknown parameter {name!r}: use one of {sorted(CONFIG_KEYS)} or a full config key "
-        "such as SOLVER.BASE_LR"
-    )
+    raise SearchSpaceError(f"unknown parameter {name!r}: use one of {sorted(CONFIG_KEYS)} or a full config key such as SOLVER.BASE_LR")
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One searched parameter.
-
-    Attributes:
-        name: parameter name (short name or config key).
-        kind: ``"float"``, ``"int"`` or ``"categorical"``.
-        low, high: inclusive bounds (numeric kinds).
-        log: draw log-uniformly (needs ``low > 0``).
-        step: grid step, or None for a continuous draw.
-        choices: the values of a categorical parameter.
-    """
+    """One searched parameter: ``kind`` is ``float``, ``int`` or ``categorical``; ``low`` and
+    ``high`` are inclusive; ``step`` None is a continuous draw."""
 
     name: str
     kind: str
@@ -105,7 +71,6 @@ class ParamSpec:
     choices: tuple[Any, ...] = ()
 
     def contains(self, value: Any) -> bool:
-        """Whether ``value`` is a value this parameter can take."""
         if self.kind == "categorical":
             return value in self.choices
         try:
@@ -117,7 +82,6 @@ class ParamSpec:
         return self.low - tolerance <= number <= self.high + tolerance
 
     def optuna_distribution(self):
-        """The matching ``optuna.distributions`` object."""
         if self.kind == "categorical":
             return CategoricalDistribution(list(self.choices))
         if self.kind == "int":
@@ -125,7 +89,7 @@ class ParamSpec:
         return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
 
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``uniform[4, 16]``."""
+        """E.g. ``uniform[4, 16]``."""
         if self.kind == "categorical":
             return f"choice{list(self.choices)}"
         scale = "log-uniform" if self.log else "uniform"
@@ -136,16 +100,9 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Searched parameters, fixed values and points to evaluate first.
-
-    Attributes:
-        params: searched parameters by name, in file order.
-        fixed: parameters set to one value in every trial.
-        seed_points: full parameter assignments to evaluate before sampling (searched names only).
-        trial_overrides: detectron2 ``KEY VALUE`` overrides every trial applies (e.g. its
-            iteration budget), before the command line's.
-        source: file the space was read from, if any.
-    """
+    """Searched parameters (in file order), fixed values, seed points (assignments of the searched
+    names), the ``KEY VALUE`` overrides every trial applies before the command line's, and the
+    file the space was read from."""
 
     params: dict[str, ParamSpec]
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -155,24 +112,17 @@ class SearchSpace:
 
     @property
     def names(self) -> list[str]:
-        """Searched parameter names, in order."""
         return list(self.params)
 
     @property
     def all_names(self) -> list[str]:
-        """Searched and fixed parameter names."""
         return list(self.params) + [name for name in self.fixed if name not in self.params]
 
     def optuna_distributions(self) -> dict[str, Any]:
-        """``{name: optuna distribution}`` of the searched parameters."""
         return {name: spec.optuna_distribution() for name, spec in self.params.items()}
 
     def complete(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
-        """A trial's full assignment: the sampled values plus the fixed ones.
-
-        Raises:
-            SearchSpaceError: a searched parameter is missing from ``sampled``.
-        """
+        """A trial's full assignment: the sampled values plus the fixed ones."""
         missing = [name for name in self.params if name not in sampled]
         if missing:
             raise SearchSpaceError(f"trial config lacks searched parameters {missing}")
@@ -190,30 +140,23 @@ class SearchSpace:
         return opts
 
     def describe(self) -> dict[str, str]:
-        """``{name: description}`` of every parameter, fixed ones included (for logs and MLflow)."""
+        """``{name: description}`` of every parameter, fixed ones included."""
         out = {name: spec.describe() for name, spec in self.params.items()}
         out.update({name: f"fixed {value}" for name, value in self.fixed.items()})
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The space in the file format (round-trips through :func:`parse_search_space`)."""
-        params: dict[str, dict[str, Any]] = {}
+        """The space in the file format."""
+        params = {}
         for name, spec in self.params.items():
-            if spec.kind == "categorical":
-                params[name] = {"choices": list(spec.choices)}
-                continue
-            entry: dict[str, Any] = {"type": spec.kind, "low": spec.low, "high": spec.high}
-            if spec.log:
-                entry["log"] = True
-            if spec.step:
-                entry["step"] = spec.step
-            params[name] = entry
-        overrides = dict(zip(self.trial_overrides[::2], self.trial_overrides[1::2], strict=True))
+            entry = {"type": spec.kind, "low": spec.low, "high": spec.high, "log": spec.log, "step": spec.step}
+            numeric = {key: value for key, value in entry.items() if value is not None}
+            params[name] = {"choices": list(spec.choices)} if spec.kind == "categorical" else numeric
         return {
             "params": params,
             "fixed": dict(self.fixed),
             "seed_points": [dict(point) for point in self.seed_points],
-            "trial_overrides": overrides,
+            "trial_overrides": dict(zip(self.trial_overrides[::2], self.trial_overrides[1::2], strict=True)),
         }
 
 
@@ -233,11 +176,7 @@ def same_assignment(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
 
 def _override_text(value: Any) -> str:
     """A value as detectron2's ``merge_from_list`` parses it back (via ``literal_eval``)."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return repr(float(value))
-    return str(value)
+    return repr(value) if isinstance(value, float) and not isinstance(value, bool) else str(value)
 
 
 def _yaml_value_text(value: Any) -> str:
@@ -252,9 +191,7 @@ def _yaml_value_text(value: Any) -> str:
 
 def _parse_param(name: str, entry: Any) -> ParamSpec:
     if not isinstance(entry, Mapping):
-        raise SearchSpaceError(
-            f"params.{name} must be a mapping such as {{low: 0, high: 8}}, got {entry!r}"
-        )
+        raise SearchSpaceError(f"params.{name} must be a mapping such as {{low: 0, high: 8}}, got {entry!r}")
     unknown = set(entry) - _PARAM_FIELDS
     if unknown:
         raise SearchSpaceError(f"params.{name} has unknown fields {sorted(unknown)}")
@@ -276,10 +213,7 @@ def _parse_param(name: str, entry: Any) -> ParamSpec:
         raise SearchSpaceError(f"params.{name}: need finite low < high, got [{low}, {high}]")
     log = bool(entry.get("log", False))
     if log and low <= 0:
-        raise SearchSpaceError(
-            f"params.{name}: a log scale needs low > 0, got low={low:g} "
-            "(use a uniform scale or a positive lower bound)"
-        )
+        raise SearchSpaceError(f"params.{name}: a log scale needs low > 0, got low={low:g} (use a uniform scale or a positive lower bound)")
     step = entry.get("step")
     if step is not None:
         step = float(step)
@@ -293,11 +227,8 @@ def _parse_param(name: str, entry: Any) -> ParamSpec:
 
 
 def _parse_seed_points(points: Any, params: Mapping[str, ParamSpec], fixed: Mapping[str, Any], where: str) -> list[dict]:
-    """The distinct seed points, each a full assignment of the searched parameters, in range.
-
-    A seed point may name fixed parameters too (e.g. the paper's full setting while alpha is
-    fixed): those are dropped.
-    """
+    """The distinct seed points, each a full assignment of the searched parameters, in range
+    (fixed parameters it names, e.g. the paper's full setting while alpha is fixed, are dropped)."""
     seeds: list[dict] = []
     for index, point in enumerate(points):
         if not isinstance(point, Mapping):
@@ -333,85 +264,51 @@ def _parse_trial_overrides(raw: Any, names: list[str], where: str) -> list[str]:
     return overrides
 
 
-@dataclass(frozen=True)
-class _Domain:
-    """The values an EQL v2 hyper-parameter accepts."""
-
-    rule: str
-    accepts: Callable[[float], bool]
-
-
 #: Valid values of each EQL v2 hyper-parameter (paper, eq. 6-8): the slope ``gamma`` of the
-#: mapping function must be positive, the positive up-weighting ``alpha`` non-negative, the centre
-#: ``mu`` finite.
-PARAMETER_DOMAINS: dict[str, _Domain] = {
-    "gamma": _Domain("gamma > 0", lambda v: math.isfinite(v) and v > 0),
-    "alpha": _Domain("alpha >= 0", lambda v: math.isfinite(v) and v >= 0),
-    "mu": _Domain("mu finite", math.isfinite),
+#: mapping function positive, the positive up-weighting ``alpha`` non-negative, the centre ``mu`` finite.
+PARAMETER_DOMAINS = {
+    "gamma": ("gamma > 0", lambda v: math.isfinite(v) and v > 0),
+    "alpha": ("alpha >= 0", lambda v: math.isfinite(v) and v >= 0),
+    "mu": ("mu finite", math.isfinite),
 }
 
 
-def _domain_of(name: str) -> _Domain | None:
-    """The domain of a short name or of its config key (``MODEL.EQLV2.GAMMA``)."""
-    for short, key in CONFIG_KEYS.items():
-        if name in (short, key):
-            return PARAMETER_DOMAINS.get(short)
-    return None
+def _domain(name: str):
+    """``(rule, accepts)`` of a short name or of its config key, else None."""
+    return next((PARAMETER_DOMAINS[short] for short, key in CONFIG_KEYS.items() if name in (short, key)), None)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
+def _check_value(where: str, name: str, what: str, value: Any) -> None:
+    rule, accepts = _domain(name) or (None, None)
     try:
-        return float(value)
+        ok = rule is None or (not isinstance(value, bool) and accepts(float(value)))
     except (TypeError, ValueError):
-        return None
-
-
-def _check_value(where: str, name: str, what: str, value: Any, domain: _Domain) -> None:
-    number = _number(value)
-    if number is None or not domain.accepts(number):
-        raise SearchSpaceError(
-            f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {domain.rule}"
-        )
+        ok = False
+    if not ok:
+        raise SearchSpaceError(f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {rule}")
 
 
 def check_domains(space: SearchSpace) -> None:
-    """Checks every value ``space`` can give ``gamma``, ``mu`` or ``alpha`` against its domain.
-
-    Covers the searched range's ``low`` and ``high`` (hence every sample and seed point),
-    categorical choices and fixed values (:func:`parse_search_space` calls it last).
-
-    Raises:
-        SearchSpaceError: naming the file (``space.source``) and the parameter.
-    """
+    """Checks every value ``space`` can give ``gamma``, ``mu`` or ``alpha`` (range bounds, choices,
+    fixed values); the error names the file and the parameter."""
     where = space.source or "search space"
     for name, spec in space.params.items():
-        domain = _domain_of(name)
-        if domain is None:
-            continue
-        if spec.kind == "categorical":
-            for choice in spec.choices:
-                _check_value(where, name, "choice", choice, domain)
+        for choice in spec.choices:
+            _check_value(where, name, "choice", choice)
+        rule, accepts = _domain(name) or (None, None)
+        if rule is None or spec.kind == "categorical":
             continue
         for bound, value in (("low", spec.low), ("high", spec.high)):
-            if not domain.accepts(float(value)):
+            if not accepts(float(value)):
                 raise SearchSpaceError(
-                    f"{where}: params.{name} range [{spec.low:g}, {spec.high:g}] is invalid: its {bound} "
-                    f"{value:g} breaks {domain.rule}"
+                    f"{where}: params.{name} range [{spec.low:g}, {spec.high:g}] is invalid: its {bound} {value:g} breaks {rule}"
                 )
     for name, value in space.fixed.items():
-        domain = _domain_of(name)
-        if domain is not None:
-            _check_value(where, name, "fixed value", value, domain)
+        _check_value(where, name, "fixed value", value)
 
 
 def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> SearchSpace:
-    """Validates a search-space mapping (the parsed YAML file).
-
-    Raises:
-        SearchSpaceError: with a message naming the bad entry.
-    """
+    """Validates a search-space mapping (the parsed YAML file); errors name the bad entry."""
     where = f" in {source}" if source else ""
     if not isinstance(data, Mapping):
         raise SearchSpaceError(f"a search space must be a mapping{where}")
@@ -434,25 +331,18 @@ def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> Se
         raise SearchSpaceError(f"parameters {both} are both searched and fixed{where}")
     if not params:
         raise SearchSpaceError(
-            f"nothing to search{where}: every parameter is fixed. Train the fixed setting with "
-            "train/ray_train.py, or give at least one parameter a range"
+            f"nothing to search{where}: every parameter is fixed. Train the fixed setting with train/ray_train.py, "
+            "or give at least one parameter a range"
         )
     seeds = _parse_seed_points(data.get("seed_points") or [], params, fixed, where)
     overrides = _parse_trial_overrides(data.get("trial_overrides") or {}, list(params) + list(fixed), where)
-    space = SearchSpace(
-        params=params, fixed=fixed, seed_points=tuple(seeds), trial_overrides=tuple(overrides), source=source
-    )
+    space = SearchSpace(params, fixed, tuple(seeds), tuple(overrides), source)
     check_domains(space)
     return space
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
-    """Reads and validates a search-space YAML file.
-
-    Raises:
-        SearchSpaceError: the file is missing, malformed or holds a value EQL v2 refuses; the
-            one-line message names the file.
-    """
+    """Reads and validates a search-space YAML file; a one-line SearchSpaceError names the file."""
     path = Path(path)
     if not path.is_file():
         raise SearchSpaceError(f"--search-space: search-space file not found: {path}")

@@ -1,21 +1,23 @@
-"""Where a search's results go: its folders checked, its stores' URLs made absolute, in one place.
-
-Ray workers run in other folders, so every local path is made absolute here. Every store URL a
-user gives passes through :func:`store_url`; every folder through :func:`prepare_writable_dir`,
-which creates it and proves it writable by writing a file (``os.access`` says yes to root even on
-an immutable folder).
+"""Where a search's results go: store URLs made absolute (Ray workers run in other folders),
+folders proven writable by writing a file (``os.access`` says yes to root even on an immutable
+one), and the :class:`TuneStorage` of the Tune experiments, local or remote.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow.fs
 
 from .options import SearchInputError
 
-__all__ = ["is_local_uri", "local_path", "prepare_writable_dir", "sqlite_url", "store_url"]
+logger = logging.getLogger(__name__)
 
 _SQLITE = "sqlite:///"
 
@@ -28,14 +30,9 @@ def sqlite_url(path: str | os.PathLike) -> str:
 
 
 def store_url(value: str | None, default_file: str | os.PathLike, bare_path_is_sqlite: bool = True) -> str:
-    """The URL of a store.
-
-    Args:
-        value: a URL (``sqlite:///relative.db`` is made absolute, others are kept), a file path
-            (a SQLite database when ``bare_path_is_sqlite``, else kept), or None.
-        default_file: the SQLite database used when ``value`` is None.
-        bare_path_is_sqlite: False for MLflow, which reads a bare path as a file store.
-    """
+    """The URL of a store: ``value`` (a relative ``sqlite:///`` made absolute), a bare path as a
+    SQLite database (unless ``bare_path_is_sqlite`` is False: MLflow reads it as a file store),
+    or when None the SQLite database ``default_file``."""
     if not value:
         return sqlite_url(default_file)
     if value.startswith(_SQLITE) and not value.startswith(_SQLITE + "/"):
@@ -46,7 +43,6 @@ def store_url(value: str | None, default_file: str | os.PathLike, bare_path_is_s
 
 
 def is_local_uri(uri: str) -> bool:
-    """Whether ``uri`` is a store on this machine's file system (SQLite or a folder)."""
     return uri.startswith("sqlite") or uri.startswith("file:") or "://" not in uri
 
 
@@ -61,20 +57,9 @@ def local_path(path: str | os.PathLike) -> Path | None:
 
 
 def prepare_writable_dir(path: str | os.PathLike, flag: str) -> Path | None:
-    """Creates the folder ``path`` (and its parents) and proves it writable by writing a file.
-
-    Args:
-        path: a local folder or ``file://`` URI; remote URIs (``s3://...``) are left to their
-            file system and return None.
-        flag: the option that gave it (``--results-dir``), named in the error.
-
-    Returns:
-        The absolute folder, or None for a remote URI.
-
-    Raises:
-        SearchInputError: one line naming the flag and the path: a file is in the way, the
-            folder cannot be created, or a file cannot be written in it.
-    """
+    """Creates the local folder ``path`` and proves it writable by writing a file; returns it
+    absolute (None for a remote URI, left to its file system). The one-line SearchInputError
+    names ``flag`` and the path."""
     local = local_path(path)
     if local is None:
         return None
@@ -89,7 +74,79 @@ def prepare_writable_dir(path: str | os.PathLike, flag: str) -> Path | None:
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise SearchInputError(
-            f"{flag} {folder} is not writable ({reason}); give a folder you can write to"
-        ) from None
+        raise SearchInputError(f"{flag} {folder} is not writable ({reason}); give a folder you can write to") from None
     return folder
+
+
+@dataclass(frozen=True)
+class TuneStorage:
+    """The folder of the Tune experiments: an absolute local path, or a remote URI (``s3://``,
+    ``gs://``) as given. The driver reads and writes its own few files there through the pyarrow
+    file system Tune uses, so a restarted head node finds the search in shared storage;
+    credentials stay in the environment (``AWS_*``)."""
+
+    location: str
+    is_remote: bool
+
+    @classmethod
+    def parse(cls, value: str | os.PathLike) -> TuneStorage:
+        local = local_path(value)
+        if local is None:
+            return cls(os.fspath(value).rstrip("/"), is_remote=True)
+        return cls(str(local.resolve()), is_remote=False)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.location, *parts])
+
+    def _resolve(self, *parts: str) -> tuple[pyarrow.fs.FileSystem, str]:
+        if not self.is_remote:
+            return pyarrow.fs.LocalFileSystem(), self.join(*parts)
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(self.location)
+        return filesystem, "/".join([root, *parts])
+
+    def check_writable(self, flag: str) -> None:
+        """Creates the folder and writes a probe file; a SearchInputError names ``flag``."""
+        if not self.is_remote:
+            prepare_writable_dir(self.location, flag)
+            return
+        try:
+            filesystem, root = self._resolve()
+            filesystem.create_dir(root, recursive=True)
+            with filesystem.open_output_stream(f"{root}/.eqlv2-write-probe") as probe:
+                probe.write(b"ok")
+            filesystem.delete_file(f"{root}/.eqlv2-write-probe")
+        except (OSError, ValueError) as error:
+            raise SearchInputError(f"{flag}: cannot write to {self.location}: {error}") from error
+
+    def read_json(self, *parts: str) -> dict:
+        """The JSON object stored at ``parts``; ``{}`` when missing or unreadable."""
+        filesystem, path = self._resolve(*parts)
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                data = json.loads(stream.read())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_json(self, data: dict, *parts: str) -> None:
+        """Writes ``data`` at ``parts``: atomically on a local disk, as one upload on a remote store."""
+        filesystem, path = self._resolve(*parts)
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        text = json.dumps(data, indent=2, default=str).encode()
+        if self.is_remote:
+            with filesystem.open_output_stream(path) as stream:
+                stream.write(text)
+            return
+        partial = Path(path).with_name(f".{Path(path).name}.partial")
+        partial.write_bytes(text)
+        os.replace(partial, path)
+
+    def upload(self, files: list[Path], *parts: str) -> None:
+        """Copies local ``files`` into the folder ``parts`` of a remote store (local: nothing to do)."""
+        if not self.is_remote:
+            return
+        filesystem, folder = self._resolve(*parts)
+        filesystem.create_dir(folder, recursive=True)
+        for file in files:
+            pyarrow.fs.copy_files(str(file), f"{folder}/{file.name}", destination_filesystem=filesystem)
+        logger.info("Copied %d report file(s) to %s", len(files), self.join(*parts))

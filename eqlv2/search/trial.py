@@ -1,28 +1,15 @@
 """The Ray Tune trainable of the search (runs in the trial process): one Ray Train run per dataset.
 
-``Tuner(TorchTrainer(...))`` does not work with Ray Train V2 (ray 2.60): the trainable is a function
-that builds a ``TorchTrainer`` (:func:`eqlv2.raytrain.build_torch_trainer`) per dataset and
-``fit()``s it, with :class:`SearchReportCallback` forwarding rank 0's reports to Tune.
+``Tuner(TorchTrainer(...))`` does not work with Ray Train V2, so the trainable is a function that
+builds and fits a ``TorchTrainer`` per dataset, :class:`SearchReportCallback` forwarding rank 0's
+reports to Tune. Every result carries ``dataset``, the metrics prefixed with it (``lvis/AP``),
+:data:`~eqlv2.search.optuna_study.STEP_KEY` (evaluations done by the trial, all datasets
+together: ASHA's time, Optuna's step), ``<dataset>/objective`` (NaN until evaluated) and their
+mean ``objective``; after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY`.
 
-Every result a trial reports to Tune carries:
-
-* ``dataset`` and the rank-0 metrics prefixed with it (``lvis/total_loss``, ``lvis/AP``, ...);
-* :data:`~eqlv2.search.optuna_study.STEP_KEY` (``eval_step``): evaluations done so far by the
-  trial, all datasets together (ASHA's time attribute, Optuna's step);
-* ``<dataset>/objective`` for every dataset (NaN until it has been evaluated) and ``objective``,
-  the mean of those known — the same datasets are known at the same step in every trial, so ASHA
-  compares like with like;
-* after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY` = 1 with the
-  final metrics of every dataset.
-
-The trial creates its MLflow run (or, restarted by a resumed search, reopens the run of its
-first attempt) and reports what happens to it (a failure is a :class:`TrialFailedError`); it
-never writes the run's final state: the driver does. Its MLflow calls go through the node's
-outbox and are replayed when the trial ends, before its last report.
-
-Every trial is a new process, which imports this module first: it imports Ray Tune, MLflow and
-Optuna (3.4 s of CPU, 0.25 GB), not torch, detectron2 or Ray Train's torch support (9 s more,
-0.8 GB more), which only :func:`ray_train_run` loads.
+The trial creates its MLflow run (or reopens the one of its first attempt) but never writes its
+final state: the driver does. Torch, detectron2 and Ray Train are imported only by
+:func:`ray_train_run` (9 s of CPU and 0.8 GB a trial that trains nothing does not pay).
 """
 
 from __future__ import annotations
@@ -31,30 +18,24 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from .mlflow_client import (
-    PARENT_TAG,
-    ROLE_TAG,
-    SEARCH_TAG,
-    STATUS_TAG,
-    TRIAL_TAG,
-    limit_http_retries,
-)
-from .mlflow_outbox import DurableMlflow, node_outbox
+from .mlflow_client import PARENT_TAG, ROLE_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
+from .mlflow_outbox import DurableMlflow
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, read_finished_trial
 from .references import TrialSetup, trial_setup
-from .run_hooks import TrialRunHooks
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # detectron2 types, for the annotations only
+    from detectron2.engine import PeriodicWriter
 
-__all__ = [
-    "ReportTranslator", "SearchReportCallback", "TrainingRun", "TrialFailedError", "combine_objectives", "ray_train_run", "run_trial",
-]  # fmt: skip
+    from .mlflow_worker import TrialArtifactsHook
+
+logger = logging.getLogger(__name__)
 
 NAN = float("nan")
 
@@ -72,14 +53,9 @@ def combine_objectives(per_dataset: Mapping[str, float | None]) -> float:
 class ReportTranslator:
     """Turns rank 0's Ray Train reports of one training run into the search's Tune results.
 
-    Args:
-        dataset: the dataset of this training run.
-        all_datasets: every dataset of the trial, in order.
-        objective: the per-dataset objective.
-        finished: final objectives of the datasets already trained in this trial.
-        eval_offset: evaluations done by those earlier runs.
-        schedule: ``(max_iter, eval_period)`` of this run, to count its evaluations from the
-            reported iteration (right also when the run resumed from a checkpoint).
+    ``finished`` holds the final objectives of the datasets trained before in this trial,
+    ``eval_offset`` their evaluations; ``schedule`` is ``(max_iter, eval_period)`` of this run,
+    to count its evaluations from the reported iteration (right after a resume too).
     """
 
     def __init__(
@@ -101,12 +77,8 @@ class ReportTranslator:
         self._current: float | None = None
 
     def __call__(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """The Tune result for one rank-0 report (see the module docstring)."""
         name = self._dataset.name
-        out: dict[str, Any] = {}
-        for key, value in metrics.items():
-            if isinstance(value, int | float | str | bool) or value is None:
-                out[f"{name}/{key}"] = value
+        out = {f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
         iteration = metrics.get("iteration")
         if isinstance(iteration, int | float):
             self._evals = evaluations_done(int(iteration), *self._schedule)
@@ -119,19 +91,15 @@ class ReportTranslator:
         for ds, value in per_dataset.items():
             out[f"{ds}/objective"] = NAN if value is None else float(value)
         out["objective"] = combine_objectives(per_dataset)
-        out[STEP_KEY] = self._offset + self._evals
-        out["dataset"] = name
+        out.update({STEP_KEY: self._offset + self._evals, "dataset": name})
         if "iteration" in metrics:
             out["iteration"] = metrics["iteration"]
         return out
 
 
 class SearchReportCallback(TuneReportCallback):
-    """Forwards rank 0's Ray Train reports to Tune, translated by :class:`ReportTranslator`.
-
-    Runs in the Ray Train controller; must be created inside the Tune trial (it connects to the
-    trial's result queue).
-    """
+    """Forwards rank 0's Ray Train reports to Tune, translated. Runs in the Ray Train controller;
+    created inside the Tune trial, whose result queue it reports to."""
 
     def __init__(self, translator: ReportTranslator) -> None:
         super().__init__()
@@ -142,21 +110,52 @@ class SearchReportCallback(TuneReportCallback):
         super().after_report(run_context, [translated], checkpoint)
 
 
+@dataclass(frozen=True)
+class TrialRunHooks:
+    """Picklable factories of the rank-0 hooks that write one training run into a trial's run (its
+    id or outbox placeholder); ``baseline_ratio`` is a baseline's ``(C,)`` gradient ratio for the
+    plots. The hooks (:mod:`eqlv2.search.mlflow_worker`) are imported where they run."""
+
+    tracking_uri: str
+    outbox_root: str
+    run_id: str
+    dataset: str
+    period: int = 20
+    baseline_ratio: tuple[float, ...] | None = None
+
+    def _mlflow(self) -> DurableMlflow:
+        return DurableMlflow.on_node(self.tracking_uri, self.outbox_root, short_retries=True)
+
+    def writer(self, cfg, trainer) -> PeriodicWriter:
+        from detectron2.engine import PeriodicWriter
+
+        from .mlflow_worker import MlflowEventWriter
+
+        writer = MlflowEventWriter(self._mlflow(), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
+        return PeriodicWriter([writer], period=max(1, int(self.period)))
+
+    def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
+        from .mlflow_worker import TrialArtifactsHook
+
+        return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
+
+    def factories(self) -> list:
+        """For ``build_torch_trainer(extra_hooks=...)``."""
+        return [self.writer, self.artifacts]
+
+
 def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
-    params = {name: values[name] for name in values}
-    params["datasets"] = ",".join(settings.dataset_names)
-    for spec in settings.datasets:
-        params[f"config/{spec.name}"] = spec.config_file
-    params["overrides"] = " ".join([*settings.opts, *extra]) or "-"
-    params["seed"] = seed
-    params["objective"] = settings.objective.text
-    params["num_workers"] = settings.num_workers
-    return params
+    return {
+        **values,
+        **settings.run_params(extra),
+        "seed": seed,
+        "objective": settings.objective.text,
+        "num_workers": settings.num_workers,
+    }
 
 
 def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, Any] | None:
-    """The study's record of this trial if it is already finished (a resumed search): the
-    trial's own rows, read without keeping a connection."""
+    """The study's record of this trial if it is already finished (a resumed search)."""
     if number is None or not settings.optuna_storage or not settings.study_name:
         return None
     try:
@@ -166,34 +165,28 @@ def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, 
         return None
 
 
-def _final_metrics(spec: DatasetSpec, metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key in spec.metrics:
-        value = metrics.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
-    """The trial's MLflow client (HTTP retries kept short in this process); None when not tracked."""
+    """The trial's MLflow client (HTTP retries kept short); None when not tracked."""
     if not (settings.tracking_uri and settings.experiment_id and settings.mlflow_outbox):
         return None
-    limit_http_retries()
-    return DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox))
+    return DurableMlflow.on_node(settings.tracking_uri, settings.mlflow_outbox, short_retries=True)
 
 
 def _start_run(
     settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any], setup: TrialSetup | None = None
 ) -> str | None:
-    """Creates the trial's child run (RUNNING) with its params, or reopens the one a first
-    attempt of this trial created (a resumed search); None when not tracked."""
+    """Creates the trial's child run with its params, or reopens the one a first attempt of this
+    trial created (a resumed search); None when not tracked."""
     mlflow = _trial_mlflow(settings)
     if mlflow is None:
         return None
     setup = setup or TrialSetup(dict(values), [], settings.seed, "search", None)
-    tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, "optuna_trial_number": number}
-    tags[ROLE_TAG] = setup.role
+    tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, ROLE_TAG: setup.role}
+    tags["optuna_trial_number"] = number
     if settings.parent_run_id:
         tags[PARENT_TAG] = settings.parent_run_id
         previous = mlflow.find_runs(settings.experiment_id, {PARENT_TAG: settings.parent_run_id, TRIAL_TAG: trial_id})
@@ -216,7 +209,7 @@ def _flush(settings: TrialSettings, trial_id: str) -> None:
 
 
 def _ray_train_storage(settings: TrialSettings, trial_dir: str) -> str:
-    """Where the trial's Ray Train runs keep their checkpoints (see ``TrialSettings.remote_storage``)."""
+    """Where the trial's Ray Train runs keep their checkpoints."""
     if settings.remote_storage:
         return f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
     return f"{trial_dir}/ray_train"
@@ -225,12 +218,8 @@ def _ray_train_storage(settings: TrialSettings, trial_dir: str) -> str:
 def ray_train_run(
     settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator, hooks: list, trial_dir: str
 ) -> dict:
-    """The training run of a search trial: a Ray Train ``TorchTrainer`` fitted, rank 0's reports
-    forwarded to Tune by :class:`SearchReportCallback`; returns rank 0's final report.
-
-    Ray Train, torch and detectron2 are imported here, not with this module: a trial process
-    that trains nothing (a finished trial of a resumed search) does not load them.
-    """
+    """A Ray Train ``TorchTrainer`` fitted, rank 0's reports forwarded to Tune; returns rank 0's
+    final report. Imports Ray Train, torch and detectron2 (see the module docstring)."""
     from eqlv2.raytrain.launch import build_torch_trainer
 
     trainer = build_torch_trainer(
@@ -245,9 +234,7 @@ def ray_train_run(
     return dict(result.metrics or {})
 
 
-#: One training run of a trial: ``(settings, dataset, overrides, report translator, rank-0 hook
-#: factories, trial folder)`` → rank 0's final report; raises when training fails. The search's
-#: is :func:`ray_train_run`; ``benchmarks/search_scale.py`` passes a stand-in.
+#: One training run of a trial: :func:`ray_train_run`, or a stand-in (``benchmarks/search_scale.py``).
 TrainingRun = Callable[[TrialSettings, DatasetSpec, list[str], ReportTranslator, list, str], dict]
 
 
@@ -276,21 +263,16 @@ def _report_recorded(done: Mapping[str, Any], trial_id: str, number: Any) -> Non
 
 
 def run_trial(config: dict[str, Any], settings: TrialSettings, training_run: TrainingRun = ray_train_run) -> None:
-    """One trial: train on each dataset with the trial's parameters (each run by
-    ``training_run``); report to Tune.
-
-    Raises:
-        TrialFailedError: a training run failed (Tune marks the trial ERROR, the study FAIL).
-    """
+    """One trial: trains on each dataset with the trial's parameters and reports to Tune; a
+    failed training run raises :class:`TrialFailedError` (Tune: ERROR, the study: FAIL)."""
     context = tune.get_context()
     trial_id, trial_dir = context.get_trial_id(), context.get_trial_dir()
     number = config.get(TRIAL_NUMBER_KEY)
     setup = trial_setup(config, settings.space, settings.seed)
-    values = setup.values
     done = _already_finished(settings, number)
     if done is not None:
         return _report_recorded(done, trial_id, number)
-    run_id = _start_run(settings, trial_id, number, values, setup)
+    run_id = _start_run(settings, trial_id, number, setup.values, setup)
     try:
         final, evals = _train_datasets(settings, setup, run_id, trial_dir, training_run)
     finally:
@@ -302,12 +284,11 @@ def _train_datasets(
     settings: TrialSettings, setup: TrialSetup, run_id: str | None, trial_dir: str, training_run: TrainingRun
 ) -> tuple[dict[str, Any], int]:
     """Trains on each dataset in turn; the trial's final metrics and its evaluations done."""
-    values = setup.values
     finished: dict[str, float | None] = {}
     final: dict[str, Any] = {}
     evals = 0
     for spec in settings.datasets:
-        opts = [*settings.opts, *settings.space.config_overrides(values), *setup.extra_opts, "SEED", str(setup.seed)]
+        opts = [*settings.opts, *settings.space.config_overrides(setup.values), *setup.extra_opts, "SEED", str(setup.seed)]
         opts += ["OUTPUT_DIR", f"{trial_dir}/{spec.name}"]
         schedule = settings.schedules.get(spec.name, (1, 0))
         translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
@@ -316,11 +297,12 @@ def _train_datasets(
             baseline = settings.baseline_ratios.get(spec.name)
             hooks = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline).factories()
         metrics = _train(training_run, settings, spec, opts, translator, hooks, trial_dir)
-        found = _final_metrics(spec, metrics)
+        numbers = _numbers(metrics)
+        found = {key: float(numbers[key]) for key in spec.metrics if key in numbers}
         if not found:
             logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))
         finished[spec.name] = settings.objective.value(found)
-        final.update({f"{spec.name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        final.update({f"{spec.name}/{k}": v for k, v in numbers.items()})
         evals += settings.evaluations(spec.name)
     final.update({f"{ds}/objective": (NAN if v is None else v) for ds, v in finished.items()})
     # Final objective: every dataset must have one (else NaN, and the study records a failure).
