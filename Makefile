@@ -16,7 +16,7 @@ train-tiny: setup
 	$(PY) train/train_net.py --config-file configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml
 
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=40
 
 lint: setup
 	$(VENV)/bin/ruff check eqlv2 train tune tests benchmarks scripts

@@ -19,8 +19,10 @@ on a running cluster (``--address``, ``--gpus-per-run`` GPUs each).
 **The default CPU study** is the default search trial (``configs/search/default.yaml``'s
 ``trial_overrides``: the tiny Mask R-CNN, batch 2 from the cached base checkpoint, cosine
 schedule, 300 detections per image, trained with its mask head and **evaluated on boxes only**,
-``TEST.EQLV2.EVALUATE_MASKS False``) **at 300 iterations**: the search's trials train 400, and
-51 trainings (17 settings x 3 seeds) of 400 would not fit in an hour on 2 cores. Evaluating masks
+``TEST.EQLV2.EVALUATE_MASKS False``) **at 300 iterations**, which is also the search's budget since
+the fifth calibration (README), though the search also freezes the stem and ``res2``
+(``MODEL.BACKBONE.FREEZE_AT 2``); the committed study (``docs/results``) pins its own setting in
+its command. Evaluating masks
 at 300 detections per image would cost 11x the box evaluation on a CPU (0.6 against 0.055 s per
 image); the tables' AP is box AP. The mask head stays in training: without it (``MODEL.MASK_ON
 False``, 30% cheaper steps) EQL v2 and its agnostic task lost several more AP points and became
