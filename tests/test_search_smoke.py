@@ -96,7 +96,7 @@ def smoke(tmp_path_factory):
     sockets: list = []
     proc = run_cli(
         ["--smoke", "--search-space", str(work / "space.yaml"), "--results-dir", str(work / "runs"), "--name", "smoke",
-         "--noise-seeds", "1"],  # fmt: skip
+         "--noise-seeds", "1", "--concurrency", "1"],  # fmt: skip  # one at a time: ASHA stops trial 2 against trial 1
         cwd=work,
         timeout=1800,  # a hung search fails; a loaded 2-core machine may need 15+ min
         sockets=sockets,

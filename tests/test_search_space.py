@@ -132,7 +132,7 @@ def test_dataset_choices():
 def test_trial_overrides_of_the_space_file():
     space = load_search_space(ROOT / "configs/search/default.yaml")
     opts = dict(zip(space.trial_overrides[::2], space.trial_overrides[1::2], strict=True))
-    assert opts["SOLVER.MAX_ITER"] == "400" and opts["SOLVER.LR_SCHEDULER_NAME"] == "WarmupCosineLR"  # the calibrated default budget
+    assert opts["SOLVER.MAX_ITER"] == "300" and opts["SOLVER.LR_SCHEDULER_NAME"] == "WarmupCosineLR"  # the calibrated default budget
     again = parse_search_space(space.to_dict())
     assert again.trial_overrides == space.trial_overrides
     with pytest.raises(SearchSpaceError, match="searched or fixed"):
