@@ -13,7 +13,7 @@ VENV="${EQLV2_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3.11}"
 STAMP="$VENV/.eqlv2-setup-stamp"
 
-step() { printf '\n[setup] %s\n' "$*"; CURRENT_STEP="$*"; }
+step() { printf '\n[setup] %s (at %d s)\n' "$*" "$SECONDS"; CURRENT_STEP="$*"; }
 CURRENT_STEP="start"
 trap 'echo "[setup] FAILED at step: $CURRENT_STEP" >&2' ERR
 
@@ -72,8 +72,28 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
+step "install uv, the installer of the next steps (requirements/installer.txt)"
+"${PIP[@]}" install -q -r "$ROOT/requirements/installer.txt"
+
+# uv reads no pip configuration: hand it the package sources and constraints pip is configured
+# with (pip.conf, PIP_* variables), and pip's rule of taking the best version over all indexes.
+uv_pip_options() {
+  local key value
+  while IFS='=' read -r key value; do
+    value="${value#\'}"; value="${value%\'}"
+    case "${key##*.}" in
+      index-url) echo "--index-url=$value" ;;
+      extra-index-url) for v in $value; do echo "--extra-index-url=$v"; done ;;
+      find-links) for v in $value; do echo "--find-links=$v"; done ;;
+      constraint) for v in $value; do echo "--constraint=$v"; done ;;
+    esac
+  done < <("${PIP[@]}" config list 2>/dev/null)
+}
+mapfile -t UV_SOURCES < <(uv_pip_options)
+UV=("$VENV/bin/uv" pip install --python "$PY" --index-strategy unsafe-best-match --compile-bytecode "${UV_SOURCES[@]}")
+
 step "install torch and torchvision (requirements/torch.txt)"
-"${PIP[@]}" install -r "$ROOT/requirements/torch.txt"
+"${UV[@]}" -r "$ROOT/requirements/torch.txt"
 
 step "install detectron2 0.7.2 wheel, pinned by sha256 (requirements/detectron2.txt)"
 if ! "$PY" -c 'import detectron2, sys; sys.exit(detectron2.__version__ != "0.7.2")' 2>/dev/null; then
@@ -83,7 +103,7 @@ if ! "$PY" -c 'import detectron2, sys; sys.exit(detectron2.__version__ != "0.7.2
 fi
 
 step "install eqlv2 (editable) with the cluster and dev extras, constrained by requirements/constraints.txt"
-"${PIP[@]}" install -c "$ROOT/requirements/constraints.txt" -e "$ROOT[cluster,dev]"
+"${UV[@]}" -c "$ROOT/requirements/constraints.txt" -e "$ROOT[cluster,dev]"
 
 step "check detectron2 version and a Mask R-CNN forward"
 "$PY" "$ROOT/scripts/check_detectron2.py"
@@ -92,4 +112,4 @@ step "check installed requirements (pip check, known exceptions in requirements/
 "$PY" "$ROOT/scripts/pip_check.py" "$ROOT/requirements/pip-check-allowed.txt"
 
 inputs_digest > "$STAMP"
-echo "[setup] done: activate with 'source $VENV/bin/activate'"
+echo "[setup] done in $SECONDS s: activate with 'source $VENV/bin/activate'"
