@@ -1,7 +1,7 @@
 """Does the default trial learn? Sigmoid against EQL v2's paper point over seeds, on the default budget.
 
 Trains default search trials (``benchmarks/default_trial.py``: the tiny config, the default
-search space's ``trial_overrides``, Ray Train with 2 workers x 1 CPU, from the cached base
+search space's ``trial_overrides``, Ray Train with 1 worker x 1 CPU, from the cached base
 checkpoint) with the plain sigmoid loss and with EQL v2 at the paper's point (gamma 12, mu 0.8,
 alpha 4), ``--seeds`` seeds each, and prints per loss the mean +- sample standard deviation over
 the seeds of
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--backend", choices=("ray", "local"), default="ray",
-        help="ray: each trial as the search runs it (Ray Train, 2 workers x 1 CPU); local: each "
+        help="ray: each trial as the search runs it (Ray Train, 1 worker x 1 CPU); local: each "
         "trial as one train_net.py process with the same total batch, --jobs at a time",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="local backend: trials at a time")

@@ -2,8 +2,8 @@
 
 The tiny config of a dataset with the default search space's ``trial_overrides``
 (``configs/search/default.yaml``), a loss and a seed, trained by Ray Train
-(``build_torch_trainer`` (:mod:`eqlv2.raytrain`), 2 workers x 1 CPU, what the search gives
-a trial on a 2-core machine). Used by ``benchmarks/trial_time.py`` and
+(``build_torch_trainer`` (:mod:`eqlv2.raytrain`), 1 worker x 1 CPU: what the search gives
+each of its two trials at a time on a 2-core machine, ``--concurrency 2``). Used by ``benchmarks/trial_time.py`` and
 ``benchmarks/calibration.py``.
 """
 
@@ -29,7 +29,8 @@ SPACE = ROOT / "configs/search/default.yaml"
 #: The paper's point (gamma, mu, alpha) as config overrides.
 PAPER_POINT = ("MODEL.EQLV2.LOSS", "eqlv2", "MODEL.EQLV2.GAMMA", "12.0", "MODEL.EQLV2.MU", "0.8", "MODEL.EQLV2.ALPHA", "4.0")
 SIGMOID = ("MODEL.EQLV2.LOSS", "sigmoid")
-NUM_WORKERS = 2
+#: Ray Train workers of a default trial on a 2-core machine (2 CPUs / ``--concurrency 2``).
+NUM_WORKERS = 1
 
 
 def trial_overrides(space_file: Path = SPACE) -> list[str]:
@@ -70,10 +71,7 @@ def fit_trial(config_file: str, opts: Sequence[str], output_dir: str, extra_hook
     Raises:
         RuntimeError: the training failed.
     """
-    try:  # the Ray Train package moved (eqlv2.cluster -> eqlv2.raytrain) while this was written
-        from eqlv2.raytrain.launch import build_torch_trainer
-    except ImportError:
-        from eqlv2.cluster.ray_train import build_torch_trainer
+    from eqlv2.raytrain.launch import build_torch_trainer
 
     trainer = build_torch_trainer(
         config_file,

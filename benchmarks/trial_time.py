@@ -4,7 +4,7 @@ Runs one trial the way ``tune/search.py`` runs each of its trials, in one run: a
 function trainable (no CPU of its own) that builds a Ray Train ``TorchTrainer`` with
 ``build_torch_trainer`` (benchmarks/default_trial.py) -- the LVIS tiny config with the default
 search space's ``trial_overrides`` (``configs/search/default.yaml``) at the paper's point
-(gamma 12, mu 0.8, alpha 4), 2 workers x 1 CPU -- and ``fit()``\\ s it. What a search does once
+(gamma 12, mu 0.8, alpha 4), 1 worker x 1 CPU -- and ``fit()``\\ s it. What a search does once
 and not per trial comes first and is timed apart: generating the benchmark, training the base
 checkpoint (both cached), starting Ray.
 
@@ -42,6 +42,7 @@ from detectron2.engine import HookBase
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_trial import (  # noqa: E402
     CONFIGS,
+    NUM_WORKERS,
     PAPER_POINT,
     fit_trial,
     prepare,
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(dataset, split, prepare, ray_start, metrics, load_start, load_end) -> None:
     wall = split["wall"]
-    print(f"\nOne default {dataset} trial (paper point, {split['iterations']} iterations, 2 Ray Train workers x 1 CPU)")
+    print(f"\nOne default {dataset} trial (paper point, {split['iterations']} iterations, {NUM_WORKERS} Ray Train worker(s) x 1 CPU)")
     print(f"load average at start / end: {load_start:.1f} / {load_end:.1f} (2 cores)")
     print(f"once per search, not per trial: data + base checkpoint {prepare:.1f} s (cached if already built), ray.init {ray_start:.1f} s")
     print(f"{'part':<16}{'seconds':>9}{'share':>8}")
