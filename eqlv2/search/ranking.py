@@ -19,7 +19,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .optuna_study import COMPLETION_KEY, TRIAL_NUMBER_KEY
-from .references import NOISE_MARGIN, NoiseBand, noise_band, paper_point, trial_setup
+from .references import NOISE_MARGIN, NoiseBand, paper_point, trial_setup
 from .settings import TrialSettings
 from .space import same_assignment
 
@@ -102,7 +102,8 @@ def paper_point_band(records: Sequence[TrialRecord], settings: TrialSettings) ->
     """The noise band over every completed run of the paper point (search trial, noise seeds)."""
     point = paper_point(settings.space)
     runs = [r for r in records if r.role in ("search", "noise") and r.status == "complete"]
-    return noise_band([r.objective for r in runs if same_assignment(r.params, point)])
+    values = tuple(r.objective for r in runs if same_assignment(r.params, point) and math.isfinite(r.objective))
+    return NoiseBand(values) if values else None
 
 
 def _sort_key(record: TrialRecord) -> tuple:
