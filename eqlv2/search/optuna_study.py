@@ -49,14 +49,14 @@ def open_storage(url: str, reader: bool = False) -> optuna.storages.RDBStorage:
     connections until garbage collected, and enough of them exhaust PostgreSQL's
     ``max_connections``.
     """
-    kwargs: dict[str, Any] = {}
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):  # several processes may read the file at once
         engine_kwargs["connect_args"] = {"timeout": 60}
     if reader:
         engine_kwargs["poolclass"] = NullPool
-        kwargs.update(skip_table_creation=True, skip_compatibility_check=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, **kwargs)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs or None, skip_compatibility_check=reader, skip_table_creation=reader
+    )
 
 
 def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
