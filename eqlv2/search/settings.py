@@ -56,9 +56,9 @@ def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tup
         raise ValueError(f"dataset named twice in {names}")
     chosen: dict[str, str] = {}
     for entry in config_files:
-        if "=" in entry and entry.split("=", 1)[0].strip().lower() in DATASETS:
-            name, path = entry.split("=", 1)
-            name = name.strip().lower()
+        prefix, equals, path = entry.partition("=")
+        name = prefix.strip().lower()
+        if equals and name in DATASETS:
             if name not in names:
                 raise ValueError(f"--config-file {entry!r} names dataset {name!r}, which is not searched")
         elif len(names) == 1:
