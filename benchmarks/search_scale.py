@@ -298,7 +298,7 @@ def run_search(
     driver._configure_libraries()  # what run_search sets first
     plan = driver.plan_search(_options(args, mlflow_uri, optuna_url, results_dir))
     # In place of prepare_datasets (which builds detectron2 configs and data): the schedule.
-    plan.schedules = {spec.name: (args.iterations, args.eval_period) for spec in plan.specs}
+    plan.settings.schedules.update({spec.name: (args.iterations, args.eval_period) for spec in plan.settings.datasets})
     with driver.ray_cluster(plan.options, plan.env):
         tracking = driver.open_tracking(plan)
         if tracking is None:
@@ -306,9 +306,9 @@ def run_search(
         settings = driver.trial_settings(plan, tracking)
         driver.record_search(plan, settings, tracking)
         tuner = driver.build_tuner(plan, settings, tracking, trial_function=standin_trial)
-        monitor = DriverMonitor(plan.optuna_url, plan.study_name, args.trials)
+        monitor = DriverMonitor(plan.settings.optuna_storage, plan.settings.study_name, args.trials)
         print(
-            f"Search {plan.name}: {args.trials} stand-in trials, concurrency {args.concurrency}",
+            f"Search {plan.settings.search_name}: {args.trials} stand-in trials, concurrency {args.concurrency}",
             flush=True,
         )
         load_before = os.getloadavg()[0]
@@ -396,7 +396,7 @@ def audit_optuna(run: SearchRun, trials: list[TuneTrial]) -> tuple[list[Count], 
     """Optuna's trials and intermediate values against Tune's trials; Optuna's state by number."""
     import optuna
 
-    study = optuna.load_study(study_name=run.plan.study_name, storage=run.plan.optuna_url)
+    study = optuna.load_study(study_name=run.plan.settings.study_name, storage=run.plan.settings.optuna_storage)
     stored = {t.number: t for t in study.get_trials(deepcopy=False)}
     rows, values = Count("Optuna trials"), Count("Optuna intermediate values")
     rows.expected, rows.found = len(trials), len(stored)
@@ -564,7 +564,7 @@ def benchmark(args: argparse.Namespace, mlflow_uri: str, optuna_url: str, result
     values = figures(run, trials)
     print_report(values, counts, states, mismatches, args)
     data = {**values, "counts": [vars(c) for c in counts], "state_mismatches": mismatches,
-            "states": {t.number: t.state for t in trials}, "search": run.plan.name}  # fmt: skip
+            "states": {t.number: t.state for t in trials}, "search": run.plan.settings.search_name}  # fmt: skip
     bad = sum(c.lost + c.doubled for c in counts) + mismatches + (len(trials) != args.trials)
     print(
         "\nNothing lost, nothing doubled, every state as Tune's."

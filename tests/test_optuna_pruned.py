@@ -29,11 +29,11 @@ from eqlv2.search.optuna_study import (  # noqa: E402
     STEP_KEY,
     TRIAL_NUMBER_KEY,
     TrialStateOptunaSearch,
+    build_scheduler,
     finished_trial_summary,
     open_storage,
     pending_seed_points,
 )
-from eqlv2.search.scheduling import build_scheduler  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
 from eqlv2.search.stores import store_url  # noqa: E402
 

@@ -36,8 +36,7 @@ from eqlv2.search.mlflow_client import PARENT_TAG, STATUS_TAG, TRIAL_TAG  # noqa
 from eqlv2.search.mlflow_driver import SearchTracking  # noqa: E402
 from eqlv2.search.mlflow_outbox import DurableMlflow, node_outbox  # noqa: E402
 from eqlv2.search.mlflow_worker import MlflowEventWriter  # noqa: E402
-from eqlv2.search.optuna_study import STEP_KEY  # noqa: E402
-from eqlv2.search.scheduling import build_scheduler  # noqa: E402
+from eqlv2.search.optuna_study import STEP_KEY, build_scheduler  # noqa: E402
 from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
 from eqlv2.search.trial import _start_run  # noqa: E402

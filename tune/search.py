@@ -157,7 +157,7 @@ def options_from_args(argv: list[str]) -> SearchOptions:
         return SearchOptions(results_dir=args.results_dir, argv=tuple(argv), sync=True)
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
-    return SearchOptions.from_namespace(args, argv)
+    return SearchOptions(**vars(args), argv=tuple(argv))
 
 
 def sync(results_dir: str) -> int:

@@ -14,8 +14,8 @@ import shlex
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,15 @@ from .optuna_study import (
     STEP_KEY,
     TrialStateOptunaSearch,
     build_sampler,
+    build_scheduler,
     fail_orphaned_trials,
     open_storage,
     pending_seed_points,
 )
 from .ray_local import init_local_ray
 from .references import REFERENCE_KEY, reference_configs, reference_label
-from .scheduling import build_scheduler
-from .settings import (
-    DatasetSpec,
-    Objective,
-    TrialSettings,
-    dataset_specs,
-    parse_objective,
-    repository_root,
-)
-from .space import SearchSpace, load_search_space
+from .settings import TrialSettings, dataset_specs, parse_objective, repository_root
+from .space import load_search_space
 from .stores import TuneStorage, prepare_writable_dir, store_url
 from .trial import run_trial
 
@@ -79,53 +72,46 @@ STATE_FILE, LATEST_FILE = "eqlv2_search.json", "latest_search.json"
 #: Custom resource a Ray cluster started here offers for the trials' driver functions: a trial
 #: takes one, no CPU, so its Ray Train workers can have every core (Ray's advice for Tune + Train).
 TRIAL_RESOURCE = "eqlv2_trial"
+#: Options the trials read as they are (:class:`TrialSettings` fields of the same name).
+_TRIAL_OPTIONS = ("multi_objective", "use_gpu", "cpus_per_worker", "max_failures", "seed")
 
 
 @dataclass
 class SearchPlan:
-    """Everything fixed before Ray starts: inputs checked, locations absolute, names chosen."""
+    """Everything fixed before Ray starts (inputs checked, locations absolute, names chosen): the
+    trials' ``settings`` as far as known then (:func:`prepare_datasets` adds the schedules,
+    :func:`trial_settings` the workers per trial and the MLflow ids) and the driver's own facts."""
 
     options: SearchOptions
-    name: str
+    settings: TrialSettings
     results_dir: Path
     storage: TuneStorage
     space_file: Path
-    space: SearchSpace
-    objective: Objective
-    specs: tuple[DatasetSpec, ...]
-    opts: tuple[str, ...]
     tracking_uri: str
-    optuna_url: str
-    study_name: str
     parent_run_id: str | None = None  # of the search being resumed
-    schedules: dict[str, tuple[int, int]] = field(default_factory=dict)
-    baselines: dict[str, tuple[float, ...]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
     @property
     def experiment_path(self) -> str:
-        return self.storage.join(self.name)
+        return self.storage.join(self.settings.search_name)
 
     @property
     def reports_dir(self) -> Path:
         """Where the ranked reports are written: the experiment folder, or for a remote storage a
         local folder under ``--results-dir`` whose files are then copied to the experiment."""
         if self.storage.is_remote:
-            return self.results_dir / "reports" / self.name
+            return self.results_dir / "reports" / self.settings.search_name
         return Path(self.experiment_path)
 
 
 @dataclass
 class SearchOutcome:
-    """What a search produced: the ranked ``table`` and its ``records``, the ``best`` record (None
-    if no trial completed), the written reports, the ``summary`` to show, and the MLflow calls
-    still in the outbox (``tune/search.py --sync`` replays them)."""
+    """What a search produced: the trials' ``records``, the ``best`` one (None if no trial
+    completed), the ``summary`` to show, and the MLflow calls still in the outbox
+    (``tune/search.py --sync`` replays them)."""
 
-    name: str
-    table: str
-    best: ranking.TrialRecord | None
     records: list[ranking.TrialRecord]
-    report_paths: dict[str, str]
+    best: ranking.TrialRecord | None
     summary: str
     mlflow_pending: int = 0
 
@@ -180,12 +166,6 @@ def _space_path(value: str) -> Path:
     return path.resolve()
 
 
-def _study_name(options: SearchOptions, space_file: Path, objective: Objective) -> str:
-    kind = "mo" if options.multi_objective else objective.slug
-    suffix = "_smoke" if options.smoke else ""
-    return options.study_name or f"eqlv2_{'+'.join(options.datasets)}_{kind}_{space_file.stem}{suffix}"
-
-
 def plan_search(options: SearchOptions) -> SearchPlan:
     """Checks the inputs and fixes locations and names (those of the search resumed, if so)."""
     results_dir = Path(options.results_dir).expanduser().resolve()
@@ -196,59 +176,52 @@ def plan_search(options: SearchOptions) -> SearchPlan:
                 check_url_has_no_credentials(url, flag)
         prepare_writable_dir(results_dir, "--results-dir")
         storage.check_writable("--storage-path")
-    except ValueError as error:
-        raise SystemExit(str(error)) from error
-    name = _search_name(options, storage)
-    state = storage.read_json(name, STATE_FILE) if options.resume else {}
-    space_file = _space_path(options.search_space)
-    try:
-        space = load_search_space(space_file)
-        objective = parse_objective(options.metric)
+        name, space_file = _search_name(options, storage), _space_path(options.search_space)
+        space, objective = load_search_space(space_file), parse_objective(options.metric)
         specs = dataset_specs(options.datasets, options.config_files)
         objective.check(specs)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(str(error)) from error
     if options.multi_objective and len(specs) < 2:
         raise SystemExit("--multi-objective needs at least two --datasets")
-    return SearchPlan(
-        options=options,
-        name=name,
-        results_dir=results_dir,
-        storage=storage,
-        space_file=space_file,
-        space=space,
-        objective=objective,
-        specs=specs,
-        # Later overrides win: the space file's trial budget, then --smoke's, then the command line's.
-        opts=space.trial_overrides + (SMOKE_OVERRIDES if options.smoke else ()) + options.opts,
-        tracking_uri=state.get("tracking_uri") or store_url(options.mlflow_uri, results_dir / "mlflow.db", False),
-        optuna_url=state.get("optuna_storage") or store_url(options.optuna_storage, results_dir / "optuna.db"),
-        study_name=state.get("study_name") or _study_name(options, space_file, objective),
-        parent_run_id=state.get("parent_run_id"),
-    )
+    state = storage.read_json(name, STATE_FILE) if options.resume else {}
+    # Later overrides win: the space file's trial budget, then --smoke's, then the command line's.
+    opts = space.trial_overrides + (SMOKE_OVERRIDES if options.smoke else ()) + options.opts
+    kind = "mo" if options.multi_objective else objective.slug
+    study_name = f"eqlv2_{'+'.join(options.datasets)}_{kind}_{space_file.stem}{'_smoke' if options.smoke else ''}"
+    settings = TrialSettings(
+        space=space, datasets=specs, objective=objective, opts=opts, search_name=name,
+        remote_storage=storage.location if storage.is_remote else None,
+        optuna_storage=state.get("optuna_storage") or store_url(options.optuna_storage, results_dir / "optuna.db"),
+        study_name=state.get("study_name") or options.study_name or study_name,
+        log_period=int(dict(zip(opts[::2], opts[1::2], strict=False)).get("MODEL.EQLV2.LOG_PERIOD", 20)),
+        **{key: getattr(options, key) for key in _TRIAL_OPTIONS},
+    )  # fmt: skip
+    tracking_uri = state.get("tracking_uri") or store_url(options.mlflow_uri, results_dir / "mlflow.db", False)
+    return SearchPlan(options, settings, results_dir, storage, space_file, tracking_uri, state.get("parent_run_id"))
 
 
 def prepare_datasets(plan: SearchPlan) -> None:
     """Once, before any trial: builds each config (a bad one stops here), generates its data and
     base checkpoint, and reads the baseline gradient statistics the plots compare with."""
-    plan.env = pin_dataset_roots()
+    plan.env, settings = pin_dataset_roots(), plan.settings
     logger.info("Building configs and generating the data they use (once)")
-    for spec in plan.specs:
+    for spec in settings.datasets:
         try:
-            cfg = setup_cfg(spec.config_file, list(plan.opts))
+            cfg = setup_cfg(spec.config_file, list(settings.opts))
             for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
                 start = time.perf_counter()
                 count = len(DatasetCatalog.get(name))
                 logger.info("Dataset %s: %d images (%.1f s)", name, count, time.perf_counter() - start)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"bad config or override: {error}") from error
-        plan.schedules[spec.name] = (int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
+        settings.schedules[spec.name] = (int(cfg.SOLVER.MAX_ITER), int(cfg.TEST.EVAL_PERIOD))
         ensure_base_checkpoint(cfg)  # the config's base checkpoint, trained once before any trial
     for entry in plan.options.baseline_gradients:
         dataset, _, path = entry.partition("=")
         if not path:
-            dataset, path = plan.specs[0].name, entry
-        plan.baselines[dataset] = tuple(read_gradient_ratio(path))
+            dataset, path = settings.datasets[0].name, entry
+        settings.baseline_ratios[dataset] = tuple(read_gradient_ratio(path))
 
 
 def _free_port() -> int:
@@ -287,7 +260,8 @@ def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
 def open_tracking(plan: SearchPlan) -> SearchTracking | None:
     """The MLflow store and the search's parent run (reopened on resume); None if unreachable."""
     artifacts, outbox = plan.results_dir / "mlartifacts", plan.results_dir / "mlflow_outbox"
-    return SearchTracking.open(plan.tracking_uri, plan.options.mlflow_experiment, artifacts, plan.name, plan.parent_run_id, outbox)
+    name, experiment = plan.settings.search_name, plan.options.mlflow_experiment
+    return SearchTracking.open(plan.tracking_uri, experiment, artifacts, name, plan.parent_run_id, outbox)
 
 
 def _workers_per_trial(options: SearchOptions, cluster: dict[str, float]) -> int:
@@ -300,72 +274,40 @@ def _workers_per_trial(options: SearchOptions, cluster: dict[str, float]) -> int
     return workers
 
 
-def _opt_value(opts: Sequence[str], key: str, default: Any) -> Any:
-    values = [opts[i + 1] for i in range(0, len(opts) - 1, 2) if opts[i] == key]
-    return values[-1] if values else default
-
-
 def trial_settings(plan: SearchPlan, tracking: SearchTracking | None) -> TrialSettings:
-    options = plan.options
-    return TrialSettings(
-        space=plan.space,
-        datasets=plan.specs,
-        objective=plan.objective,
-        opts=plan.opts,
-        multi_objective=options.multi_objective,
-        num_workers=_workers_per_trial(options, ray.cluster_resources()),
-        use_gpu=options.use_gpu,
-        cpus_per_worker=options.cpus_per_worker,
-        max_failures=options.max_failures,
-        seed=options.seed,
-        tracking_uri=tracking.tracking_uri if tracking else None,
-        experiment_id=tracking.experiment_id if tracking else None,
-        parent_run_id=tracking.parent_run_id if tracking else None,
-        mlflow_outbox=tracking.outbox_root if tracking else None,
-        search_name=plan.name,
-        remote_storage=plan.storage.location if plan.storage.is_remote else None,
-        optuna_storage=plan.optuna_url,
-        study_name=plan.study_name,
-        log_period=int(_opt_value(plan.opts, "MODEL.EQLV2.LOG_PERIOD", 20)),
-        baseline_ratios=plan.baselines,
-        schedules=plan.schedules,
-    )
-
-
-def _parent_params(plan: SearchPlan, settings: TrialSettings) -> dict[str, Any]:
-    options = plan.options
-    return {
-        **{f"space/{k}": v for k, v in plan.space.describe().items()},
-        "search_space_file": str(plan.space_file),
-        **settings.run_params(),
-        "metric": plan.objective.text,
-        "workers_per_trial": settings.num_workers,
-        "optuna_storage": plan.optuna_url,
-        "study_name": plan.study_name,
-        "tune_storage": plan.storage.location,
-        **{key: getattr(options, key) for key in ("multi_objective", "num_trials", "concurrency", "use_gpu")},
-        **{key: getattr(options, key) for key in ("scheduler", "sampler", "seed", "smoke", "baseline", "noise_seeds")},
-    }
+    """The plan's trial settings with the workers per trial (from the cluster) and the MLflow ids."""
+    ids: dict[str, Any] = {}
+    if tracking is not None:
+        ids = {"tracking_uri": tracking.tracking_uri, "experiment_id": tracking.experiment_id,
+               "parent_run_id": tracking.parent_run_id, "mlflow_outbox": tracking.outbox_root}  # fmt: skip
+    return replace(plan.settings, num_workers=_workers_per_trial(plan.options, ray.cluster_resources()), **ids)
 
 
 def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> None:
     """Writes the search's state file and, for a new search, its settings, search space and
     command line on the parent run."""
-    state = {
-        "name": plan.name,
-        "tracking_uri": settings.tracking_uri,
-        "experiment_id": settings.experiment_id,
-        "parent_run_id": settings.parent_run_id,
-        "optuna_storage": plan.optuna_url,
-        "study_name": plan.study_name,
-        "argv": list(plan.options.argv),
-        "options": asdict(plan.options),
+    options, name = plan.options, settings.search_name
+    state = {"name": name, "tracking_uri": settings.tracking_uri, "experiment_id": settings.experiment_id,
+             "parent_run_id": settings.parent_run_id, "optuna_storage": settings.optuna_storage,
+             "study_name": settings.study_name, "argv": list(options.argv), "options": asdict(options)}  # fmt: skip
+    plan.storage.write_json(state, name, STATE_FILE)
+    plan.storage.write_json({"name": name}, LATEST_FILE)
+    if tracking is None or plan.parent_run_id is not None:
+        return
+    params = {
+        **{f"space/{k}": v for k, v in settings.space.describe().items()},
+        "search_space_file": str(plan.space_file),
+        **settings.run_params(),
+        "metric": settings.objective.text,
+        "workers_per_trial": settings.num_workers,
+        "optuna_storage": settings.optuna_storage,
+        "study_name": settings.study_name,
+        "tune_storage": plan.storage.location,
+        **{key: getattr(options, key) for key in ("multi_objective", "num_trials", "concurrency", "use_gpu")},
+        **{key: getattr(options, key) for key in ("scheduler", "sampler", "seed", "smoke", "baseline", "noise_seeds")},
     }
-    plan.storage.write_json(state, plan.name, STATE_FILE)
-    plan.storage.write_json({"name": plan.name}, LATEST_FILE)
-    if tracking is not None and plan.parent_run_id is None:
-        command = shlex.join(["python", "tune/search.py", *plan.options.argv]) + "\n"
-        tracking.log_start(_parent_params(plan, settings), {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
+    command = shlex.join(["python", "tune/search.py", *options.argv]) + "\n"
+    tracking.log_start(params, {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
 
 
 def _trial_resources() -> dict[str, float]:
@@ -391,36 +333,24 @@ def _reporter(settings: TrialSettings) -> tune.CLIReporter:
     )
 
 
-def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.Study) -> TrialStateOptunaSearch:
-    metric: Any = settings.objective_keys() if settings.multi_objective else "objective"
-    mode: Any = ["max"] * len(metric) if settings.multi_objective else "max"
-    record_keys = ["objective", *settings.objective_keys(), STEP_KEY] + [f"{s.name}/{m}" for s in plan.specs for m in s.metrics]
-    return TrialStateOptunaSearch(
-        plan.space.optuna_distributions(), metric, mode,
-        points_to_evaluate=pending_seed_points(study, plan.space.seed_points) or None,
-        sampler=build_sampler(plan.options.sampler, plan.options.seed),
-        study_name=plan.study_name, storage=storage, experiment=plan.name, record_keys=record_keys,
-    )  # fmt: skip
-
-
 #: One trial as Tune runs it: :func:`~eqlv2.search.trial.run_trial`, or a stand-in.
 TrialFunction = Callable[[dict[str, Any], TrialSettings], None]
 
 
-def _trainable(settings: TrialSettings, trial_function: TrialFunction = run_trial):
-    return tune.with_resources(tune.with_parameters(trial_function, settings=settings), _trial_resources())
-
-
-def _restored(options: SearchOptions, path: str, trainable) -> tune.Tuner | None:
-    if options.resume and tune.Tuner.can_restore(path):
+def _tuner(
+    plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, name: str,
+    new: Callable[[], dict[str, Any]], trial_function: TrialFunction = run_trial,
+) -> tune.Tuner:  # fmt: skip
+    """The Tune experiment ``name``: restored on ``--resume`` when Tune saved it, else a new one
+    with the ``tune.Tuner`` arguments ``new()`` gives. A failed trial never stops the search (Tune
+    records it, the study marks it ``FAIL``)."""
+    trainable = tune.with_parameters(trial_function, settings=settings)
+    trainable = tune.with_resources(trainable, _trial_resources())
+    path = plan.storage.join(name)
+    if plan.options.resume and tune.Tuner.can_restore(path):
         logger.info("Resuming Tune experiment %s", path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    return None
-
-
-def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.RunConfig:
-    """A failed trial never stops the search (Tune records it, the study marks it ``FAIL``)."""
-    return tune.RunConfig(
+    run_config = tune.RunConfig(
         name=name,
         storage_path=plan.storage.location,
         callbacks=[tracking] if tracking else [],
@@ -428,61 +358,69 @@ def _run_config(name: str, plan: SearchPlan, settings: TrialSettings, tracking: 
         progress_reporter=_reporter(settings),
         verbose=1,
     )
+    return tune.Tuner(trainable, run_config=run_config, **new())
 
 
 def build_tuner(
     plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, trial_function: TrialFunction = run_trial
 ) -> tune.Tuner:
-    """The interrupted Tune experiment restored (``--resume``), else a new one."""
-    options, path = plan.options, plan.experiment_path
-    trainable = _trainable(settings, trial_function)
-    if restored := _restored(options, path, trainable):
-        return restored
-    storage = open_storage(plan.optuna_url)
-    directions = ["maximize"] * (len(plan.specs) if settings.multi_objective else 1)
-    study = optuna.create_study(storage=storage, study_name=plan.study_name, load_if_exists=True, directions=directions)
-    if options.resume:
-        logger.warning("No Tune state in %s yet: starting the search there afresh", path)
-        fail_orphaned_trials(study, storage, plan.name, set(), "asked by a search driver that was interrupted")
-    total_evals = sum(settings.evaluations(s.name) for s in plan.specs)
-    try:
-        scheduler = build_scheduler(options.scheduler, total_evals, options.grace_period, options.reduction_factor)
-    except ValueError as error:
-        raise SystemExit(str(error)) from error
-    searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=options.concurrency)
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials),
-        run_config=_run_config(plan.name, plan, settings, tracking),
-    )
+    """The search's Tune experiment: the interrupted one restored (``--resume``), else a new one
+    over the study, with its searcher and scheduler."""
+    options = plan.options
+
+    def new_search() -> dict[str, Any]:
+        storage = open_storage(settings.optuna_storage)
+        directions = ["maximize"] * (len(settings.datasets) if settings.multi_objective else 1)
+        study = optuna.create_study(storage=storage, study_name=settings.study_name, load_if_exists=True, directions=directions)
+        if options.resume:
+            logger.warning("No Tune state in %s yet: starting the search there afresh", plan.experiment_path)
+            fail_orphaned_trials(study, storage, settings.search_name, set(), "asked by a search driver that was interrupted")
+        total_evals = sum(settings.evaluations(spec.name) for spec in settings.datasets)
+        try:
+            scheduler = build_scheduler(options.scheduler, total_evals, options.grace_period, options.reduction_factor)
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
+        searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=options.concurrency)
+        return {"tune_config": tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials)}
+
+    return _tuner(plan, settings, tracking, settings.search_name, new_search, trial_function)
+
+
+def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.Study) -> TrialStateOptunaSearch:
+    metric: Any = settings.objective_keys() if settings.multi_objective else "objective"
+    mode: Any = ["max"] * len(metric) if settings.multi_objective else "max"
+    metrics = [f"{spec.name}/{m}" for spec in settings.datasets for m in spec.metrics]
+    return TrialStateOptunaSearch(
+        settings.space.optuna_distributions(), metric, mode,
+        points_to_evaluate=pending_seed_points(study, settings.space.seed_points) or None,
+        sampler=build_sampler(plan.options.sampler, plan.options.seed), study_name=settings.study_name,
+        storage=storage, experiment=settings.search_name, record_keys=["objective", *settings.objective_keys(), STEP_KEY, *metrics],
+    )  # fmt: skip
 
 
 def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None) -> tune.Tuner | None:
     """The reference trials (:mod:`eqlv2.search.references`) as a second Tune experiment; None
     when there are none. No scheduler, no searcher: each runs to its end, outside the study."""
     options = plan.options
-    configs = reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed)
+    configs = reference_configs(settings.space, options.baseline, options.noise_seeds, options.seed)
     if not configs:
         return None
-    trainable, name = _trainable(settings), f"{plan.name}-references"
-    if restored := _restored(options, plan.storage.join(name), trainable):
-        return restored
-    logger.info("Reference trials: %s", ", ".join(reference_label(c) for c in configs))
-    return tune.Tuner(
-        trainable,
-        param_space={REFERENCE_KEY: tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=options.concurrency),
-        run_config=_run_config(name, plan, settings, tracking),
-    )
+
+    def new_references() -> dict[str, Any]:
+        logger.info("Reference trials: %s", ", ".join(reference_label(c) for c in configs))
+        return {"param_space": {REFERENCE_KEY: tune.grid_search(configs)},
+                "tune_config": tune.TuneConfig(max_concurrent_trials=options.concurrency)}  # fmt: skip
+
+    return _tuner(plan, settings, tracking, f"{settings.search_name}-references", new_references)
 
 
 def _announce(plan: SearchPlan, settings: TrialSettings) -> None:
     options = plan.options
-    references = len(reference_configs(plan.space, options.baseline, options.noise_seeds, options.seed))
+    references = len(reference_configs(settings.space, options.baseline, options.noise_seeds, options.seed))
     logger.info(
         "Search %s: %d trial(s) of %s, %d Ray Train worker(s) per trial, concurrency %d, %s scheduler, metric %s; "
-        "study %r; then %d reference trial(s)", plan.name, options.num_trials, ", ".join(settings.dataset_names),
-        settings.num_workers, options.concurrency, options.scheduler, plan.objective.text, plan.study_name, references,
+        "study %r; then %d reference trial(s)", settings.search_name, options.num_trials, ", ".join(settings.dataset_names),
+        settings.num_workers, options.concurrency, options.scheduler, settings.objective.text, settings.study_name, references,
     )  # fmt: skip
 
 
@@ -501,7 +439,7 @@ def _summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTrack
         "Ranked trials (best first; stopped early and failed trials last; reference trials `ref`):\n",
         f"{table}\n\n{best_text}\n",
         f"Ray Tune results: {plan.experiment_path}",
-        f"Optuna study:     {plan.study_name!r} in {plan.optuna_url}",
+        f"Optuna study:     {plan.settings.study_name!r} in {plan.settings.optuna_storage}",
     ]
     if tracking is None:
         return "\n".join([*lines, "MLflow: not tracked (the store was unreachable at start)"])
@@ -518,7 +456,7 @@ def _summary(plan: SearchPlan, table: str, best_text: str, tracking: SearchTrack
 
 def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, results) -> SearchOutcome:
     """Ranks the trials, writes the reports and closes the parent run."""
-    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.optuna_url))
+    study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.optuna_storage))
     records = ranking.records_from_results(list(results), settings, study)
     band = ranking.paper_point_band(records, settings) if plan.options.noise_seeds else None
     table, best = ranking.format_table(records, settings, band), ranking.best_record(records)
@@ -528,17 +466,15 @@ def report_outcome(plan: SearchPlan, settings: TrialSettings, tracking: SearchTr
         front = sorted(r.trial_id for r in records if r.pareto)
         best_text += "\nPareto front (one objective per dataset): " + (", ".join(front) or "empty")
     best_text += "\n" + _importance_note(study)
-    paths = ranking.write_reports(records, settings, plan.reports_dir, band)
-    plan.storage.upload(list(paths.values()), plan.name)
+    paths = list(ranking.write_reports(records, settings, plan.reports_dir, band).values())
+    plan.storage.upload(paths, settings.search_name)
     interrupted = any(r.status == "running" for r in records)
     if tracking is not None:
         tracking.close_open_runs({r.trial_id: r.status for r in records})
         tracking.log_optuna_figures(study, settings.objective.text, MIN_IMPORTANCE_TRIALS)
         metrics, tags = ranking.search_metrics(records, settings, band)
-        texts = {"summary.txt": table + "\n\n" + best_text + "\n"}
-        tracking.finish(list(paths.values()), texts, metrics, tags, interrupted)
+        tracking.finish(paths, {"summary.txt": table + "\n\n" + best_text + "\n"}, metrics, tags, interrupted)
     if interrupted:
         best_text += "\n\nThe search was interrupted: continue it with the same command and --resume."
     pending = tracking.outbox_state.pending if tracking and tracking.outbox_state else 0
-    summary = _summary(plan, table, best_text, tracking)
-    return SearchOutcome(plan.name, table, best, records, {k: str(v) for k, v in paths.items()}, summary, pending)
+    return SearchOutcome(records, best, _summary(plan, table, best_text, tracking), pending)

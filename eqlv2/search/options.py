@@ -3,8 +3,6 @@ the field names of :class:`SearchOptions`."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 
@@ -61,7 +59,3 @@ class SearchOptions:
                 setattr(self, item.name, tuple(getattr(self, item.name)))
         if self.num_trials is None:
             self.num_trials = 3 if self.smoke else 2
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace, argv: Sequence[str] = ()) -> SearchOptions:
-        return cls(**vars(args), argv=tuple(argv))

@@ -1,4 +1,5 @@
-"""The Optuna study behind the search: its database, the seed points, and honest trial states.
+"""The Optuna study behind the search: its database, the seed points, honest trial states, and
+the early stopping (ASHA) that makes some of them ``PRUNED``.
 
 Ray's ``OptunaSearch`` tells Optuna ``COMPLETE`` for every trial that ends with a result, also
 those ASHA stopped early, so TPE would model a truncated value as a final one.
@@ -20,6 +21,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from sqlalchemy.pool import NullPool
 
@@ -47,14 +49,14 @@ def open_storage(url: str, reader: bool = False) -> optuna.storages.RDBStorage:
     connections until garbage collected, and enough of them exhaust PostgreSQL's
     ``max_connections``.
     """
-    kwargs: dict[str, Any] = {}
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):  # several processes may read the file at once
         engine_kwargs["connect_args"] = {"timeout": 60}
     if reader:
         engine_kwargs["poolclass"] = NullPool
-        kwargs.update(skip_table_creation=True, skip_compatibility_check=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, **kwargs)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs or None, skip_compatibility_check=reader, skip_table_creation=reader
+    )
 
 
 def build_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -253,3 +255,55 @@ class TrialStateOptunaSearch(Searcher):
             fail_orphaned_trials(self.study, self._storage, self._experiment_name, live, reason)
         except Exception as exc:
             logger.warning("Could not check the Optuna study for orphaned trials: %s", exc)
+
+
+class NonFiniteLastASHA(ASHAScheduler):
+    """ASHA on the intermediate objective (time: evaluations done) where a NaN objective (a model
+    that detects nothing) is the worst, and a trial at ``last_step`` (its last evaluation) always
+    finishes. Ray's ASHA would never stop a NaN trial (``NaN < cutoff`` is false); stopping a
+    trial at its last evaluation saves nothing and would record a fully trained trial as pruned."""
+
+    def __init__(self, last_step: int, *, time_attr: str, metric: str, mode: str, **kwargs) -> None:
+        super().__init__(time_attr=time_attr, metric=metric, mode=mode, **kwargs)
+        self.last_step = int(last_step)
+        self.step_key = time_attr
+        self.worst = -math.inf if mode == "max" else math.inf
+
+    def _fixed(self, result: dict) -> dict:
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isnan(float(value)):
+            result = {**result, self.metric: self.worst}
+        return result
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        step = result.get(self.step_key)
+        if isinstance(step, int | float) and step >= self.last_step:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, self._fixed(result))
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, self._fixed(result))
+
+
+def build_scheduler(
+    kind: str, total_evaluations: int, grace_period: int = 1, reduction_factor: int = 2
+) -> TrialScheduler:
+    """The search's early stopping: ``asha`` (:class:`NonFiniteLastASHA`) or ``fifo`` (none);
+    ``total_evaluations`` of a complete trial."""
+    kind = kind.lower()
+    if kind == "fifo":
+        return FIFOScheduler()
+    if kind != "asha":
+        raise ValueError(f"unknown scheduler {kind!r}: use asha or fifo")
+    if total_evaluations < 2:
+        logger.warning("A trial evaluates only once: ASHA cannot stop any trial early (lower TEST.EVAL_PERIOD)")
+    # max_t beyond the last evaluation: a trial that reaches it is complete, never "stopped".
+    return NonFiniteLastASHA(
+        last_step=total_evaluations,
+        time_attr=STEP_KEY,
+        metric="objective",
+        mode="max",
+        max_t=total_evaluations + 1,
+        grace_period=max(1, grace_period),
+        reduction_factor=max(2, reduction_factor),
+    )

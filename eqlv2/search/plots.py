@@ -6,6 +6,7 @@ built without pyplot (no global state in a training process).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -38,13 +39,11 @@ def frequency_order(counts: Sequence[float]) -> np.ndarray:
 def _shade_groups(ax, groups: Sequence[str] | None, order: np.ndarray) -> None:
     if groups is None:
         return
-    labels = np.asarray(groups)[order]
-    start = 0
-    for index in range(1, len(labels) + 1):
-        if index == len(labels) or labels[index] != labels[start]:
-            colour = _GROUP_COLOURS.get(str(labels[start]), "#888888")
-            ax.axvspan(start - 0.5, index - 0.5, color=colour, alpha=0.08, lw=0)
-            start = index
+    labels, start = [str(label) for label in np.asarray(groups)[order]], 0
+    for label, run in itertools.groupby(labels):  # one shaded span per run of one group
+        end = start + len(list(run))
+        ax.axvspan(start - 0.5, end - 0.5, color=_GROUP_COLOURS.get(label, "#888888"), alpha=0.08, lw=0)
+        start = end
     for group, name in _GROUP_NAMES.items():
         if group in labels:
             ax.plot([], [], color=_GROUP_COLOURS[group], alpha=0.3, lw=8, label=name)

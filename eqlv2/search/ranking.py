@@ -19,7 +19,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .optuna_study import COMPLETION_KEY, TRIAL_NUMBER_KEY
-from .references import NOISE_MARGIN, NoiseBand, noise_band, paper_point, trial_setup
+from .references import NOISE_MARGIN, NoiseBand, paper_point, trial_setup
 from .settings import TrialSettings
 from .space import same_assignment
 
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 _STATUS_ORDER = {"complete": 0, "pruned": 1, "running": 2, "failed": 3}
 #: Metrics shown per dataset (the first ones the dataset reports).
 _SHOWN = {"lvis": ("AP", "APr", "APc", "APf"), "openimages": ("AP", "AP1", "AP3", "AP5")}
+#: Optuna's trial states as the table names them.
+_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "running"}
 
 
 @dataclass
@@ -60,16 +62,10 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _study_states(study) -> dict[int, str]:
-    if study is None:
-        return {}
-    names = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "running"}
-    return {trial.number: names.get(trial.state.name, trial.state.name.lower()) for trial in study.get_trials(deepcopy=False)}
-
-
 def records_from_results(results: Iterable[Any], settings: TrialSettings, study=None) -> list[TrialRecord]:
     """Trial records from Tune ``Result`` objects and the study (None: states from Tune alone)."""
-    states = _study_states(study)
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    states = {trial.number: _STATES.get(trial.state.name, trial.state.name.lower()) for trial in trials}
     pareto: set[int] = set()
     if study is not None and settings.multi_objective:
         try:
@@ -83,25 +79,19 @@ def records_from_results(results: Iterable[Any], settings: TrialSettings, study=
         error = getattr(result, "error", None)
         number = config.get(TRIAL_NUMBER_KEY)
         number = int(number) if isinstance(number, int | float) else None
-        role, label, params = _role_and_params(config, settings)
+        try:
+            setup = trial_setup(config, settings.space, settings.seed)
+            role, label, params = setup.role, setup.label, setup.values
+        except ValueError:
+            role, label, params = "search", None, {k: config.get(k) for k in settings.space.all_names}
         if error is not None:
             status = "failed"
-        elif number is not None and number in states:
-            status = states[number]
         else:
-            status = "complete" if metrics.get(COMPLETION_KEY) else "pruned"
+            status = states.get(number) or ("complete" if metrics.get(COMPLETION_KEY) else "pruned")
         trial_id = str(metrics.get("trial_id") or getattr(result, "path", "?")).split("/")[-1]
         error_line = str(error).strip().splitlines()[-1][:200] if error is not None else None
         records.append(TrialRecord(trial_id, number, params, status, metrics, error_line, number in pareto, role, label))
     return records
-
-
-def _role_and_params(config: Mapping[str, Any], settings: TrialSettings) -> tuple[str, str | None, dict[str, Any]]:
-    try:
-        setup = trial_setup(config, settings.space, settings.seed)
-    except ValueError:
-        return "search", None, {k: config.get(k) for k in settings.space.all_names}
-    return setup.role, setup.label, setup.values
 
 
 def search_records(records: Sequence[TrialRecord]) -> list[TrialRecord]:
@@ -112,7 +102,8 @@ def paper_point_band(records: Sequence[TrialRecord], settings: TrialSettings) ->
     """The noise band over every completed run of the paper point (search trial, noise seeds)."""
     point = paper_point(settings.space)
     runs = [r for r in records if r.role in ("search", "noise") and r.status == "complete"]
-    return noise_band([r.objective for r in runs if same_assignment(r.params, point)])
+    values = tuple(r.objective for r in runs if same_assignment(r.params, point) and math.isfinite(r.objective))
+    return NoiseBand(values) if values else None
 
 
 def _sort_key(record: TrialRecord) -> tuple:
@@ -190,7 +181,8 @@ def reference_text(records: Sequence[TrialRecord], settings: TrialSettings, band
     best, baseline = best_record(records), _baseline_record(records)
     if best is not None and baseline is not None:
         headers, keys = _metric_columns(settings)
-        gains = ", ".join(f"{h} {_difference(best.metrics.get(k), baseline.metrics.get(k))}" for h, k in zip(headers, keys, strict=True))
+        differences = [_float(best.metrics.get(key)) - _float(baseline.metrics.get(key)) for key in keys]
+        gains = ", ".join(f"{h} {_number(d, sign='+')}" for h, d in zip(headers, differences, strict=True))
         lines.append(f"Best trial {best.trial_id} against the {baseline.label}: {gains}")
     return "\n".join(lines)
 
@@ -199,16 +191,10 @@ def _baseline_record(records: Sequence[TrialRecord]) -> TrialRecord | None:
     return next((r for r in records if r.role == "baseline" and r.status == "complete"), None)
 
 
-def _difference(value: Any, reference: Any) -> str:
-    return _number(_float(value) - _float(reference), sign="+")
-
-
-def format_table(
-    records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None = None, fmt: str = "github"
-) -> str:
-    """The ranked table as text (``tabulate`` format ``fmt``)."""
+def format_table(records: Sequence[TrialRecord], settings: TrialSettings, band: NoiseBand | None = None) -> str:
+    """The ranked table as GitHub Markdown."""
     headers, rows = ranked_rows(records, settings, band)
-    return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def best_config_text(record: TrialRecord | None, settings: TrialSettings, band: NoiseBand | None = None) -> str:

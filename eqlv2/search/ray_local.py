@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import ray
-from ray._private import ray_constants  # private: see the module docstring and _set_local_only
+from ray._private import ray_constants  # private: see the module docstring and init_local_ray
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME"
 _LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
-def _check_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+def init_local_ray(**kwargs: Any):
+    """``ray.init(**kwargs)`` of a new local instance whose every server listens on loopback only;
+    ``address`` may only be ``"local"``, ``dashboard_host`` and ``_node_ip_address`` loopback."""
     address = kwargs.setdefault("address", "local")
     if address != "local":
         raise ValueError(f"init_local_ray starts a new local instance; it cannot join address={address!r} (use ray.init for a cluster)")
@@ -41,24 +43,8 @@ def _check_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
         if host is not None and str(host) not in _LOOPBACK_HOSTS:
             raise ValueError(f"init_local_ray binds loopback only: {key}={host!r} is not a loopback address")
     kwargs.pop("_node_ip_address", None)  # Ray would turn a loopback one into the network address
-    return kwargs
-
-
-def _set_local_only() -> dict[str, str | None]:
-    """Sets :data:`LOCAL_ONLY_ENV` here and for Ray's child processes; returns the old values."""
-    saved = {key: os.environ.get(key) for key in LOCAL_ONLY_ENV}
-    os.environ.update(LOCAL_ONLY_ENV)
-    saved["_constant"] = "1" if ray_constants.ENABLE_RAY_CLUSTER else "0"
-    # Private: read once at Ray's import; set it for this process if Ray was imported earlier.
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    return saved
-
-
-def init_local_ray(**kwargs: Any):
-    """``ray.init(**kwargs)`` of a new local instance whose every server listens on loopback only;
-    ``address`` may only be ``"local"``, ``dashboard_host`` and ``_node_ip_address`` loopback."""
-    kwargs = _check_arguments(dict(kwargs))
-    _set_local_only()
+    os.environ.update(LOCAL_ONLY_ENV)  # for Ray's child processes
+    ray_constants.ENABLE_RAY_CLUSTER = False  # private: read once at Ray's import (for this process)
     context = ray.init(**kwargs)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in _LOOPBACK_HOSTS:
@@ -71,13 +57,12 @@ def init_local_ray(**kwargs: Any):
 @contextmanager
 def local_ray(**kwargs: Any) -> Iterator[Any]:
     """:func:`init_local_ray` for a block: shuts Ray down and restores the environment after."""
-    kwargs = _check_arguments(dict(kwargs))
-    saved = _set_local_only()
+    saved, constant = {key: os.environ.get(key) for key in LOCAL_ONLY_ENV}, ray_constants.ENABLE_RAY_CLUSTER
     try:
         yield init_local_ray(**kwargs)
     finally:
         ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = saved.pop("_constant") == "1"
+        ray_constants.ENABLE_RAY_CLUSTER = constant
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +90,6 @@ class NoiseBand:
             f"Noise band of the paper point ({runs} seeds): {metric} = {self.mean:.3f} +- {self.std:.3f} "
             f"(std); trials marked * differ from it by more than {NOISE_MARGIN:g} std."
         )
-
-
-def noise_band(objectives: Sequence[float]) -> NoiseBand | None:
-    """The band of the finite ``objectives`` (None if there are none)."""
-    finite = tuple(float(v) for v in objectives if math.isfinite(float(v)))
-    return NoiseBand(finite) if finite else None
 
 
 @dataclass(frozen=True)

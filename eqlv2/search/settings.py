@@ -56,9 +56,9 @@ def dataset_specs(names: Sequence[str], config_files: Sequence[str] = ()) -> tup
         raise ValueError(f"dataset named twice in {names}")
     chosen: dict[str, str] = {}
     for entry in config_files:
-        if "=" in entry and entry.split("=", 1)[0].strip().lower() in DATASETS:
-            name, path = entry.split("=", 1)
-            name = name.strip().lower()
+        prefix, equals, path = entry.partition("=")
+        name = prefix.strip().lower()
+        if equals and name in DATASETS:
             if name not in names:
                 raise ValueError(f"--config-file {entry!r} names dataset {name!r}, which is not searched")
         elif len(names) == 1:
@@ -122,16 +122,6 @@ _TOKEN = re.compile(
 _EXAMPLES = "use e.g. AP, APr or 0.5*AP+0.5*APr"
 
 
-def _tokens(text: str) -> list[tuple[str, str, int]]:
-    """``(kind, text, column)`` of every token of ``text``."""
-    out = []
-    for match in _TOKEN.finditer(text):
-        kind = match.lastgroup
-        if kind is not None:
-            out.append((kind, match.group(kind), match.start(kind)))
-    return out
-
-
 def parse_objective(text: str, known: Iterable[str] | None = None) -> Objective:
     """Reads ``--metric`` with the grammar ``[sign] term (sign term)*``, ``term = [number '*'] NAME``
     (e.g. ``0.5*AP + 0.5*APr``); ``known`` (None: unchecked) are the metrics the datasets report.
@@ -142,7 +132,7 @@ def parse_objective(text: str, known: Iterable[str] | None = None) -> Objective:
     def fail(reason: str) -> SearchInputError:
         return SearchInputError(f"--metric {text!r}: {reason}; {_EXAMPLES}")
 
-    tokens = _tokens(text)
+    tokens = [(m.lastgroup, m.group(m.lastgroup), m.start(m.lastgroup)) for m in _TOKEN.finditer(text) if m.lastgroup]
     terms: list[tuple[float, str]] = []
     index = 0
     while index < len(tokens):

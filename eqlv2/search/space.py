@@ -4,6 +4,8 @@ A search-space file names, for each hyper-parameter of EQL v2 (``gamma``, ``mu``
 other detectron2 config key may be given by its full dotted name), either a range to search or a
 fixed value, and the points to evaluate first::
 
+    _BASE_: default.yaml            # optional: a file (next to this one, else in configs/search/)
+                                    # whose top-level fields this file's replace
     params:
       gamma: {low: 4.0, high: 16.0, log: false}
       mu:    {low: 0.5, high: 1.0}
@@ -15,11 +17,13 @@ fixed value, and the points to evaluate first::
       SOLVER.MAX_ITER: 100
 
 A parameter entry is ``{low, high}`` (``type: float`` or ``int``; ``log: true`` for a
-log-uniform draw, ``step`` for a grid) or ``{choices: [...]}``.
+log-uniform draw, ``step`` for a grid) or ``{choices: [...]}``; it is kept as the Optuna
+distribution it describes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -40,8 +44,21 @@ CONFIG_KEYS: dict[str, str] = {"gamma": "MODEL.EQLV2.GAMMA", "mu": "MODEL.EQLV2.
 #: The paper's setting (Tan et al. 2021, Tables 7-8): evaluated first by default.
 PAPER_SETTING: dict[str, float] = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
 
+#: Valid values of each EQL v2 hyper-parameter (paper, eq. 6-8): the slope ``gamma`` of the
+#: mapping function positive, the positive up-weighting ``alpha`` non-negative, the centre ``mu`` finite.
+PARAMETER_DOMAINS = {
+    "gamma": ("gamma > 0", lambda v: math.isfinite(v) and v > 0),
+    "alpha": ("alpha >= 0", lambda v: math.isfinite(v) and v >= 0),
+    "mu": ("mu finite", math.isfinite),
+}
+
 _PARAM_FIELDS = {"type", "low", "high", "log", "step", "choices"}
 _TOP_LEVEL_FIELDS = {"params", "fixed", "seed_points", "trial_overrides", "description"}
+#: The shipped search spaces: where a `_BASE_` not found next to its file is looked for.
+_SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "search"
+
+#: A searched parameter: a range (``low`` and ``high`` inclusive; ``step`` None: continuous) or choices.
+Distribution = FloatDistribution | IntDistribution | CategoricalDistribution
 
 
 class SearchSpaceError(SearchInputError):
@@ -57,45 +74,27 @@ def config_key(name: str) -> str:
     raise SearchSpaceError(f"unknown parameter {name!r}: use one of {sorted(CONFIG_KEYS)} or a full config key such as SOLVER.BASE_LR")
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched parameter: ``kind`` is ``float``, ``int`` or ``categorical``; ``low`` and
-    ``high`` are inclusive; ``step`` None is a continuous draw."""
+def contains(distribution: Distribution, value: Any) -> bool:
+    """Whether ``value`` is one of the choices, or inside the range (to a relative 1e-9)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return value in distribution.choices
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    low, high = distribution.low, distribution.high
+    tolerance = 1e-9 * max(1.0, abs(high - low))
+    return low - tolerance <= number <= high + tolerance
 
-    name: str
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[Any, ...] = ()
 
-    def contains(self, value: Any) -> bool:
-        if self.kind == "categorical":
-            return value in self.choices
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return False
-        assert self.low is not None and self.high is not None
-        tolerance = 1e-9 * max(1.0, abs(self.high - self.low))
-        return self.low - tolerance <= number <= self.high + tolerance
-
-    def optuna_distribution(self):
-        if self.kind == "categorical":
-            return CategoricalDistribution(list(self.choices))
-        if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
-
-    def describe(self) -> str:
-        """E.g. ``uniform[4, 16]``."""
-        if self.kind == "categorical":
-            return f"choice{list(self.choices)}"
-        scale = "log-uniform" if self.log else "uniform"
-        kind = "int " if self.kind == "int" else ""
-        step = f" step {self.step}" if self.step else ""
-        return f"{kind}{scale}[{self.low:g}, {self.high:g}]{step}"
+def describe(distribution: Distribution) -> str:
+    """E.g. ``uniform[4, 16]``, ``int log-uniform[2, 8]``, ``choice[0.01, 0.02]``."""
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice{list(distribution.choices)}"
+    is_int = isinstance(distribution, IntDistribution)
+    step = distribution.step if not is_int or distribution.step != 1 else None
+    scale = "log-uniform" if distribution.log else "uniform"
+    return f"{'int ' if is_int else ''}{scale}[{distribution.low:g}, {distribution.high:g}]{f' step {step}' if step else ''}"
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class SearchSpace:
     names), the ``KEY VALUE`` overrides every trial applies before the command line's, and the
     file the space was read from."""
 
-    params: dict[str, ParamSpec]
+    params: dict[str, Distribution]
     fixed: dict[str, Any] = field(default_factory=dict)
     seed_points: tuple[dict[str, Any], ...] = ()
     trial_overrides: tuple[str, ...] = ()
@@ -118,8 +117,8 @@ class SearchSpace:
     def all_names(self) -> list[str]:
         return list(self.params) + [name for name in self.fixed if name not in self.params]
 
-    def optuna_distributions(self) -> dict[str, Any]:
-        return {name: spec.optuna_distribution() for name, spec in self.params.items()}
+    def optuna_distributions(self) -> dict[str, Distribution]:
+        return dict(self.params)
 
     def complete(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """A trial's full assignment: the sampled values plus the fixed ones."""
@@ -141,17 +140,20 @@ class SearchSpace:
 
     def describe(self) -> dict[str, str]:
         """``{name: description}`` of every parameter, fixed ones included."""
-        out = {name: spec.describe() for name, spec in self.params.items()}
+        out = {name: describe(distribution) for name, distribution in self.params.items()}
         out.update({name: f"fixed {value}" for name, value in self.fixed.items()})
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """The space in the file format."""
-        params = {}
-        for name, spec in self.params.items():
-            entry = {"type": spec.kind, "low": spec.low, "high": spec.high, "log": spec.log, "step": spec.step}
-            numeric = {key: value for key, value in entry.items() if value is not None}
-            params[name] = {"choices": list(spec.choices)} if spec.kind == "categorical" else numeric
+        params: dict[str, Any] = {}
+        for name, dist in self.params.items():
+            if isinstance(dist, CategoricalDistribution):
+                params[name] = {"choices": list(dist.choices)}
+            else:
+                kind = "int" if isinstance(dist, IntDistribution) else "float"
+                entry = {"type": kind, "low": dist.low, "high": dist.high, "log": dist.log, "step": dist.step}
+                params[name] = {key: value for key, value in entry.items() if value is not None}
         return {
             "params": params,
             "fixed": dict(self.fixed),
@@ -189,7 +191,7 @@ def _yaml_value_text(value: Any) -> str:
     return _override_text(value)
 
 
-def _parse_param(name: str, entry: Any) -> ParamSpec:
+def _parse_param(name: str, entry: Any) -> Distribution:
     if not isinstance(entry, Mapping):
         raise SearchSpaceError(f"params.{name} must be a mapping such as {{low: 0, high: 8}}, got {entry!r}")
     unknown = set(entry) - _PARAM_FIELDS
@@ -199,7 +201,7 @@ def _parse_param(name: str, entry: Any) -> ParamSpec:
         choices = entry["choices"]
         if not isinstance(choices, list) or not choices:
             raise SearchSpaceError(f"params.{name}.choices must be a non-empty list")
-        return ParamSpec(name=name, kind="categorical", choices=tuple(choices))
+        return CategoricalDistribution(choices)
     kind = str(entry.get("type", "float"))
     if kind not in ("float", "int"):
         raise SearchSpaceError(f"params.{name}.type must be float or int, got {kind!r}")
@@ -222,11 +224,11 @@ def _parse_param(name: str, entry: Any) -> ParamSpec:
         if log:
             raise SearchSpaceError(f"params.{name}: step and log cannot be combined")
     if kind == "int":
-        return ParamSpec(name, "int", int(low), int(high), log, int(step) if step else None)
-    return ParamSpec(name, "float", low, high, log, step)
+        return IntDistribution(int(low), int(high), log=log, step=int(step or 1))
+    return FloatDistribution(low, high, log=log, step=step)
 
 
-def _parse_seed_points(points: Any, params: Mapping[str, ParamSpec], fixed: Mapping[str, Any], where: str) -> list[dict]:
+def _parse_seed_points(points: Any, params: Mapping[str, Distribution], fixed: Mapping[str, Any], where: str) -> list[dict]:
     """The distinct seed points, each a full assignment of the searched parameters, in range
     (fixed parameters it names, e.g. the paper's full setting while alpha is fixed, are dropped)."""
     seeds: list[dict] = []
@@ -234,13 +236,13 @@ def _parse_seed_points(points: Any, params: Mapping[str, ParamSpec], fixed: Mapp
         if not isinstance(point, Mapping):
             raise SearchSpaceError(f"seed_points[{index}] must be a mapping{where}")
         seed = {}
-        for name, spec in params.items():
+        for name, dist in params.items():
             if name not in point:
                 raise SearchSpaceError(f"seed_points[{index}] lacks searched parameter {name!r}{where}")
-            if not spec.contains(point[name]):
-                raise SearchSpaceError(f"seed_points[{index}].{name}={point[name]!r} is outside {spec.describe()}{where}")
+            if not contains(dist, point[name]):
+                raise SearchSpaceError(f"seed_points[{index}].{name}={point[name]!r} is outside {describe(dist)}{where}")
             value = point[name]
-            seed[name] = value if spec.kind == "categorical" else (int(value) if spec.kind == "int" else float(value))
+            seed[name] = int(value) if isinstance(dist, IntDistribution) else value if isinstance(dist, CategoricalDistribution) else float(value)
         extra = set(point) - set(params) - set(fixed)
         if extra:
             raise SearchSpaceError(f"seed_points[{index}] names unknown parameters {sorted(extra)}{where}")
@@ -264,47 +266,28 @@ def _parse_trial_overrides(raw: Any, names: list[str], where: str) -> list[str]:
     return overrides
 
 
-#: Valid values of each EQL v2 hyper-parameter (paper, eq. 6-8): the slope ``gamma`` of the
-#: mapping function positive, the positive up-weighting ``alpha`` non-negative, the centre ``mu`` finite.
-PARAMETER_DOMAINS = {
-    "gamma": ("gamma > 0", lambda v: math.isfinite(v) and v > 0),
-    "alpha": ("alpha >= 0", lambda v: math.isfinite(v) and v >= 0),
-    "mu": ("mu finite", math.isfinite),
-}
-
-
-def _domain(name: str):
-    """``(rule, accepts)`` of a short name or of its config key, else None."""
-    return next((PARAMETER_DOMAINS[short] for short, key in CONFIG_KEYS.items() if name in (short, key)), None)
-
-
-def _check_value(where: str, name: str, what: str, value: Any) -> None:
-    rule, accepts = _domain(name) or (None, None)
-    try:
-        ok = rule is None or (not isinstance(value, bool) and accepts(float(value)))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise SearchSpaceError(f"{where}: {what} {name}={value!r} is invalid: EQL v2 needs {rule}")
-
-
 def check_domains(space: SearchSpace) -> None:
     """Checks every value ``space`` can give ``gamma``, ``mu`` or ``alpha`` (range bounds, choices,
     fixed values); the error names the file and the parameter."""
     where = space.source or "search space"
-    for name, spec in space.params.items():
-        for choice in spec.choices:
-            _check_value(where, name, "choice", choice)
-        rule, accepts = _domain(name) or (None, None)
-        if rule is None or spec.kind == "categorical":
+    for name, value in [*space.params.items(), *space.fixed.items()]:
+        short = next((short for short, key in CONFIG_KEYS.items() if name in (short, key)), None)
+        rule, accepts = PARAMETER_DOMAINS.get(short, (None, None))
+        if rule is None:
             continue
-        for bound, value in (("low", spec.low), ("high", spec.high)):
-            if not accepts(float(value)):
+        if isinstance(value, FloatDistribution | IntDistribution):
+            for bound in (bound for bound in ("low", "high") if not accepts(float(getattr(value, bound)))):
                 raise SearchSpaceError(
-                    f"{where}: params.{name} range [{spec.low:g}, {spec.high:g}] is invalid: its {bound} {value:g} breaks {rule}"
+                    f"{where}: params.{name} range [{value.low:g}, {value.high:g}] is invalid: its {bound} "
+                    f"{getattr(value, bound):g} breaks {rule}"
                 )
-    for name, value in space.fixed.items():
-        _check_value(where, name, "fixed value", value)
+            continue
+        what, candidates = ("choice", value.choices) if isinstance(value, CategoricalDistribution) else ("fixed value", [value])
+        for candidate in candidates:
+            with contextlib.suppress(TypeError, ValueError):
+                if not isinstance(candidate, bool) and accepts(float(candidate)):
+                    continue
+            raise SearchSpaceError(f"{where}: {what} {name}={candidate!r} is invalid: EQL v2 needs {rule}")
 
 
 def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> SearchSpace:
@@ -341,15 +324,24 @@ def parse_search_space(data: Mapping[str, Any], source: str | None = None) -> Se
     return space
 
 
-def load_search_space(path: str | Path) -> SearchSpace:
-    """Reads and validates a search-space YAML file; a one-line SearchSpaceError names the file."""
-    path = Path(path)
+def _read(path: Path) -> Any:
+    """The file's YAML, on top of its ``_BASE_`` file's (whose top-level fields it replaces)."""
     if not path.is_file():
         raise SearchSpaceError(f"--search-space: search-space file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise SearchSpaceError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
-    space = parse_search_space(data, source=str(path))
+    if isinstance(data, Mapping) and "_BASE_" in data:
+        base = path.parent / str(data["_BASE_"])  # else the shipped one (a copied file keeps its base)
+        base = base if base.is_file() else _SHIPPED / str(data["_BASE_"])
+        data = {**_read(base), **{key: value for key, value in data.items() if key != "_BASE_"}}
+    return data
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Reads and validates a search-space YAML file; a one-line SearchSpaceError names the file."""
+    path = Path(path)
+    space = parse_search_space(_read(path), source=str(path))
     logger.info("Search space from %s: %s", path, space.describe())
     return space
