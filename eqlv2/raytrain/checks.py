@@ -51,32 +51,21 @@ def check_datasets(cfg: CfgNode) -> None:
         )
 
 
-def _host_and_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of ``host:6379`` or ``ray://host:10001``; None if none."""
-    if address in ("auto", "local"):
-        return None
-    parts = urlsplit(address if "://" in address else f"gcs://{address}")
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.hostname or port is None:
-        return None
-    return parts.hostname, port
-
-
 def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> None:
     """Raises :class:`ClusterConnectionError` if ``address`` (default ``$RAY_ADDRESS``; ``auto``
     and ``local`` are not checked) does not accept a TCP connection."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address or address in ("auto", "local"):
         return
-    target = _host_and_port(address)
-    if target is None:
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")  # host:6379 or ray://host:10001
+    try:
+        target = (parts.hostname, parts.port)
+    except ValueError:  # a port that is not a number: left to Ray
+        return
+    if None in target:
         return
     try:
-        with socket.create_connection(target, timeout=timeout_s):
-            pass
+        socket.create_connection(target, timeout=timeout_s).close()
     except OSError as error:
         raise ClusterConnectionError(
             f"cannot reach the Ray cluster at {address!r} ({error}). Check RAY_ADDRESS, or unset it to start a local Ray instance."
@@ -91,10 +80,6 @@ def connect_ray(address: str | None = None, **init_kwargs) -> None:
     ray.init(address=address, **init_kwargs)
 
 
-def _node_resources() -> list[dict[str, float]]:
-    return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-
-
 def check_cluster_resources(
     num_workers: int,
     cpus_per_worker: float = 1,
@@ -105,7 +90,7 @@ def check_cluster_resources(
     """Raises :class:`InsufficientResourcesError` if the workers can never be placed on the
     cluster's total resources (not what is free now: other jobs end); ``nodes`` are the resources
     of each alive node (default from ``ray.nodes()``)."""
-    node_list = list(nodes) if nodes is not None else _node_resources()
+    node_list = list(nodes) if nodes is not None else [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     demand = {"CPU": float(cpus_per_worker)}
     if use_gpu:
         demand["GPU"] = 1.0

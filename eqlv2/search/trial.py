@@ -139,20 +139,6 @@ class TrialRunHooks:
 
         return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
 
-    def factories(self) -> list:
-        """For ``build_torch_trainer(extra_hooks=...)``."""
-        return [self.writer, self.artifacts]
-
-
-def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
-    return {
-        **values,
-        **settings.run_params(extra),
-        "seed": seed,
-        "objective": settings.objective.text,
-        "num_workers": settings.num_workers,
-    }
-
 
 def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, Any] | None:
     """The study's record of this trial if it is already finished (a resumed search)."""
@@ -163,10 +149,6 @@ def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, 
     except Exception as error:
         logger.warning("Could not check the Optuna study for trial %s: %s", number, error)
         return None
-
-
-def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
@@ -197,22 +179,9 @@ def _start_run(
             return previous[0].ref
     label = setup.label or ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
-    mlflow.log_params(run_id, _trial_params(settings, values, setup.seed, setup.extra_opts))
+    params = {**values, **settings.run_params(setup.extra_opts), "seed": setup.seed, "objective": settings.objective.text}
+    mlflow.log_params(run_id, {**params, "num_workers": settings.num_workers})
     return run_id
-
-
-def _flush(settings: TrialSettings, trial_id: str) -> None:
-    """Replays the node's outbox at the end of the trial (what is left stays for the driver)."""
-    mlflow = _trial_mlflow(settings)
-    if mlflow is not None:
-        logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
-
-
-def _ray_train_storage(settings: TrialSettings, trial_dir: str) -> str:
-    """Where the trial's Ray Train runs keep their checkpoints."""
-    if settings.remote_storage:
-        return f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
-    return f"{trial_dir}/ray_train"
 
 
 def ray_train_run(
@@ -222,9 +191,12 @@ def ray_train_run(
     final report. Imports Ray Train, torch and detectron2 (see the module docstring)."""
     from eqlv2.raytrain.launch import build_torch_trainer
 
+    storage = f"{trial_dir}/ray_train"  # the Ray Train runs' checkpoints
+    if settings.remote_storage:
+        storage = f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
     trainer = build_torch_trainer(
         spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
-        storage_path=_ray_train_storage(settings, trial_dir), name=spec.name, max_failures=settings.max_failures,
+        storage_path=storage, name=spec.name, max_failures=settings.max_failures,
         callbacks=[SearchReportCallback(translator)], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker,
         checkpoints_to_keep=1,
     )  # fmt: skip
@@ -236,19 +208,6 @@ def ray_train_run(
 
 #: One training run of a trial: :func:`ray_train_run`, or a stand-in (``benchmarks/search_scale.py``).
 TrainingRun = Callable[[TrialSettings, DatasetSpec, list[str], ReportTranslator, list, str], dict]
-
-
-def _train(
-    training_run: TrainingRun, settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator,
-    hooks: list, trial_dir: str,
-) -> dict:
-    """One training run; its final report. Raises :class:`TrialFailedError` naming the cause."""
-    try:
-        return training_run(settings, spec, opts, translator, hooks, trial_dir)
-    except Exception as error:  # reported to Tune (hence to the driver), which records the failure
-        message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
-        logger.error("%s", message)
-        raise TrialFailedError(message) from error
 
 
 def _report_recorded(done: Mapping[str, Any], trial_id: str, number: Any) -> None:
@@ -275,8 +234,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, training_run: Tra
     run_id = _start_run(settings, trial_id, number, setup.values, setup)
     try:
         final, evals = _train_datasets(settings, setup, run_id, trial_dir, training_run)
-    finally:
-        _flush(settings, trial_id)
+    finally:  # replays the node's outbox (what is left stays for the driver)
+        if (mlflow := _trial_mlflow(settings)) is not None:
+            logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
     tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
 
 
@@ -295,9 +255,15 @@ def _train_datasets(
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
-            hooks = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline).factories()
-        metrics = _train(training_run, settings, spec, opts, translator, hooks, trial_dir)
-        numbers = _numbers(metrics)
+            factories = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline)
+            hooks = [factories.writer, factories.artifacts]
+        try:
+            metrics = training_run(settings, spec, opts, translator, hooks, trial_dir)
+        except Exception as error:  # reported to Tune (hence to the driver), which records the failure
+            message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
+            logger.error("%s", message)
+            raise TrialFailedError(message) from error
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         found = {key: float(numbers[key]) for key in spec.metrics if key in numbers}
         if not found:
             logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))
