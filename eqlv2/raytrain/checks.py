@@ -72,12 +72,11 @@ def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> Non
         ) from error
 
 
-def connect_ray(address: str | None = None, **init_kwargs) -> None:
+def connect_ray() -> None:
     """``ray.init`` after :func:`check_ray_address`, unless Ray is initialised."""
-    if ray.is_initialized():
-        return
-    check_ray_address(address)
-    ray.init(address=address, **init_kwargs)
+    if not ray.is_initialized():
+        check_ray_address()
+        ray.init()
 
 
 def check_cluster_resources(

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -50,6 +50,7 @@ def combine_objectives(per_dataset: Mapping[str, float | None]) -> float:
     return sum(known) / len(known) if known else NAN
 
 
+@dataclass
 class ReportTranslator:
     """Turns rank 0's Ray Train reports of one training run into the search's Tune results.
 
@@ -58,40 +59,31 @@ class ReportTranslator:
     to count its evaluations from the reported iteration (right after a resume too).
     """
 
-    def __init__(
-        self,
-        dataset: DatasetSpec,
-        all_datasets: list[str],
-        objective: Objective,
-        finished: Mapping[str, float | None],
-        eval_offset: int,
-        schedule: tuple[int, int],
-    ) -> None:
-        self._dataset = dataset
-        self._all = list(all_datasets)
-        self._objective = objective
-        self._finished = dict(finished)
-        self._offset = int(eval_offset)
-        self._schedule = (int(schedule[0]), int(schedule[1]))
-        self._evals = 0
-        self._current: float | None = None
+    dataset: DatasetSpec
+    all_datasets: list[str]
+    objective: Objective
+    finished: Mapping[str, float | None]
+    eval_offset: int
+    schedule: tuple[int, int]
+    _evals: int = field(default=0, init=False)
+    _current: float | None = field(default=None, init=False)
 
     def __call__(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        name = self._dataset.name
+        name = self.dataset.name
         out = {f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
         iteration = metrics.get("iteration")
         if isinstance(iteration, int | float):
-            self._evals = evaluations_done(int(iteration), *self._schedule)
-        if self._dataset.eval_key in metrics:
-            self._current = self._objective.value(metrics)
+            self._evals = evaluations_done(int(iteration), *self.schedule)
+        if self.dataset.eval_key in metrics:
+            self._current = self.objective.value(metrics)
             if self._current is None:
                 logger.warning("Evaluation of %s without a finite objective: %s", name, dict(metrics))
-        per_dataset = {ds: self._finished.get(ds) for ds in self._all}
+        per_dataset = {ds: self.finished.get(ds) for ds in self.all_datasets}
         per_dataset[name] = self._current
         for ds, value in per_dataset.items():
             out[f"{ds}/objective"] = NAN if value is None else float(value)
         out["objective"] = combine_objectives(per_dataset)
-        out.update({STEP_KEY: self._offset + self._evals, "dataset": name})
+        out.update({STEP_KEY: self.eval_offset + self._evals, "dataset": name})
         if "iteration" in metrics:
             out["iteration"] = metrics["iteration"]
         return out
@@ -251,7 +243,7 @@ def _train_datasets(
         opts = [*settings.opts, *settings.space.config_overrides(setup.values), *setup.extra_opts, "SEED", str(setup.seed)]
         opts += ["OUTPUT_DIR", f"{trial_dir}/{spec.name}"]
         schedule = settings.schedules.get(spec.name, (1, 0))
-        translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
+        translator = ReportTranslator(spec, settings.dataset_names, settings.objective, dict(finished), evals, schedule)
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
