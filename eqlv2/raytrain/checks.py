@@ -90,9 +90,7 @@ def check_cluster_resources(
     cluster's total resources (not what is free now: other jobs end); ``nodes`` are the resources
     of each alive node (default from ``ray.nodes()``)."""
     node_list = list(nodes) if nodes is not None else [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    demand = {"CPU": float(cpus_per_worker)}
-    if use_gpu:
-        demand["GPU"] = 1.0
+    demand = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
 
     # how many workers each node can hold
     per_node = [int(min(node.get(k, 0.0) // amount if amount else num_workers for k, amount in demand.items())) for node in node_list]
@@ -101,12 +99,8 @@ def check_cluster_resources(
     have = ", ".join(f"{totals[key]:g} {key}" for key in demand)
     summary = f"{num_workers} worker(s) of {wanted} each, {placement_strategy}; the cluster has {len(node_list)} node(s) with {have}"
     strategy = placement_strategy.upper()
-    if strategy == "STRICT_SPREAD":
-        possible = sum(1 for count in per_node if count >= 1)
-    elif strategy == "STRICT_PACK":
-        possible = max(per_node, default=0)
-    else:
-        possible = sum(per_node)
+    # workers the cluster can place: one per node, all on one node, or anywhere
+    possible = {"STRICT_SPREAD": sum(count >= 1 for count in per_node), "STRICT_PACK": max(per_node, default=0)}.get(strategy, sum(per_node))
     if possible < num_workers:
         if use_gpu and totals.get("GPU", 0.0) < num_workers:
             advice = "use fewer workers, or drop --use-gpu"

@@ -144,8 +144,8 @@ class Outbox:
         for line in lines:
             try:
                 self._fold(json.loads(line))
-            except ValueError:
-                logger.warning("MLflow outbox %s: skipped a line cut by a crash", self.folder)
+            except (ValueError, KeyError, TypeError, AttributeError):  # the same in every process
+                logger.warning("MLflow outbox %s: skipped an unreadable line (cut by a crash?)", self.folder)
         self._read = end
 
     def _fold(self, record: dict[str, Any]) -> None:
