@@ -131,7 +131,7 @@ class StandInJob:
         max_iter, eval_period, log_period: the run's schedule (the driver's).
         sleep_per_iter: seconds each step sleeps.
         diverge_at: iteration after which the step raises (None: never).
-        hooks: the trial's rank-0 hook factories (``TrialRunHooks.factories()``).
+        hooks: the trial's rank-0 hook factories (``TrialRunHooks``' writer and artifacts).
     """
 
     values: dict[str, float]

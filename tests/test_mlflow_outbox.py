@@ -225,7 +225,7 @@ def test_dead_server_journals_and_pickled_copy_shares_the_outbox(tmp_path, fast_
 
 
 def test_outbox_belongs_to_one_tracking_uri(tmp_path):
-    Outbox(tmp_path, "http://127.0.0.1:1").close()
+    Outbox(tmp_path, "http://127.0.0.1:1")
     with pytest.raises(ValueError, match=r"belongs to http://127.0.0.1:1, not http://127.0.0.1:2"):
         Outbox(tmp_path, "http://127.0.0.1:2")
 

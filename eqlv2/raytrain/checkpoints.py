@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 MODEL_FILE, METADATA_FILE, CONFIG_FILE = "model.pth", "metadata.json", "config.yaml"
 
 
-def checkpoint_dir_name(iteration: int) -> str:
-    return f"checkpoint_{iteration:07d}"
-
-
 def save_checkpoint(trainer, directory: str, iteration: int, metrics: Mapping[str, Any], config_yaml: str) -> None:
     """Writes the checkpoint of ``trainer`` after ``iteration`` completed iterations (rank 0 only);
     it records ``iteration - 1``, as detectron2's own do, so loading it resumes at ``iteration``."""

@@ -51,48 +51,32 @@ def check_datasets(cfg: CfgNode) -> None:
         )
 
 
-def _host_and_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of ``host:6379`` or ``ray://host:10001``; None if none."""
-    if address in ("auto", "local"):
-        return None
-    parts = urlsplit(address if "://" in address else f"gcs://{address}")
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.hostname or port is None:
-        return None
-    return parts.hostname, port
-
-
 def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> None:
     """Raises :class:`ClusterConnectionError` if ``address`` (default ``$RAY_ADDRESS``; ``auto``
     and ``local`` are not checked) does not accept a TCP connection."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address or address in ("auto", "local"):
         return
-    target = _host_and_port(address)
-    if target is None:
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")  # host:6379 or ray://host:10001
+    try:
+        target = (parts.hostname, parts.port)
+    except ValueError:  # a port that is not a number: left to Ray
+        return
+    if None in target:
         return
     try:
-        with socket.create_connection(target, timeout=timeout_s):
-            pass
+        socket.create_connection(target, timeout=timeout_s).close()
     except OSError as error:
         raise ClusterConnectionError(
             f"cannot reach the Ray cluster at {address!r} ({error}). Check RAY_ADDRESS, or unset it to start a local Ray instance."
         ) from error
 
 
-def connect_ray(address: str | None = None, **init_kwargs) -> None:
+def connect_ray() -> None:
     """``ray.init`` after :func:`check_ray_address`, unless Ray is initialised."""
-    if ray.is_initialized():
-        return
-    check_ray_address(address)
-    ray.init(address=address, **init_kwargs)
-
-
-def _node_resources() -> list[dict[str, float]]:
-    return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if not ray.is_initialized():
+        check_ray_address()
+        ray.init()
 
 
 def check_cluster_resources(
@@ -105,10 +89,8 @@ def check_cluster_resources(
     """Raises :class:`InsufficientResourcesError` if the workers can never be placed on the
     cluster's total resources (not what is free now: other jobs end); ``nodes`` are the resources
     of each alive node (default from ``ray.nodes()``)."""
-    node_list = list(nodes) if nodes is not None else _node_resources()
-    demand = {"CPU": float(cpus_per_worker)}
-    if use_gpu:
-        demand["GPU"] = 1.0
+    node_list = list(nodes) if nodes is not None else [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    demand = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
 
     # how many workers each node can hold
     per_node = [int(min(node.get(k, 0.0) // amount if amount else num_workers for k, amount in demand.items())) for node in node_list]
@@ -117,12 +99,8 @@ def check_cluster_resources(
     have = ", ".join(f"{totals[key]:g} {key}" for key in demand)
     summary = f"{num_workers} worker(s) of {wanted} each, {placement_strategy}; the cluster has {len(node_list)} node(s) with {have}"
     strategy = placement_strategy.upper()
-    if strategy == "STRICT_SPREAD":
-        possible = sum(1 for count in per_node if count >= 1)
-    elif strategy == "STRICT_PACK":
-        possible = max(per_node, default=0)
-    else:
-        possible = sum(per_node)
+    # workers the cluster can place: one per node, all on one node, or anywhere
+    possible = {"STRICT_SPREAD": sum(count >= 1 for count in per_node), "STRICT_PACK": max(per_node, default=0)}.get(strategy, sum(per_node))
     if possible < num_workers:
         if use_gpu and totals.get("GPU", 0.0) < num_workers:
             advice = "use fewer workers, or drop --use-gpu"

@@ -39,13 +39,7 @@ class WorkerPlacement:
         import ray.train  # lazily: this module also serves plain torch.distributed processes
 
         context = ray.train.get_context()
-        return cls(
-            world_rank=context.get_world_rank(),
-            local_rank=context.get_local_rank(),
-            node_rank=context.get_node_rank(),
-            world_size=context.get_world_size(),
-            local_world_size=context.get_local_world_size(),
-        )
+        return cls(**{name: getattr(context, f"get_{name}")() for name in ("world_rank", "local_rank", "node_rank", "world_size", "local_world_size")})
 
 
 def _ranks_per_node(placements: list[WorkerPlacement]) -> dict[int, list[int]]:

@@ -116,17 +116,6 @@ def _checked_cfg(config_file: str, opts: list[str], num_workers: int) -> CfgNode
     return cfg
 
 
-def _run_config(name: str, storage: str, max_failures: int, checkpoints_to_keep: int | None, callbacks: list | None) -> RunConfig:
-    return RunConfig(
-        name=name,
-        storage_path=storage,
-        failure_config=FailureConfig(max_failures=max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
-        callbacks=list(callbacks or []),
-        worker_runtime_env={"env_vars": pin_dataset_roots()},
-    )
-
-
 def build_torch_trainer(
     config_file: str,
     opts: Sequence[str],
@@ -164,7 +153,14 @@ def build_torch_trainer(
         "Ray Train run %r in %s: %d worker(s) x %s CPU%s, %s, detectron2 output %s",
         name, storage, num_workers, cpus_per_worker, " + 1 GPU" if use_gpu else "", placement_strategy, output_dir,
     )  # fmt: skip
-    run_config = _run_config(name, storage, max_failures, checkpoints_to_keep, callbacks)
+    run_config = RunConfig(
+        name=name,
+        storage_path=storage,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+        callbacks=list(callbacks or []),
+        worker_runtime_env={"env_vars": pin_dataset_roots()},
+    )
     loop_config = {
         "config_yaml": _worker_config_yaml(cfg, output_dir, use_gpu),
         "cpus_per_worker": cpus_per_worker,

@@ -28,7 +28,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 
 from eqlv2.evaluation import summary
 
-from .checkpoints import checkpoint_dir_name, save_checkpoint
+from .checkpoints import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -154,5 +154,5 @@ class RayReportHook(HookBase):
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=checkpoint_dir_name(iteration),
+                checkpoint_dir_name=f"checkpoint_{iteration:07d}",
             )

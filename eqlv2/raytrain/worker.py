@@ -50,20 +50,6 @@ class RayEQLv2Trainer(EQLv2Trainer):
         return [*hook_list, RayReportHook(self.cfg)]
 
 
-def _set_threads(cpus_per_worker: float) -> int:
-    threads = max(1, int(cpus_per_worker))
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def _setup_logging(output_dir: str, rank: int) -> None:
-    """detectron2-style loggers; only rank 0 logs to the console and to ``output_dir/log.txt``."""
-    output = output_dir if rank == 0 else None
-    for name, abbrev in (("fvcore", None), ("eqlv2", None), ("detectron2", "d2")):
-        setup_logger(output, distributed_rank=rank, name=name, abbrev_name=abbrev)
-
-
 def _worker_cfg(config_yaml: str) -> CfgNode:
     """The driver's full config, through :func:`setup_cfg` (which registers the datasets)."""
     with tempfile.TemporaryDirectory(prefix="eqlv2-config-") as directory:
@@ -76,7 +62,9 @@ def _worker_cfg(config_yaml: str) -> CfgNode:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Trains on one Ray Train worker; ``config`` is built by
     :func:`~eqlv2.raytrain.launch.build_torch_trainer` (the full config as YAML, hook factories)."""
-    threads = _set_threads(config.get("cpus_per_worker", 1))
+    threads = max(1, int(config.get("cpus_per_worker", 1)))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     placement = WorkerPlacement.from_ray_context()
     setup_detectron2_comm(placement)
     cfg = _worker_cfg(config["config_yaml"])
@@ -85,7 +73,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
-    _setup_logging(cfg.OUTPUT_DIR, rank)
+    for name, abbrev in (("fvcore", None), ("eqlv2", None), ("detectron2", "d2")):  # only rank 0 logs, to the console and log.txt
+        setup_logger(cfg.OUTPUT_DIR if rank == 0 else None, distributed_rank=rank, name=name, abbrev_name=abbrev)
     logger.info(
         "Worker %d/%d (node %d, local rank %d), %d thread(s), output %s",
         rank, comm.get_world_size(), placement.node_rank, placement.local_rank, threads, cfg.OUTPUT_DIR,

@@ -16,7 +16,6 @@ up to the last ``@``, so nothing of it is shown.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 MASK = "***"
@@ -29,34 +28,24 @@ class CredentialsInUrlError(ValueError):
     """A URL given on the command line carries a password; the message says how to pass it."""
 
 
-class _Parts(NamedTuple):
-    scheme: str
-    userinfo: str | None
-    rest: str
-
-
-def _split(url: str) -> _Parts | None:
-    """``url`` cut at its user-info (see the module docstring); None without ``scheme://``."""
+def _split(url: str) -> tuple[str, str | None, str] | None:
+    """``url`` cut at its user-info (see the module docstring): ``(scheme, user-info or None,
+    rest)``; None without ``scheme://``."""
     match = _SCHEME.match(url)
     if match is None:
         return None
     scheme, after = match.group("scheme"), url[match.end() :]
     authority = re.split(r"[/?#]", after, maxsplit=1)[0]
-    if "@" in authority:
-        userinfo, _, _ = authority.rpartition("@")
-        return _Parts(scheme, userinfo, after[len(userinfo) + 1 :])
-    if "@" in after and _looks_like_broken_userinfo(authority):
-        userinfo, _, _ = after.rpartition("@")
-        return _Parts(scheme, userinfo, after[len(userinfo) + 1 :])
-    return _Parts(scheme, None, after)
+    if "@" in authority or ("@" in after and _looks_like_broken_userinfo(authority)):
+        userinfo = (authority if "@" in authority else after).rpartition("@")[0]
+        return scheme, userinfo, after[len(userinfo) + 1 :]
+    return scheme, None, after
 
 
 def _looks_like_broken_userinfo(authority: str) -> bool:
     """``user:pa`` of ``user:pa/ss@host``: a colon followed by a port that is not a number."""
     host = re.sub(r"^\[[^\]]*\]", "", authority)  # an IPv6 literal's colons are not a port
-    if ":" not in host:
-        return False
-    return not host.rpartition(":")[2].isdigit()
+    return ":" in host and not host.rpartition(":")[2].isdigit()
 
 
 def _masked_query(rest: str) -> tuple[str, list[str]]:
@@ -79,9 +68,7 @@ def redact_url(url: str) -> str:
     """``url`` without user-info and with secret query values masked
     (``http://user:s3cret@127.0.0.1:5000`` → ``http://127.0.0.1:5000``)."""
     parts = _split(url)
-    if parts is None:
-        return url
-    return f"{parts.scheme}://{_masked_query(parts.rest)[0]}"
+    return url if parts is None else f"{parts[0]}://{_masked_query(parts[2])[0]}"
 
 
 def _how_to_pass(scheme: str) -> str:
@@ -104,15 +91,15 @@ def check_url_has_no_credentials(url: str, flag: str) -> None:
     parts = _split(url)
     if parts is None:
         return
-    http = parts.scheme.lower() in ("http", "https")
+    scheme, userinfo, rest = parts
     found = []
-    if parts.userinfo is not None and (":" in parts.userinfo or http):
-        found.append("a password" if ":" in parts.userinfo else "a user name")
-    secret_keys = _masked_query(parts.rest)[1]
+    if userinfo is not None and (":" in userinfo or scheme.lower() in ("http", "https")):
+        found.append("a password" if ":" in userinfo else "a user name")
+    secret_keys = _masked_query(rest)[1]
     if secret_keys:
         found.append(f"the secret query parameter(s) {secret_keys}")
     if found:
         raise CredentialsInUrlError(
             f"{flag} {redact_url(url)} carries {' and '.join(found)} in the URL, where it would be printed, "
-            f"logged and stored: remove it from the URL and {_how_to_pass(parts.scheme)}"
+            f"logged and stored: remove it from the URL and {_how_to_pass(scheme)}"
         )

@@ -46,10 +46,6 @@ TRIAL_HTTP_LIMITS = {
 }
 
 
-def limit_http_retries() -> None:
-    os.environ.update(TRIAL_HTTP_LIMITS)
-
-
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the tracking server's own UI)"

@@ -65,15 +65,13 @@ def error_summary(text: str) -> str:
 
 def close_stale_child_runs(mlflow: DurableMlflow, experiment_id: str, parent_run_id: str, status: str) -> int:
     """Closes ``KILLED`` the child runs an interrupted driver left open; returns how many."""
-    closed = 0
-    for run in mlflow.find_runs(experiment_id, {PARENT_TAG: parent_run_id}):
-        if run.open:
-            mlflow.set_tags(run.ref, {STATUS_TAG: status})
-            mlflow.terminate(run.ref, "KILLED")
-            closed += 1
-    if closed:
-        logger.info("Closed %d trial run(s) left open by the interrupted search", closed)
-    return closed
+    stale = [run for run in mlflow.find_runs(experiment_id, {PARENT_TAG: parent_run_id}) if run.open]
+    for run in stale:
+        mlflow.set_tags(run.ref, {STATUS_TAG: status})
+        mlflow.terminate(run.ref, "KILLED")
+    if stale:
+        logger.info("Closed %d trial run(s) left open by the interrupted search", len(stale))
+    return len(stale)
 
 
 class SearchTracking(Callback):
@@ -110,13 +108,6 @@ class SearchTracking(Callback):
         else:
             parent_run_id = mlflow.create_run(experiment_id, name, {SEARCH_TAG: name, "kind": "search"})
         return cls(uri, experiment_id, parent_run_id, outbox_root) if parent_run_id else None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key != "mlflow"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.mlflow = DurableMlflow.on_node(self.tracking_uri, self.outbox_root)
 
     def _close(self, run_id: str, status: str, metrics: Mapping[str, Any], error: str | None) -> None:
         tag, run_status = FINAL_STATES[status]

@@ -2,14 +2,15 @@
 local disk, in order, and replayed exactly once when it is back.
 
 One outbox per node (:func:`node_outbox`, ``<results dir>/mlflow_outbox/<hostname>``, on a local
-disk: SQLite locking is not safe on NFS). The driver, its trials and their rank-0 workers append
-to the same journal, so their calls are replayed in the order they were made, whichever process
-replays. A folder belongs to one tracking URI and holds no credentials.
+disk: ``flock`` is not safe on NFS), bound to one tracking URI, without credentials. The driver,
+its trials and their rank-0 workers append to its journal ``outbox.jsonl`` (one JSON object a
+line, under ``flock``, fsynced), so their calls are replayed in the order they were made,
+whichever process replays; each process folds the lines it has not read yet (:meth:`Outbox._fold`).
 
 Exactly once: an entry is marked *sent* before its call goes out and *done* (with the
-placeholder's real run id, in one transaction) after it returns. A *sent* entry may already be
-on the server, so its replay checks first: a run is created with the tag :data:`OUTBOX_RUN_TAG`
-= its placeholder and an existing run with it is reused; metric points and params the run holds
+placeholder's real run id, in the same line) after it returns. A *sent* entry may already be on
+the server, so its replay checks first: a run is created with the tag :data:`OUTBOX_RUN_TAG` =
+its placeholder and an existing run with it is reused; metric points and params the run holds
 are dropped; tags, artifacts, texts and states overwrite with the same value.
 
 ``create_run`` while the server is down returns a placeholder (``outbox-<hex>``) that every
@@ -26,7 +27,6 @@ import logging
 import os
 import shutil
 import socket
-import sqlite3
 import tempfile
 import threading
 import time
@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from .mlflow_client import finite_metrics, first_line, limit_http_retries, search_tagged_runs
+from .mlflow_client import TRIAL_HTTP_LIMITS, finite_metrics, first_line, search_tagged_runs
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +57,7 @@ REJECTION_CODES = frozenset(
 )  # fmt: skip
 OPEN_STATUSES = ("RUNNING", "SCHEDULED")
 PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, run_ref TEXT, payload TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending', error TEXT, created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
-CREATE TABLE IF NOT EXISTS runs (
-    placeholder TEXT PRIMARY KEY, run_id TEXT, tags TEXT NOT NULL DEFAULT '{}', closed INTEGER NOT NULL DEFAULT 0
-);
-"""
+JOURNAL = "outbox.jsonl"
 
 
 def is_placeholder(run_ref: str | None) -> bool:
@@ -81,19 +71,21 @@ def node_outbox(root: str | os.PathLike) -> Path:
 
 def outbox_folders(root: str | os.PathLike) -> list[Path]:
     """The outbox folders under ``root`` (one per node that wrote there), sorted."""
-    return sorted(path.parent for path in Path(root).glob("*/outbox.sqlite"))
+    return sorted(path.parent for path in Path(root).glob(f"*/{JOURNAL}"))
 
 
-@dataclass(frozen=True)
+@dataclass
 class JournalEntry:
-    """One journaled call: ``op`` is ``create_run``, ``log_batch``, ``log_artifact``,
-    ``log_text``, ``update_run`` or ``set_terminated``; ``payload`` its JSON-able arguments."""
+    """One journaled call: ``op`` is ``create_run``, ``log_batch``, ``log_artifact``, ``log_text``,
+    ``update_run`` or ``set_terminated``; ``payload`` its JSON-able keyword arguments."""
 
     seq: int
     op: str
     run_ref: str | None
     payload: dict[str, Any]
-    state: str
+    state: str = PENDING
+    error: str | None = None
+    created: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,54 +108,82 @@ class Outbox:
     def __init__(self, folder: str | os.PathLike, tracking_uri: str | None = None) -> None:
         self.folder = Path(folder).expanduser().resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.folder / "outbox.sqlite", timeout=60.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self.tracking_uri = self._bind(tracking_uri)
-
-    def _bind(self, tracking_uri: str | None) -> str:
-        with self._transaction() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'tracking_uri'").fetchone()
-            if row is None:
-                if tracking_uri is None:
-                    raise ValueError(f"{self.folder} holds no MLflow outbox: give its tracking URI")
-                db.execute("INSERT INTO meta VALUES ('tracking_uri', ?)", (tracking_uri,))
-                return tracking_uri
-        if tracking_uri is not None and row[0] != tracking_uri:
+        self.tracking_uri: str | None = None
+        self._read = 0  # bytes of the journal folded into the fields below
+        self._entries: dict[int, JournalEntry] = {}  # by sequence number, from 1
+        self._open: dict[int, JournalEntry] = {}  # pending or sent, oldest first
+        self._runs: dict[str, dict[str, Any]] = {}  # placeholder (or run id) -> run_id, tags, closed
+        self._sync()
+        if self.tracking_uri is None and tracking_uri is not None:
+            self._sync({"uri": tracking_uri})
+        if self.tracking_uri is None:
+            raise ValueError(f"{self.folder} holds no MLflow outbox: give its tracking URI")
+        if tracking_uri is not None and self.tracking_uri != tracking_uri:
             raise ValueError(
-                f"the MLflow outbox {self.folder} belongs to {row[0]}, not {tracking_uri}: replay it "
+                f"the MLflow outbox {self.folder} belongs to {self.tracking_uri}, not {tracking_uri}: replay it "
                 "there first, or give another outbox folder"
             )
-        return row[0]
 
-    def close(self) -> None:
-        self._db.close()
+    def _sync(self, *records: dict[str, Any]) -> None:
+        """Folds what other processes appended, then appends ``records`` durably, under the lock."""
+        with open(self.folder / JOURNAL, "a+b") as journal:
+            fcntl.flock(journal, fcntl.LOCK_EX)  # released when the file is closed
+            journal.seek(self._read)
+            data = journal.read()
+            complete = data.rfind(b"\n") + 1
+            lines, end = data[:complete].splitlines(), self._read + complete
+            if records:
+                if complete < len(data):  # a line cut by a crash: ended here, then read as any line
+                    lines.append(data[complete:])
+                    journal.write(b"\n")
+                lines += [json.dumps(record).encode() for record in records]
+                journal.write(b"".join(line + b"\n" for line in lines[-len(records) :]))
+                journal.flush()
+                os.fsync(journal.fileno())
+                end = journal.tell()
+        for line in lines:
+            try:
+                self._fold(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError):  # the same in every process
+                logger.warning("MLflow outbox %s: skipped an unreadable line (cut by a crash?)", self.folder)
+        self._read = end
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _fold(self, record: dict[str, Any]) -> None:
+        """Applies one line: the binding ``{"uri"}``; a call ``{"op", "run_ref", "payload", "state",
+        "error", "created"}`` (its ``seq`` is its rank among the calls); a state change ``{"seq",
+        "state", "error"}``; a run created here ``{"placeholder", "tags"}`` or its id ``{"placeholder",
+        "run_id"}``; a run closed or reopened here ``{"closed", "ref", "tags"}``."""
+        self.tracking_uri = self.tracking_uri or record.get("uri")
+        if "op" in record:
+            entry = JournalEntry(len(self._entries) + 1, **record)
+            self._entries[entry.seq] = entry
+        elif "seq" in record:
+            entry = self._entries[record["seq"]]
+            entry.state, entry.error = record["state"], record.get("error")
+        if "op" in record or "seq" in record:
+            if entry.state in (PENDING, SENT):
+                self._open[entry.seq] = entry
+            else:
+                self._open.pop(entry.seq, None)
+        if "placeholder" in record:
+            run = self._runs.setdefault(record["placeholder"], {"run_id": None, "tags": {}, "closed": False})
+            run.update({key: record[key] for key in ("run_id", "tags") if key in record})
+        if "closed" in record:  # a run id or placeholder; a run not registered yet is added with its tags
+            known = [run for key, run in self._runs.items() if record["ref"] in (key, run["run_id"])]
+            for run in known:
+                run["closed"] = record["closed"]
+            if not known and record["tags"] is not None:
+                self._runs[record["ref"]] = {"run_id": record["ref"], "tags": record["tags"], "closed": record["closed"]}
 
     def append(self, op: str, run_ref: str | None, payload: Mapping[str, Any], state: str = PENDING, error: str | None = None) -> int:
         """Journals one call durably; returns its sequence number."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO entries (op, run_ref, payload, state, error, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (op, run_ref, json.dumps(payload), state, error, time.time()),
-            )
-            return int(cursor.lastrowid)
+        self._sync({"op": op, "run_ref": run_ref, "payload": dict(payload), "state": state, "error": error, "created": time.time()})
+        return len(self._entries)
 
     def new_placeholder(self, tags: Mapping[str, str] | None = None) -> str:
         """A fresh placeholder run id, registered unmapped with the run's ``tags``."""
         placeholder = f"{PLACEHOLDER_PREFIX}{uuid.uuid4().hex}"
-        with self._transaction() as db:
-            db.execute("INSERT INTO runs (placeholder, tags) VALUES (?, ?)", (placeholder, json.dumps(dict(tags or {}))))
+        self._sync({"placeholder": placeholder, "tags": dict(tags or {})})
         return placeholder
 
     def keep_file(self, source: str | os.PathLike) -> str:
@@ -181,67 +201,52 @@ class Outbox:
     def mark(
         self, seq: int | None, state: str = DONE, error: str | None = None, run_id: str | None = None, placeholder: str | None = None
     ) -> None:
-        """Sets entry ``seq``'s state (None: no entry) and maps ``placeholder`` to ``run_id``, in
-        one transaction."""
-        with self._transaction() as db:
-            if seq is not None:
-                db.execute("UPDATE entries SET state = ?, error = ? WHERE seq = ?", (state, error, seq))
-            if placeholder and run_id:
-                db.execute(
-                    "INSERT INTO runs (placeholder, run_id) VALUES (?, ?) "
-                    "ON CONFLICT (placeholder) DO UPDATE SET run_id = excluded.run_id",
-                    (placeholder, run_id),
-                )
+        """Sets entry ``seq``'s state (None: no entry) and maps ``placeholder`` to ``run_id``, in one line."""
+        record = {} if seq is None else {"seq": seq, "state": state, "error": error}
+        self._sync({**record, **({"placeholder": placeholder, "run_id": run_id} if placeholder and run_id else {})})
 
     def set_closed(self, run_ref: str, closed: bool, tags: Mapping[str, str] | None = None) -> None:
         """Records that ``run_ref`` was closed (or reopened) through this outbox; a run the
-        registry does not hold yet is added with ``tags``."""
-        with self._transaction() as db:
-            changed = db.execute(
-                "UPDATE runs SET closed = ? WHERE placeholder = ? OR run_id = ?", (int(closed), run_ref, run_ref)
-            ).rowcount
-            if not changed and tags is not None:
-                db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (run_ref, run_ref, json.dumps(dict(tags)), int(closed)))
+        outbox does not know yet is added with ``tags``."""
+        self._sync({"closed": closed, "ref": run_ref, "tags": None if tags is None else dict(tags)})
 
     def resolve(self, run_ref: str | None) -> str | None:
         """The MLflow run id of ``run_ref`` (None: a placeholder whose run is not created yet)."""
         if not is_placeholder(run_ref):
             return run_ref
-        row = self._db.execute("SELECT run_id FROM runs WHERE placeholder = ?", (run_ref,)).fetchone()
-        return row[0] if row else None
+        self._sync()
+        return self._runs.get(run_ref, {}).get("run_id")
 
     def next_entry(self) -> JournalEntry | None:
         """The oldest entry still to send (pending or sent)."""
-        row = self._db.execute(
-            "SELECT seq, op, run_ref, payload, state FROM entries WHERE state IN (?, ?) ORDER BY seq LIMIT 1",
-            (PENDING, SENT),
-        ).fetchone()
-        return None if row is None else JournalEntry(row[0], row[1], row[2], json.loads(row[3]), row[4])
+        self._sync()
+        return next(iter(self._open.values()), None)
 
     def count(self, *states: str) -> int:
-        marks = ", ".join("?" * len(states))
-        return int(self._db.execute(f"SELECT COUNT(*) FROM entries WHERE state IN ({marks})", states).fetchone()[0])
+        self._sync()
+        return sum(entry.state in states for entry in self._entries.values())
+
+    def pending(self) -> int:
+        """Entries still to send (pending or sent)."""
+        self._sync()
+        return len(self._open)
 
     def report(self, since: float = 0.0) -> ReplayReport:
         """What the outbox holds: entries done and rejected since ``since`` (epoch s), all pending."""
-        rows = self._db.execute("SELECT op, COUNT(*) FROM entries WHERE state = ? AND created >= ? GROUP BY op", (DONE, since))
-        failed = self._db.execute("SELECT seq, op, error FROM entries WHERE state = ? AND created >= ? ORDER BY seq", (FAILED, since))
-        runs = self._db.execute("SELECT placeholder, run_id FROM runs").fetchall()
+        pending = self.pending()
+        recent = [entry for entry in self._entries.values() if entry.created >= since]
         return ReplayReport(
-            replayed={op: int(n) for op, n in rows},
-            failed=[(int(seq), op, error or "") for seq, op, error in failed],
-            pending=self.count(PENDING, SENT),
-            runs={ref: run_id for ref, run_id in runs if is_placeholder(ref)},
+            replayed=dict(Counter(entry.op for entry in recent if entry.state == DONE)),
+            failed=[(entry.seq, entry.op, entry.error or "") for entry in recent if entry.state == FAILED],
+            pending=pending,
+            runs={ref: run["run_id"] for ref, run in self._runs.items() if is_placeholder(ref)},
         )
 
-    def tagged_runs(self, tags: Mapping[str, str]) -> list[tuple[str, str | None, dict[str, str], bool]]:
-        """``(ref, run id or None, tags, closed)`` of the registered runs carrying every tag of ``tags``."""
-        out = []
-        for ref, run_id, text, closed in self._db.execute("SELECT placeholder, run_id, tags, closed FROM runs"):
-            run_tags = json.loads(text)
-            if all(run_tags.get(key) == value for key, value in tags.items()):
-                out.append((ref, run_id, run_tags, bool(closed)))
-        return out
+    def tagged_runs(self, tags: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """The runs created or closed here carrying every tag of ``tags``: run id (or placeholder)
+        -> ``{"run_id", "tags", "closed"}``."""
+        self._sync()
+        return {run["run_id"] or ref: run for ref, run in self._runs.items() if tags.items() <= run["tags"].items()}
 
     @contextmanager
     def replay_lock(self, blocking: bool) -> Iterator[bool]:
@@ -252,37 +257,19 @@ class Outbox:
             except BlockingIOError:
                 yield False
                 return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _opened(folder: str | os.PathLike, tracking_uri: str | None = None) -> Iterator[Outbox]:
-    outbox = Outbox(folder, tracking_uri)
-    try:
-        yield outbox
-    finally:
-        outbox.close()
+            yield True  # released when the file is closed
 
 
 def pending_count(folder: str | os.PathLike) -> int:
     """Entries of the outbox in ``folder`` not yet on the server (0 if there is no outbox)."""
-    if not (Path(folder) / "outbox.sqlite").exists():
-        return 0
-    with _opened(folder) as outbox:
-        return outbox.count(PENDING, SENT)
+    return Outbox(folder).pending() if (Path(folder) / JOURNAL).exists() else 0
 
 
 # --- sending one entry ----------------------------------------------------------------------------
 
 
-class _Rejected(Exception):
-    """The server answered and refused the call (or the call cannot be made): not retried."""
-
-
 def _is_rejection(error: BaseException) -> bool:
+    """Whether the server answered and refused the call, or it cannot be made: not retried."""
     if isinstance(error, MlflowException):
         return error.error_code in REJECTION_CODES
     return not isinstance(error, OSError)  # OSError covers connection errors and timeouts
@@ -304,47 +291,21 @@ def _log_batch(client: MlflowClient, run_id: str, payload: Mapping[str, Any], re
         client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
 
-def _create_run(client: MlflowClient, payload: dict[str, Any], placeholder: str | None, lookup: bool) -> str:
-    """Creates the run tagged with its placeholder; with ``lookup``, reuses a run already tagged."""
-    if placeholder and lookup and (found := search_tagged_runs(client, payload["experiment_id"], {OUTBOX_RUN_TAG: placeholder})):
-        return found[0].info.run_id
-    tags = dict(payload.get("tags") or {})
-    if placeholder:
-        tags[OUTBOX_RUN_TAG] = placeholder
-    run = client.create_run(payload["experiment_id"], start_time=payload.get("start_time"), tags=tags, run_name=payload.get("run_name"))
-    return run.info.run_id
-
-
-def _send(
-    client: MlflowClient, op: str, run_id: str | None, payload: dict[str, Any], *, placeholder: str | None = None, resent: bool = False
-) -> str | None:
-    """Makes one call; returns the new run id of ``create_run``. Raises :class:`_Rejected` when the
-    server refused it or it cannot be made, anything else when the server is unreachable."""
-    try:
-        if op == "create_run":
-            return _create_run(client, payload, placeholder, lookup=resent)
-        if run_id is None:
-            raise _Rejected("its run was never created (the create_run entry failed)")
-        if op == "log_batch":
-            _log_batch(client, run_id, payload, resent)
-        elif op == "log_artifact":
-            if not Path(payload["path"]).is_file():
-                raise _Rejected(f"the file {payload['path']} is gone")
-            client.log_artifact(run_id, payload["path"], payload.get("artifact_path"))
-        elif op == "log_text":
-            client.log_text(run_id, payload["text"], payload["artifact_file"])
-        elif op == "update_run":
-            client.update_run(run_id, status=payload["status"])
-        elif op == "set_terminated":
-            client.set_terminated(run_id, payload["status"], end_time=payload.get("end_time"))
-        else:
-            raise _Rejected(f"unknown operation {op!r}")
-    except _Rejected:
-        raise
-    except Exception as error:
-        if _is_rejection(error):
-            raise _Rejected(f"{type(error).__name__}: {error}") from error
-        raise
+def _send(client: MlflowClient, op: str, run_ref: str | None, run_id: str | None, payload: dict[str, Any], resent: bool = False) -> str | None:
+    """Makes one call (``run_ref``: as journaled, the placeholder of a ``create_run``; ``run_id``:
+    MLflow's id); returns the new run id of ``create_run``. Raises what :func:`_is_rejection` sorts."""
+    if op == "create_run":  # tagged with its placeholder; resent, it reuses a run so tagged
+        if resent and (found := search_tagged_runs(client, payload["experiment_id"], {OUTBOX_RUN_TAG: run_ref})):
+            return found[0].info.run_id
+        return client.create_run(**{**payload, "tags": {**payload["tags"], OUTBOX_RUN_TAG: run_ref}}).info.run_id
+    if run_id is None:
+        raise ValueError("its run was never created (the create_run entry failed)")
+    if op == "log_batch":
+        _log_batch(client, run_id, payload, resent)
+    elif op == "log_artifact" and not Path(payload["local_path"]).is_file():
+        raise ValueError(f"the file {payload['local_path']} is gone")
+    else:  # log_artifact, log_text, update_run, set_terminated
+        getattr(client, op)(run_id, **payload)
     return None
 
 
@@ -384,40 +345,39 @@ class ReplayReport:
 Progress = Callable[[JournalEntry], None]
 
 
-def _replay_entries(outbox: Outbox, client: MlflowClient, replayed: dict[str, int], progress: Progress | None) -> None:
-    while (entry := outbox.next_entry()) is not None:
-        placeholder = entry.run_ref if entry.op == "create_run" else None
+def _replay_entry(outbox: Outbox, client: MlflowClient, entry: JournalEntry, replayed: Counter, progress: Progress | None) -> None:
+    resent = entry.state == SENT
+    if not resent:
+        outbox.mark(entry.seq, SENT)
+    try:
         run_id = None if entry.op == "create_run" else outbox.resolve(entry.run_ref)
-        if entry.state == PENDING:
-            outbox.mark(entry.seq, SENT)
-        try:
-            new_run = _send(client, entry.op, run_id, entry.payload, placeholder=placeholder, resent=entry.state == SENT)
-        except _Rejected as rejected:
-            logger.warning("MLflow refused journaled call %d (%s): %s", entry.seq, entry.op, rejected)
-            outbox.mark(entry.seq, FAILED, error=str(rejected)[:4000])
-            continue
-        if progress is not None:
-            progress(entry)
-        outbox.mark(entry.seq, DONE, run_id=new_run, placeholder=placeholder)
-        replayed[entry.op] = replayed.get(entry.op, 0) + 1
-        if entry.op == "log_artifact":
-            shutil.rmtree(Path(entry.payload["path"]).parent, ignore_errors=True)
+        new_run = _send(client, entry.op, entry.run_ref, run_id, entry.payload, resent)
+    except Exception as error:
+        if not _is_rejection(error):
+            raise
+        logger.warning("MLflow refused journaled call %d (%s): %s", entry.seq, entry.op, error)
+        outbox.mark(entry.seq, FAILED, error=f"{type(error).__name__}: {error}"[:4000])
+        return
+    if progress is not None:
+        progress(entry)
+    outbox.mark(entry.seq, DONE, run_id=new_run, placeholder=entry.run_ref)
+    replayed[entry.op] += 1
+    if entry.op == "log_artifact":
+        shutil.rmtree(Path(entry.payload["local_path"]).parent, ignore_errors=True)
 
 
 def replay_outbox(outbox: Outbox, client: MlflowClient, *, blocking: bool = True, progress: Progress | None = None) -> ReplayReport:
     """Sends ``outbox``'s pending entries in order with ``client`` (see :func:`replay`)."""
-    replayed: dict[str, int] = {}
-    error = None
+    replayed: Counter = Counter()
     with outbox.replay_lock(blocking) as locked:
-        if not locked:
-            error = "another process is replaying this outbox"
-        else:
-            try:
-                _replay_entries(outbox, client, replayed, progress)
-            except Exception as failure:  # the server went away again: the rest stays pending
-                error = f"{type(failure).__name__}: {first_line(failure)}"
+        error = None if locked else "another process is replaying this outbox"
+        try:
+            while locked and (entry := outbox.next_entry()) is not None:
+                _replay_entry(outbox, client, entry, replayed, progress)
+        except Exception as failure:  # the server went away again: the rest stays pending
+            error = f"{type(failure).__name__}: {first_line(failure)}"
     report = outbox.report()
-    report.replayed, report.error = replayed, error
+    report.replayed, report.error = dict(replayed), error
     return report
 
 
@@ -428,8 +388,8 @@ def replay(folder: str | os.PathLike, tracking_uri: str | None = None, *, progre
     ``progress`` is called with each entry after the server accepted it and before it is marked
     done; an exception raised there stops the replay like a crash.
     """
-    with _opened(folder, tracking_uri) as outbox:
-        return replay_outbox(outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress)
+    outbox = Outbox(folder, tracking_uri)
+    return replay_outbox(outbox, MlflowClient(tracking_uri=outbox.tracking_uri), progress=progress)
 
 
 def replay_all(root: str | os.PathLike, progress: Progress | None = None) -> ReplayReport:
@@ -444,8 +404,7 @@ def outbox_report(root: str | os.PathLike, since: float = 0.0) -> ReplayReport:
     """What the outboxes under ``root`` hold (:meth:`Outbox.report`)."""
     report = ReplayReport()
     for folder in outbox_folders(root):
-        with _opened(folder) as outbox:
-            report.add(outbox.report(since))
+        report.add(Outbox(folder).report(since))
     return report
 
 
@@ -466,7 +425,7 @@ class DurableMlflow:
     Each call: if the server was unreachable less than ``retry_after`` seconds ago, it is
     journaled at once (no waiting on a dead server); otherwise the backlog is replayed first and,
     once nothing is pending, the call is sent, and journaled if the server is unreachable.
-    Picklable: the copy re-opens the outbox in its process. ``outbox_dir`` must be on a local disk
+    Picklable: the copy opens the outbox in its process. ``outbox_dir`` must be on a local disk
     of this node (:func:`node_outbox`).
     """
 
@@ -474,43 +433,30 @@ class DurableMlflow:
         self.tracking_uri = tracking_uri
         self.outbox_dir = str(Path(outbox_dir).expanduser().resolve())
         self.retry_after = retry_after
-        self._reset()
+        self._down_since: float | None = None
+        self._lock = threading.RLock()
 
     @classmethod
     def on_node(cls, tracking_uri: str, outbox_root: str | os.PathLike, short_retries: bool = False) -> DurableMlflow:
         """The client of this node's outbox under the search's ``outbox_root``; with
         ``short_retries`` (trial and rank-0 worker processes) a dead server does not stall it."""
         if short_retries:
-            limit_http_retries()
+            os.environ.update(TRIAL_HTTP_LIMITS)
         return cls(tracking_uri, node_outbox(outbox_root))
-
-    def _reset(self) -> None:
-        self._outbox: Outbox | None = None
-        self._client: MlflowClient | None = None
-        self._pid = os.getpid()
-        self._down_since: float | None = None
-        self._lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: self.__dict__[key] for key in ("tracking_uri", "outbox_dir", "retry_after")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset()
+        self.__init__(**state)
 
-    @property
+    @cached_property
     def outbox(self) -> Outbox:
-        """This process's handle on the outbox (re-opened after a fork or unpickling)."""
-        if self._outbox is None or self._pid != os.getpid():
-            self._outbox = Outbox(self.outbox_dir, self.tracking_uri)
-            self._pid = os.getpid()
-        return self._outbox
+        return Outbox(self.outbox_dir, self.tracking_uri)
 
-    @property
+    @cached_property
     def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
+        return MlflowClient(tracking_uri=self.tracking_uri)
 
     @property
     def available(self) -> bool:
@@ -519,7 +465,7 @@ class DurableMlflow:
 
     def pending(self) -> int:
         """Entries of the outbox not yet on the server (of every process using it); -1 if unreadable."""
-        return self._guard("count the outbox", lambda: self.outbox.count(PENDING, SENT), default=-1)
+        return self._guard("count the outbox", lambda: self.outbox.pending(), default=-1)
 
     def _guard(self, what: str, fn: Callable[[], Any], default: Any = None) -> Any:
         """``fn()``, or ``default`` and an error log if the outbox itself fails (full disk...)."""
@@ -537,27 +483,24 @@ class DurableMlflow:
             )  # fmt: skip
         self._down_since = time.monotonic()
 
-    def flush(self) -> ReplayReport:
-        """Replays the backlog now, waiting for another process's replay; never raises."""
-        with self._lock:
-            report = self._guard("replay", lambda: replay_outbox(self.outbox, self.client, blocking=True))
-            if report is None:
-                return ReplayReport(error="the outbox could not be read", pending=-1)
-            if report.error and report.pending:
-                self._went_down("replay", report.error)
-            elif not report.pending:
-                self._down_since = None
-            return report
-
-    def _backlog_cleared(self) -> bool:
-        if self.outbox.count(PENDING, SENT) == 0:
-            return True
-        report = replay_outbox(self.outbox, self.client, blocking=False)
-        if report.replayed:
+    def _replay(self, blocking: bool) -> ReplayReport:
+        report = replay_outbox(self.outbox, self.client, blocking=blocking)
+        if report.replayed and not blocking:
             logger.warning("MLflow at %s is back: %s", self.tracking_uri, report.summary())
         if report.pending and report.error and "another process" not in report.error:
             self._went_down("replay", report.error)
-        return report.pending == 0
+        elif not report.pending:
+            self._down_since = None
+        return report
+
+    def flush(self) -> ReplayReport:
+        """Replays the backlog now, waiting for another process's replay; never raises."""
+        with self._lock:
+            failed = ReplayReport(error="the outbox could not be read", pending=-1)
+            return self._guard("replay", lambda: self._replay(blocking=True), default=failed)
+
+    def _backlog_cleared(self) -> bool:
+        return self.outbox.pending() == 0 or self._replay(blocking=False).pending == 0
 
     def _submit(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
         """Sends or journals one call; returns the run id (or placeholder) of ``create_run``. A
@@ -569,14 +512,14 @@ class DurableMlflow:
             if not (self.available and self._backlog_cleared()) or (op != "create_run" and run_id is None):
                 return self._journal(op, run_ref, payload)
             try:
-                created = _send(self.client, op, run_id, payload, placeholder=run_ref)
-            except _Rejected as rejected:
-                logger.warning("MLflow refused %s: %s", what, rejected)
-                self.outbox.append(op, run_ref, payload, state=FAILED, error=str(rejected)[:4000])
-                return None
+                created = _send(self.client, op, run_ref, run_id, payload)
             except Exception as error:
-                self._went_down(what, error)
-                return self._journal(op, run_ref, payload, state=SENT)
+                if not _is_rejection(error):
+                    self._went_down(what, error)
+                    return self._journal(op, run_ref, payload, state=SENT)
+                logger.warning("MLflow refused %s: %s", what, error)
+                self.outbox.append(op, run_ref, payload, state=FAILED, error=f"{type(error).__name__}: {error}"[:4000])
+                return None
             self._down_since = None
             if created is not None:
                 self.outbox.mark(None, run_id=created, placeholder=run_ref)
@@ -584,7 +527,7 @@ class DurableMlflow:
 
     def _journal(self, op: str, run_ref: str | None, payload: dict[str, Any], state: str = PENDING) -> str | None:
         if op == "log_artifact":
-            payload = {**payload, "path": self.outbox.keep_file(payload["path"])}
+            payload = {**payload, "local_path": self.outbox.keep_file(payload["local_path"])}
         self.outbox.append(op, run_ref, payload, state=state)
         return run_ref if op == "create_run" else None
 
@@ -611,15 +554,13 @@ class DurableMlflow:
         node's outbox; a run closed through the outbox counts as closed even before the server knows."""
         tags = _texts(tags)
         found = self.call(f"search of the runs tagged {tags}", search_tagged_runs, experiment_id, tags) or []
-        local = self._guard("read its runs", lambda: self.outbox.tagged_runs(tags), default=[])
-        closed_here = {run_id or ref: closed for ref, run_id, _, closed in local}
+        local = self._guard("read its runs", lambda: self.outbox.tagged_runs(tags), default={})
         runs = {
-            run.info.run_id: TrackedRun(run.info.run_id, run.info.status in OPEN_STATUSES and not closed_here.get(run.info.run_id), dict(run.data.tags))
+            run.info.run_id: TrackedRun(run.info.run_id, run.info.status in OPEN_STATUSES and not local.get(run.info.run_id, {}).get("closed"), dict(run.data.tags))
             for run in found
         }  # fmt: skip
-        for ref, run_id, run_tags, closed in local:
-            if (run_id or ref) not in runs:
-                runs[run_id or ref] = TrackedRun(ref if run_id is None else run_id, not closed, run_tags)
+        for ref, run in local.items():
+            runs.setdefault(ref, TrackedRun(ref, not run["closed"], run["tags"]))
         return list(runs.values())
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, Any] | None = None) -> str | None:
@@ -654,8 +595,7 @@ class DurableMlflow:
         if run_id and not Path(path).is_file():
             logger.warning("MLflow artifact %s not logged: no such file", path)
             return
-        payload = {"path": str(path), "artifact_path": artifact_path}
-        self._call(f"artifact {Path(path).name}", "log_artifact", run_id, payload)
+        self._call(f"artifact {Path(path).name}", "log_artifact", run_id, {"local_path": str(path), "artifact_path": artifact_path})
 
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
         self._call(f"artifact {artifact_file}", "log_text", run_id, {"text": text, "artifact_file": artifact_file})

@@ -37,9 +37,7 @@ def store_url(value: str | None, default_file: str | os.PathLike, bare_path_is_s
         return sqlite_url(default_file)
     if value.startswith(_SQLITE) and not value.startswith(_SQLITE + "/"):
         return sqlite_url(value[len(_SQLITE) :])
-    if "://" in value or not bare_path_is_sqlite:
-        return value
-    return sqlite_url(value)
+    return value if "://" in value or not bare_path_is_sqlite else sqlite_url(value)
 
 
 def is_local_uri(uri: str) -> bool:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -50,6 +50,7 @@ def combine_objectives(per_dataset: Mapping[str, float | None]) -> float:
     return sum(known) / len(known) if known else NAN
 
 
+@dataclass
 class ReportTranslator:
     """Turns rank 0's Ray Train reports of one training run into the search's Tune results.
 
@@ -58,40 +59,31 @@ class ReportTranslator:
     to count its evaluations from the reported iteration (right after a resume too).
     """
 
-    def __init__(
-        self,
-        dataset: DatasetSpec,
-        all_datasets: list[str],
-        objective: Objective,
-        finished: Mapping[str, float | None],
-        eval_offset: int,
-        schedule: tuple[int, int],
-    ) -> None:
-        self._dataset = dataset
-        self._all = list(all_datasets)
-        self._objective = objective
-        self._finished = dict(finished)
-        self._offset = int(eval_offset)
-        self._schedule = (int(schedule[0]), int(schedule[1]))
-        self._evals = 0
-        self._current: float | None = None
+    dataset: DatasetSpec
+    all_datasets: list[str]
+    objective: Objective
+    finished: Mapping[str, float | None]
+    eval_offset: int
+    schedule: tuple[int, int]
+    _evals: int = field(default=0, init=False)
+    _current: float | None = field(default=None, init=False)
 
     def __call__(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        name = self._dataset.name
+        name = self.dataset.name
         out = {f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
         iteration = metrics.get("iteration")
         if isinstance(iteration, int | float):
-            self._evals = evaluations_done(int(iteration), *self._schedule)
-        if self._dataset.eval_key in metrics:
-            self._current = self._objective.value(metrics)
+            self._evals = evaluations_done(int(iteration), *self.schedule)
+        if self.dataset.eval_key in metrics:
+            self._current = self.objective.value(metrics)
             if self._current is None:
                 logger.warning("Evaluation of %s without a finite objective: %s", name, dict(metrics))
-        per_dataset = {ds: self._finished.get(ds) for ds in self._all}
+        per_dataset = {ds: self.finished.get(ds) for ds in self.all_datasets}
         per_dataset[name] = self._current
         for ds, value in per_dataset.items():
             out[f"{ds}/objective"] = NAN if value is None else float(value)
         out["objective"] = combine_objectives(per_dataset)
-        out.update({STEP_KEY: self._offset + self._evals, "dataset": name})
+        out.update({STEP_KEY: self.eval_offset + self._evals, "dataset": name})
         if "iteration" in metrics:
             out["iteration"] = metrics["iteration"]
         return out
@@ -139,20 +131,6 @@ class TrialRunHooks:
 
         return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
 
-    def factories(self) -> list:
-        """For ``build_torch_trainer(extra_hooks=...)``."""
-        return [self.writer, self.artifacts]
-
-
-def _trial_params(settings: TrialSettings, values: Mapping[str, Any], seed: int, extra: list[str]) -> dict[str, Any]:
-    return {
-        **values,
-        **settings.run_params(extra),
-        "seed": seed,
-        "objective": settings.objective.text,
-        "num_workers": settings.num_workers,
-    }
-
 
 def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, Any] | None:
     """The study's record of this trial if it is already finished (a resumed search)."""
@@ -163,10 +141,6 @@ def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, 
     except Exception as error:
         logger.warning("Could not check the Optuna study for trial %s: %s", number, error)
         return None
-
-
-def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
@@ -197,22 +171,9 @@ def _start_run(
             return previous[0].ref
     label = setup.label or ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
-    mlflow.log_params(run_id, _trial_params(settings, values, setup.seed, setup.extra_opts))
+    params = {**values, **settings.run_params(setup.extra_opts), "seed": setup.seed, "objective": settings.objective.text}
+    mlflow.log_params(run_id, {**params, "num_workers": settings.num_workers})
     return run_id
-
-
-def _flush(settings: TrialSettings, trial_id: str) -> None:
-    """Replays the node's outbox at the end of the trial (what is left stays for the driver)."""
-    mlflow = _trial_mlflow(settings)
-    if mlflow is not None:
-        logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
-
-
-def _ray_train_storage(settings: TrialSettings, trial_dir: str) -> str:
-    """Where the trial's Ray Train runs keep their checkpoints."""
-    if settings.remote_storage:
-        return f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
-    return f"{trial_dir}/ray_train"
 
 
 def ray_train_run(
@@ -222,9 +183,12 @@ def ray_train_run(
     final report. Imports Ray Train, torch and detectron2 (see the module docstring)."""
     from eqlv2.raytrain.launch import build_torch_trainer
 
+    storage = f"{trial_dir}/ray_train"  # the Ray Train runs' checkpoints
+    if settings.remote_storage:
+        storage = f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
     trainer = build_torch_trainer(
         spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
-        storage_path=_ray_train_storage(settings, trial_dir), name=spec.name, max_failures=settings.max_failures,
+        storage_path=storage, name=spec.name, max_failures=settings.max_failures,
         callbacks=[SearchReportCallback(translator)], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker,
         checkpoints_to_keep=1,
     )  # fmt: skip
@@ -236,19 +200,6 @@ def ray_train_run(
 
 #: One training run of a trial: :func:`ray_train_run`, or a stand-in (``benchmarks/search_scale.py``).
 TrainingRun = Callable[[TrialSettings, DatasetSpec, list[str], ReportTranslator, list, str], dict]
-
-
-def _train(
-    training_run: TrainingRun, settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator,
-    hooks: list, trial_dir: str,
-) -> dict:
-    """One training run; its final report. Raises :class:`TrialFailedError` naming the cause."""
-    try:
-        return training_run(settings, spec, opts, translator, hooks, trial_dir)
-    except Exception as error:  # reported to Tune (hence to the driver), which records the failure
-        message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
-        logger.error("%s", message)
-        raise TrialFailedError(message) from error
 
 
 def _report_recorded(done: Mapping[str, Any], trial_id: str, number: Any) -> None:
@@ -275,8 +226,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, training_run: Tra
     run_id = _start_run(settings, trial_id, number, setup.values, setup)
     try:
         final, evals = _train_datasets(settings, setup, run_id, trial_dir, training_run)
-    finally:
-        _flush(settings, trial_id)
+    finally:  # replays the node's outbox (what is left stays for the driver)
+        if (mlflow := _trial_mlflow(settings)) is not None:
+            logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
     tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
 
 
@@ -291,13 +243,19 @@ def _train_datasets(
         opts = [*settings.opts, *settings.space.config_overrides(setup.values), *setup.extra_opts, "SEED", str(setup.seed)]
         opts += ["OUTPUT_DIR", f"{trial_dir}/{spec.name}"]
         schedule = settings.schedules.get(spec.name, (1, 0))
-        translator = ReportTranslator(spec, settings.dataset_names, settings.objective, finished, evals, schedule)
+        translator = ReportTranslator(spec, settings.dataset_names, settings.objective, dict(finished), evals, schedule)
         hooks = []
         if run_id is not None:
             baseline = settings.baseline_ratios.get(spec.name)
-            hooks = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline).factories()
-        metrics = _train(training_run, settings, spec, opts, translator, hooks, trial_dir)
-        numbers = _numbers(metrics)
+            factories = TrialRunHooks(settings.tracking_uri, settings.mlflow_outbox, run_id, spec.name, settings.log_period, baseline)
+            hooks = [factories.writer, factories.artifacts]
+        try:
+            metrics = training_run(settings, spec, opts, translator, hooks, trial_dir)
+        except Exception as error:  # reported to Tune (hence to the driver), which records the failure
+            message = f"training on {spec.name} failed: {type(error).__name__}: {error}"
+            logger.error("%s", message)
+            raise TrialFailedError(message) from error
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         found = {key: float(numbers[key]) for key in spec.metrics if key in numbers}
         if not found:
             logger.warning("The last report of %s carries no evaluation metrics: %s", spec.name, sorted(metrics))
