@@ -21,6 +21,7 @@ from eqlv2.search.mlflow_outbox import (
     OUTBOX_RUN_TAG,
     DurableMlflow,
     Outbox,
+    outbox_folders,
     pending_count,
     replay,
 )
@@ -228,6 +229,18 @@ def test_outbox_belongs_to_one_tracking_uri(tmp_path):
     Outbox(tmp_path, "http://127.0.0.1:1")
     with pytest.raises(ValueError, match=r"belongs to http://127.0.0.1:1, not http://127.0.0.1:2"):
         Outbox(tmp_path, "http://127.0.0.1:2")
+
+
+def test_an_outbox_of_the_earlier_sqlite_format_is_named_not_ignored(tmp_path, caplog):
+    legacy = tmp_path / "node-a"
+    legacy.mkdir()
+    (legacy / "outbox.sqlite").write_bytes(b"SQLite format 3\x00")
+    with caplog.at_level("WARNING", logger="eqlv2.search.mlflow_outbox"):
+        assert outbox_folders(tmp_path) == []
+        Outbox(legacy, "http://127.0.0.1:1")
+    named = [r.getMessage() for r in caplog.records if str(legacy / "outbox.sqlite") in r.getMessage()]
+    assert len(named) == 2 and "git checkout 3fb4294" in named[0]
+    assert (legacy / "outbox.sqlite").exists()
 
 
 def test_resent_batch_skips_points_the_store_already_holds(tmp_path, monkeypatch):

@@ -58,6 +58,8 @@ REJECTION_CODES = frozenset(
 OPEN_STATUSES = ("RUNNING", "SCHEDULED")
 PENDING, SENT, DONE, FAILED = "pending", "sent", "done", "failed"
 JOURNAL = "outbox.jsonl"
+#: The journal of the SQLite outbox of earlier versions (:func:`warn_legacy_outbox`).
+LEGACY_JOURNAL = "outbox.sqlite"
 
 
 def is_placeholder(run_ref: str | None) -> bool:
@@ -71,7 +73,20 @@ def node_outbox(root: str | os.PathLike) -> Path:
 
 def outbox_folders(root: str | os.PathLike) -> list[Path]:
     """The outbox folders under ``root`` (one per node that wrote there), sorted."""
+    for legacy in Path(root).glob(f"*/{LEGACY_JOURNAL}"):
+        warn_legacy_outbox(legacy.parent)
     return sorted(path.parent for path in Path(root).glob(f"*/{JOURNAL}"))
+
+
+def warn_legacy_outbox(folder: Path) -> None:
+    """Names an outbox of the SQLite format (eqlv2 up to commit 3fb4294), which this one does not
+    replay, so its calls are not silently left behind."""
+    if (folder / LEGACY_JOURNAL).exists():
+        logger.warning(
+            "%s holds MLflow calls in the outbox format of an earlier eqlv2 (SQLite), which this version "
+            "does not replay: replay them with that version (git checkout 3fb4294, then python tune/search.py "
+            "--sync --results-dir ...) before deleting the file", folder / LEGACY_JOURNAL,
+        )  # fmt: skip
 
 
 @dataclass
@@ -108,6 +123,7 @@ class Outbox:
     def __init__(self, folder: str | os.PathLike, tracking_uri: str | None = None) -> None:
         self.folder = Path(folder).expanduser().resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
+        warn_legacy_outbox(self.folder)
         self.tracking_uri: str | None = None
         self._read = 0  # bytes of the journal folded into the fields below
         self._entries: dict[int, JournalEntry] = {}  # by sequence number, from 1
