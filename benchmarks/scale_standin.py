@@ -6,7 +6,7 @@ replaced by a documented function of (gamma, mu, alpha), everything around it th
 params, the outbox flush, the final report with the completion marker) with
 :func:`standin_training_run` in place of :func:`eqlv2.search.trial.ray_train_run` (the
 ``training_run=`` seam). Every report of the training loop goes through the trial's
-``ReportTranslator`` to ``tune.report``, as ``SearchReportCallback`` forwards rank 0's reports.
+``ReportTranslator`` to ``tune.report`` from the trial's thread, as ``fit_relayed`` passes rank 0's reports.
 The training loop is a detectron2 ``TrainerBase`` with detectron2's ``EvalHook``, the trial's
 MLflow hooks (:class:`eqlv2.search.trial.TrialRunHooks`: the metric history through
 ``MlflowEventWriter``, and after every evaluation the gradient-statistics table, ratio figure and

@@ -9,12 +9,15 @@ Real local Ray (Tune, Train V2), a real SQLite MLflow store read back with ``Mlf
   :class:`~eqlv2.search.mlflow_driver.SearchTracking` alone writes each run's final state: every
   stopped trial ends ``KILLED``/``stopped_early`` without ``error.txt``, every failed one
   ``FAILED``/``failed`` with it.
-* A trial that ASHA stops kills its Ray Train controller; Ray Train's own placement-group cleaner
-  (served by the dashboard's State API, which the search starts) releases its workers' group.
+* A trial that ASHA stops kills its Ray Train run (:func:`eqlv2.search.train_runner.fit_relayed`);
+  Ray Train's own placement-group cleaner (served by the dashboard's State API, which the search
+  starts) releases its workers' group, and Tune reuses the trial's process for the next trial.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 
 import pytest
@@ -29,7 +32,6 @@ from mlflow import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.train import RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
-from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from search_fixtures import ray_local  # noqa: E402,F401
 
 from eqlv2.search.mlflow_client import PARENT_TAG, STATUS_TAG, TRIAL_TAG  # noqa: E402
@@ -39,6 +41,7 @@ from eqlv2.search.mlflow_worker import MlflowEventWriter  # noqa: E402
 from eqlv2.search.optuna_study import STEP_KEY, build_scheduler  # noqa: E402
 from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
+from eqlv2.search.train_runner import fit_relayed  # noqa: E402
 from eqlv2.search.trial import _start_run  # noqa: E402
 
 SPACE = parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}})
@@ -99,19 +102,26 @@ def test_final_states_are_written_by_the_driver_alone(ray_local, tmp_path):  # n
         assert len(client.get_metric_history(run.info.run_id, "lvis/total_loss")) >= STOP_AT - 1
 
 
-def asha_trial(config):
-    """A Ray Train run of one worker that reports ``config["value"]`` at three evaluations."""
+def _asha_trainer(value: float, storage: str, callbacks: list) -> TorchTrainer:
+    """A Ray Train run of one worker that reports ``value`` at three evaluations."""
 
     def loop(loop_config):
         for step in (1, 2, 3):
             ray.train.report({"objective": loop_config["value"], STEP_KEY: step})
             time.sleep(0.5)
 
-    context = tune.get_context()
-    TorchTrainer(
-        loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
-        run_config=RunConfig(name="train", storage_path=context.get_trial_dir(), callbacks=[TuneReportCallback()]),
-    ).fit()  # fmt: skip
+    return TorchTrainer(
+        loop, train_loop_config={"value": value}, scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(name="train", storage_path=storage, callbacks=callbacks),
+    )  # fmt: skip
+
+
+def asha_trial(config):
+    """The search's way to run Ray Train in a trial (:func:`fit_relayed`); every result names the
+    trial process."""
+    pid = os.getpid()
+    make = functools.partial(_asha_trainer, config["value"], tune.get_context().get_trial_dir())
+    fit_relayed(make, lambda metrics: {**metrics, "trial_pid": pid})
 
 
 def _live_groups() -> list[dict]:
@@ -119,19 +129,22 @@ def _live_groups() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_placement_group_of_an_asha_stopped_trial_is_released(ray_local, tmp_path):  # noqa: F811
-    """The second trial lags at its first evaluation: ASHA stops it, which kills its Ray Train
-    controller while the worker still trains; the group of that worker must not stay reserved."""
+def test_asha_stopped_trial_frees_its_group_and_its_process_is_reused(ray_local, tmp_path):  # noqa: F811
+    """The second trial lags at its first evaluation: ASHA stops it, which kills its runner, hence
+    its Ray Train controller, while the worker still trains. Tune gives its process to the third
+    trial (``reuse_actors``): one trial process serves all three. No group stays reserved."""
     scheduler = build_scheduler("asha", total_evaluations=3, grace_period=1, reduction_factor=2)
     tuner = tune.Tuner(
         tune.with_resources(asha_trial, {"cpu": 0, "memory": 1}),
-        param_space={"value": tune.grid_search([10.0, 1.0])},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+        param_space={"value": tune.grid_search([10.0, 1.0, 10.0])},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True),
         run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path / "ray"), verbose=0),
     )
     results = tuner.fit()
-    last_steps = sorted(r.metrics[STEP_KEY] for r in results)
-    assert last_steps == [1, 3]  # one stopped at its first evaluation, one complete
+    assert [r.error for r in results] == [None, None, None]
+    by_value = sorted((r.config["value"], r.metrics[STEP_KEY]) for r in results)
+    assert by_value == [(1.0, 1), (10.0, 3), (10.0, 3)]  # the lagging one stopped at its first evaluation
+    assert len({r.metrics["trial_pid"] for r in results}) == 1
     # Ray Train's cleaner is a detached actor polling the State API every second: on a loaded
     # 2-core machine its start and its first answers can take a minute or more.
     deadline = time.monotonic() + 240

@@ -109,8 +109,9 @@ start_mlflow() {
   command -v mlflow >/dev/null || fail "mlflow not on PATH: activate the project's virtual environment"
   local app=()
   [[ -z "${EQLV2_MLFLOW_APP:-}" ]] || app=(--app-name "$EQLV2_MLFLOW_APP")
-  # Its own session, so that stop ends the server's workers too.
-  setsid mlflow server "${app[@]}" \
+  # Its own session, so that stop ends the server's workers too. MLflow's job runner (GenAI jobs,
+  # six worker processes and ~30 s of CPU at start) is off unless asked for.
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" setsid mlflow server "${app[@]}" \
     --backend-store-uri "postgresql://$DB_USER@$BIND:$PG_PORT/mlflow" \
     --artifacts-destination "$ARTIFACTS" --host "$BIND" --port "$MLFLOW_PORT" --workers 1 \
     >"$DIR/mlflow.log" 2>&1 </dev/null &

@@ -72,6 +72,10 @@ STATE_FILE, LATEST_FILE = "eqlv2_search.json", "latest_search.json"
 #: Custom resource a Ray cluster started here offers for the trials' driver functions: a trial
 #: takes one, no CPU, so its Ray Train workers can have every core (Ray's advice for Tune + Train).
 TRIAL_RESOURCE = "eqlv2_trial"
+#: Seconds Tune waits for a stopped trial's function to end before it reuses the process (its
+#: default, 2 s, is short for a trial that kills its Ray Train run on the way out; a reset that
+#: times out fails the next trial).
+TRIAL_PROCESS_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}
 #: Options the trials read as they are (:class:`TrialSettings` fields of the same name).
 _TRIAL_OPTIONS = ("multi_objective", "use_gpu", "cpus_per_worker", "max_failures", "seed")
 
@@ -137,6 +141,7 @@ def _configure_libraries() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter shows chosen columns
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
+    os.environ.update(TRIAL_PROCESS_ENV)  # read by the trial processes of a local instance
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a search
     # The driver's own MLflow calls; trials and their workers set theirs lower (TRIAL_HTTP_LIMITS).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -239,11 +244,11 @@ def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
         yield
         return
     if options.ray_address:
-        ray.init(address=options.ray_address, runtime_env={"env_vars": env}, log_to_driver=options.verbose)
+        ray.init(address=options.ray_address, runtime_env={"env_vars": {**TRIAL_PROCESS_ENV, **env}}, log_to_driver=options.verbose)
     else:
         init_local_ray(
             num_cpus=options.num_cpus,
-            resources={TRIAL_RESOURCE: 1000},
+            resources={TRIAL_RESOURCE: options.concurrency},  # at most that many trials run
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=_free_port(),
@@ -308,6 +313,15 @@ def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTra
     }
     command = shlex.join(["python", "tune/search.py", *options.argv]) + "\n"
     tracking.log_start(params, {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
+
+
+def _staged_trials(concurrency: int) -> int:
+    """Trials the searcher may suggest beyond ``concurrency``: they wait, staged, for a running
+    trial to end, and Tune hands them its process (``reuse_actors``: Tune keeps a finished
+    trial's process only for a staged trial). Only where the cluster's trial resource, not the
+    searcher, caps the running trials at ``concurrency`` (the local instance); else none."""
+    slots = ray.cluster_resources().get(TRIAL_RESOURCE, 0)
+    return max(1, concurrency // 4) if 1 <= slots <= concurrency else 0
 
 
 def _trial_resources() -> dict[str, float]:
@@ -380,8 +394,9 @@ def build_tuner(
             scheduler = build_scheduler(options.scheduler, total_evals, options.grace_period, options.reduction_factor)
         except ValueError as error:
             raise SystemExit(str(error)) from error
-        searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=options.concurrency)
-        return {"tune_config": tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials)}
+        live = options.concurrency + _staged_trials(options.concurrency)
+        searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=live)
+        return {"tune_config": tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials, reuse_actors=True)}
 
     return _tuner(plan, settings, tracking, settings.search_name, new_search, trial_function)
 
@@ -409,7 +424,7 @@ def build_reference_tuner(plan: SearchPlan, settings: TrialSettings, tracking: S
     def new_references() -> dict[str, Any]:
         logger.info("Reference trials: %s", ", ".join(reference_label(c) for c in configs))
         return {"param_space": {REFERENCE_KEY: tune.grid_search(configs)},
-                "tune_config": tune.TuneConfig(max_concurrent_trials=options.concurrency)}  # fmt: skip
+                "tune_config": tune.TuneConfig(max_concurrent_trials=options.concurrency, reuse_actors=True)}  # fmt: skip
 
     return _tuner(plan, settings, tracking, f"{settings.search_name}-references", new_references)
 

@@ -1,19 +1,20 @@
 """The Ray Tune trainable of the search (runs in the trial process): one Ray Train run per dataset.
 
 ``Tuner(TorchTrainer(...))`` does not work with Ray Train V2, so the trainable is a function that
-builds and fits a ``TorchTrainer`` per dataset, :class:`SearchReportCallback` forwarding rank 0's
-reports to Tune. Every result carries ``dataset``, the metrics prefixed with it (``lvis/AP``),
+fits a ``TorchTrainer`` per dataset, in a runner actor the trial owns, and passes rank 0's reports,
+translated, to Tune (:mod:`eqlv2.search.train_runner`: how a stopped trial's process is reused). Every result carries ``dataset``, the metrics prefixed with it (``lvis/AP``),
 :data:`~eqlv2.search.optuna_study.STEP_KEY` (evaluations done by the trial, all datasets
 together: ASHA's time, Optuna's step), ``<dataset>/objective`` (NaN until evaluated) and their
 mean ``objective``; after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY`.
 
 The trial creates its MLflow run (or reopens the one of its first attempt) but never writes its
-final state: the driver does. Torch, detectron2 and Ray Train are imported only by
-:func:`ray_train_run` (9 s of CPU and 0.8 GB a trial that trains nothing does not pay).
+final state: the driver does. Torch and detectron2 are imported only by the runner actor (9 s of
+CPU and 0.8 GB the trial process does not pay).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from .mlflow_client import PARENT_TAG, ROLE_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
 from .mlflow_outbox import DurableMlflow
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, read_finished_trial
 from .references import TrialSetup, trial_setup
 from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
+from .train_runner import fit_relayed
 
 if TYPE_CHECKING:  # detectron2 types, for the annotations only
     from detectron2.engine import PeriodicWriter
@@ -87,19 +88,6 @@ class ReportTranslator:
         if "iteration" in metrics:
             out["iteration"] = metrics["iteration"]
         return out
-
-
-class SearchReportCallback(TuneReportCallback):
-    """Forwards rank 0's Ray Train reports to Tune, translated. Runs in the Ray Train controller;
-    created inside the Tune trial, whose result queue it reports to."""
-
-    def __init__(self, translator: ReportTranslator) -> None:
-        super().__init__()
-        self._translate = translator
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        translated = self._translate(dict(metrics[0]) if metrics else {})
-        super().after_report(run_context, [translated], checkpoint)
 
 
 @dataclass(frozen=True)
@@ -179,23 +167,26 @@ def _start_run(
 def ray_train_run(
     settings: TrialSettings, spec: DatasetSpec, opts: list[str], translator: ReportTranslator, hooks: list, trial_dir: str
 ) -> dict:
-    """A Ray Train ``TorchTrainer`` fitted, rank 0's reports forwarded to Tune; returns rank 0's
-    final report. Imports Ray Train, torch and detectron2 (see the module docstring)."""
-    from eqlv2.raytrain.launch import build_torch_trainer
-
+    """A Ray Train ``TorchTrainer`` fitted in a runner actor the trial owns, rank 0's reports
+    translated and passed to Tune by the trial's thread (:mod:`eqlv2.search.train_runner`);
+    returns rank 0's final report."""
     storage = f"{trial_dir}/ray_train"  # the Ray Train runs' checkpoints
     if settings.remote_storage:
         storage = f"{settings.remote_storage}/{settings.search_name}/ray_train/{os.path.basename(trial_dir.rstrip('/'))}"
-    trainer = build_torch_trainer(
+    return fit_relayed(functools.partial(_torch_trainer, settings, spec, opts, hooks, storage), translator)
+
+
+def _torch_trainer(
+    settings: TrialSettings, spec: DatasetSpec, opts: list[str], hooks: list, storage: str, callbacks: list
+):
+    """The run's ``TorchTrainer`` (built in the runner actor: imports Ray Train, torch, detectron2)."""
+    from eqlv2.raytrain.launch import build_torch_trainer
+
+    return build_torch_trainer(
         spec.config_file, opts, settings.num_workers, use_gpu=settings.use_gpu,
         storage_path=storage, name=spec.name, max_failures=settings.max_failures,
-        callbacks=[SearchReportCallback(translator)], extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker,
-        checkpoints_to_keep=1,
+        callbacks=callbacks, extra_hooks=hooks, cpus_per_worker=settings.cpus_per_worker, checkpoints_to_keep=1,
     )  # fmt: skip
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return dict(result.metrics or {})
 
 
 #: One training run of a trial: :func:`ray_train_run`, or a stand-in (``benchmarks/search_scale.py``).
@@ -224,10 +215,14 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, training_run: Tra
     if done is not None:
         return _report_recorded(done, trial_id, number)
     run_id = _start_run(settings, trial_id, number, setup.values, setup)
+    stopped = False
     try:
         final, evals = _train_datasets(settings, setup, run_id, trial_dir, training_run)
+    except SystemExit:  # Tune stopped the trial: end at once, Tune reuses this process
+        stopped = True
+        raise
     finally:  # replays the node's outbox (what is left stays for the driver)
-        if (mlflow := _trial_mlflow(settings)) is not None:
+        if not stopped and (mlflow := _trial_mlflow(settings)) is not None:
             logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
     tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
 
