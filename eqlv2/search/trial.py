@@ -2,7 +2,8 @@
 
 ``Tuner(TorchTrainer(...))`` does not work with Ray Train V2, so the trainable is a function that
 fits a ``TorchTrainer`` per dataset, in a runner actor the trial owns, and passes rank 0's reports,
-translated, to Tune (:mod:`eqlv2.search.train_runner`: how a stopped trial's process is reused). Every result carries ``dataset``, the metrics prefixed with it (``lvis/AP``),
+translated, to Tune (:mod:`eqlv2.search.train_runner`: how a stopped trial's process is reused).
+Every result carries ``dataset``, the metrics prefixed with it (``lvis/AP``),
 :data:`~eqlv2.search.optuna_study.STEP_KEY` (evaluations done by the trial, all datasets
 together: ASHA's time, Optuna's step), ``<dataset>/objective`` (NaN until evaluated) and their
 mean ``objective``; after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY`.
