@@ -141,7 +141,8 @@ def _configure_libraries() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter shows chosen columns
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
-    os.environ.update(TRIAL_PROCESS_ENV)  # read by the trial processes of a local instance
+    for key, value in TRIAL_PROCESS_ENV.items():  # read by the trial processes of a local instance
+        os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a search
     # The driver's own MLflow calls; trials and their workers set theirs lower (TRIAL_HTTP_LIMITS).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -244,7 +245,7 @@ def ray_cluster(options: SearchOptions, env: dict[str, str]) -> Iterator[None]:
         yield
         return
     if options.ray_address:
-        ray.init(address=options.ray_address, runtime_env={"env_vars": {**TRIAL_PROCESS_ENV, **env}}, log_to_driver=options.verbose)
+        ray.init(address=options.ray_address, runtime_env={"env_vars": {**_trial_process_env(), **env}}, log_to_driver=options.verbose)
     else:
         init_local_ray(
             num_cpus=options.num_cpus,
@@ -313,6 +314,11 @@ def record_search(plan: SearchPlan, settings: TrialSettings, tracking: SearchTra
     }
     command = shlex.join(["python", "tune/search.py", *options.argv]) + "\n"
     tracking.log_start(params, {plan.space_file.name: plan.space_file.read_text(), "command.txt": command})
+
+
+def _trial_process_env() -> dict[str, str]:
+    """:data:`TRIAL_PROCESS_ENV`, each value the driver's own where its environment sets one."""
+    return {key: os.environ.get(key, value) for key, value in TRIAL_PROCESS_ENV.items()}
 
 
 def _staged_trials(concurrency: int) -> int:

@@ -14,7 +14,6 @@ reservation), and the trial process is free for the next trial.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
@@ -24,8 +23,6 @@ import ray
 from ray import tune
 from ray.train import UserCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-logger = logging.getLogger(__name__)
 
 #: Builds the run's trainer (``TorchTrainer``) with the given Ray Train callbacks; picklable.
 TrainerFactory = Callable[[list], Any]
