@@ -4,6 +4,7 @@ order, and an interrupted replay (killed, or raising) doubles nothing when resum
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -266,3 +267,71 @@ def test_resent_batch_skips_points_the_store_already_holds(tmp_path, monkeypatch
     )
     assert history == [(1, T0, 1.0), (2, T0 + 1, 2.0)]
     assert client.get_run(run_id).data.params == {"gamma": "12.0"}
+
+
+_APPENDER = """
+import sys, time
+from pathlib import Path
+from eqlv2.search.mlflow_outbox import Outbox
+outbox, name = Outbox(sys.argv[1]), sys.argv[2]
+while not (Path(sys.argv[1]) / "go").exists():  # all four start appending at once
+    time.sleep(0.01)
+for index in range(40):
+    outbox.append("log_text", None, {"text": f"{name}-{index}", "artifact_file": "t.txt"})
+    outbox.pending()  # a read between appends, as every call of a trial makes
+print(outbox.pending())  # what this process has folded: all 160 for the last to append
+"""
+
+
+def test_journal_of_processes_appending_and_reading_at_once(tmp_path):
+    """Four processes append 40 calls each while reading the journal between appends (shared
+    lock for reads, exclusive for appends): the last to append has folded all 160 (none skipped
+    by a read racing an append), so has a fresh reader, every process's calls are in the order
+    it made them, none twice, and the journal has no partial line."""
+    Outbox(tmp_path, "http://127.0.0.1:1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _APPENDER, str(tmp_path), f"p{n}"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for n in range(4)
+    ]  # fmt: skip
+    (tmp_path / "go").touch()
+    folded = [int(proc.communicate(timeout=120)[0]) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0] and max(folded) == 160, folded
+    assert Outbox(tmp_path).pending() == 160
+    lines = (tmp_path / "outbox.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 1 + 160 + 1  # the binding, the calls, the end
+    texts = [json.loads(line)["payload"]["text"] for line in lines[1:-1]]
+    assert len(set(texts)) == 160
+    for n in range(4):
+        assert [t for t in texts if t.startswith(f"p{n}-")] == [f"p{n}-{i}" for i in range(40)]
+
+
+def test_journal_reads_share_the_lock_and_appends_wait_for_it(tmp_path):
+    """With the journal's lock held shared (a reader folding it), another read goes ahead and an
+    append waits until it is released; held exclusively (an append), a read waits too."""
+    import fcntl
+    import threading
+
+    outbox = Outbox(tmp_path, "http://127.0.0.1:1")
+
+    def in_thread(call) -> threading.Thread:
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        return thread
+
+    with open(tmp_path / "outbox.jsonl", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        read = in_thread(lambda: Outbox(tmp_path).pending())
+        read.join(timeout=20)
+        assert not read.is_alive(), "a read waited for another reader"
+        append = in_thread(lambda: outbox.append("log_text", None, {"text": "x", "artifact_file": "t"}))
+        append.join(timeout=1.0)
+        assert append.is_alive(), "an append went ahead while a reader held the lock"
+        fcntl.flock(held, fcntl.LOCK_UN)
+        append.join(timeout=20)
+        assert not append.is_alive()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        read = in_thread(lambda: Outbox(tmp_path).pending())
+        read.join(timeout=1.0)
+        assert read.is_alive(), "a read went ahead during an append"
+    read.join(timeout=20)  # closing the file released the lock
+    assert not read.is_alive() and Outbox(tmp_path).pending() == 1

@@ -74,3 +74,28 @@ def test_trial_process_imports_neither_torch_nor_detectron2():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_floor_tracking_holds_what_a_trial_run_needs(mlflow_server):  # noqa: F811
+    """``benchmarks/scale_floor.py``'s least tracking, read back from the PostgreSQL-backed
+    server: a finished child run with its params, the whole metric history (a loss every 20
+    iterations, the results at every evaluation) and the gradient-statistics table; so the floor
+    it measures leaves out nothing the search's trial runs must hold."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mlflow import MlflowClient
+    from scale_floor import EVAL_PERIOD, ITERATIONS, LOG_PERIOD, least_mlflow_trial
+
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment(f"floor-{time.time_ns()}")
+    parent = client.create_run(experiment_id).info.run_id
+    table = "category,ratio\n0,0.5\n1,0.25\n"
+    run = client.get_run(least_mlflow_trial(client, experiment_id, parent, table))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["gamma"] == "10.0" and run.data.params["objective"] == "segm/AP"
+    losses = client.get_metric_history(run.info.run_id, "lvis/total_loss")
+    assert sorted(m.step for m in losses) == list(range(LOG_PERIOD, ITERATIONS + 1, LOG_PERIOD))
+    results = client.get_metric_history(run.info.run_id, "lvis/APr")
+    assert sorted(m.step for m in results) == list(range(EVAL_PERIOD, ITERATIONS + 1, EVAL_PERIOD))
+    path = f"gradient_statistics/lvis/iter_{ITERATIONS:07d}.csv"
+    assert Path(client.download_artifacts(run.info.run_id, path)).read_text() == table

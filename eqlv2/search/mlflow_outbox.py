@@ -141,9 +141,10 @@ class Outbox:
             )
 
     def _sync(self, *records: dict[str, Any]) -> None:
-        """Folds what other processes appended, then appends ``records`` durably, under the lock."""
+        """Folds what other processes appended, then appends ``records`` durably, under the lock
+        (shared by readers, exclusive for appends)."""
         with open(self.folder / JOURNAL, "a+b") as journal:
-            fcntl.flock(journal, fcntl.LOCK_EX)  # released when the file is closed
+            fcntl.flock(journal, fcntl.LOCK_EX if records else fcntl.LOCK_SH)  # released on close
             journal.seek(self._read)
             data = journal.read()
             complete = data.rfind(b"\n") + 1
