@@ -7,8 +7,8 @@ sleep per 20 iterations), in one run:
 
 1. **Bare Ray Tune**: the search's Tune set-up (an Optuna TPE searcher, in memory, behind a
    ``ConcurrencyLimiter`` that stages ``concurrency // 4`` trials beyond the ``concurrency``
-   CPUs Ray offers, as the search does, so that a finished trial's process is reused; ASHA
-   with the search's grace period and reduction factor; ``reuse_actors=True``) with a
+   CPUs Ray offers, as the search does, so that a finished trial's process is reused; the
+   search's ASHA, ``build_scheduler("asha", ...)``; ``reuse_actors=True``) with a
    trainable that only sleeps and calls ``tune.report`` on the schedule. No project code, no
    store, no training process.
 2. **The least tracking the issue asks for**, against a PostgreSQL-backed MLflow server and
@@ -34,18 +34,23 @@ import time
 from pathlib import Path
 
 from local_services import database_url, mlflow_uri, run_head_services, services_env
-from search_scale import machine_cpu_seconds
+from search_scale import machine_cpu_seconds, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-#: The schedule of ``search_scale.py``'s defaults: iterations, evaluation and report periods.
-ITERATIONS, EVAL_PERIOD, LOG_PERIOD, STEP_SECONDS = 200, 50, 20, 0.5
+from eqlv2.search.optuna_study import STEP_KEY, build_scheduler  # noqa: E402 (this checkout's)
+
+_SCALE = parse_args([])  # search_scale.py's defaults: the schedule
+ITERATIONS, EVAL_PERIOD = _SCALE.iterations, _SCALE.eval_period
+LOG_PERIOD, STEP_SECONDS = _SCALE.log_period, _SCALE.step_seconds
 
 
 def bare_trainable(config: dict) -> None:
     """Sleeps and reports on the stand-in's schedule (``objective`` grows with the iterations)."""
     from ray import tune
 
+    # scale_standin.standin_quality, written out: importing that module would load MLflow and
+    # Optuna into every trial process, which bare Ray Tune does not.
     quality = (
         30.0
         - 0.15 * (config["gamma"] - 10) ** 2
@@ -58,7 +63,7 @@ def bare_trainable(config: dict) -> None:
         if iteration % LOG_PERIOD == 0 or iteration % EVAL_PERIOD == 0:
             metrics = {
                 "iteration": iteration,
-                "step": iteration // EVAL_PERIOD,
+                STEP_KEY: iteration // EVAL_PERIOD,
                 "total_loss": 1.0 / iteration,
             }
             tune.report({**metrics, "objective": quality * iteration / ITERATIONS})
@@ -67,7 +72,6 @@ def bare_trainable(config: dict) -> None:
 def bare_tune(trials: int, concurrency: int) -> dict[str, float]:
     """Part 1 (the module docstring): trials per minute and machine CPU seconds per trial."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -78,11 +82,10 @@ def bare_tune(trials: int, concurrency: int) -> dict[str, float]:
         "mu": tune.uniform(0.5, 1.0),
         "alpha": tune.uniform(0, 8),
     }
-    asha = ASHAScheduler(  # the search's: grace 1 evaluation, reduction factor 2
-        time_attr="step", metric="objective", mode="max", max_t=ITERATIONS // EVAL_PERIOD + 1,
-        grace_period=1, reduction_factor=2,
-    )  # fmt: skip
-    staged = concurrency + max(1, concurrency // 4)  # as the search stages trials (driver.py)
+    asha = build_scheduler("asha", ITERATIONS // EVAL_PERIOD)  # the search's, its defaults
+    # As driver._staged_trials stages them on the local instance (its slots are a custom
+    # resource there, CPUs here).
+    staged = concurrency + max(1, concurrency // 4)
     searcher = ConcurrencyLimiter(OptunaSearch(metric="objective", mode="max"), max_concurrent=staged)
     with (
         tempfile.TemporaryDirectory(prefix="eqlv2-floor-") as folder,

@@ -4,12 +4,14 @@ order, and an interrupted replay (killed, or raising) doubles nothing when resum
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -308,9 +310,6 @@ def test_journal_of_processes_appending_and_reading_at_once(tmp_path):
 def test_journal_reads_share_the_lock_and_appends_wait_for_it(tmp_path):
     """With the journal's lock held shared (a reader folding it), another read goes ahead and an
     append waits until it is released; held exclusively (an append), a read waits too."""
-    import fcntl
-    import threading
-
     outbox = Outbox(tmp_path, "http://127.0.0.1:1")
 
     def in_thread(call) -> threading.Thread:

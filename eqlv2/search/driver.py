@@ -141,8 +141,7 @@ def _configure_libraries() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter shows chosen columns
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
-    for key, value in TRIAL_PROCESS_ENV.items():  # read by the trial processes of a local instance
-        os.environ.setdefault(key, value)
+    os.environ.update(_trial_process_env())  # read by the trial processes of a local instance
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a search
     # The driver's own MLflow calls; trials and their workers set theirs lower (TRIAL_HTTP_LIMITS).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
