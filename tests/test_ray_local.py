@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from listening_sockets import descendants, is_loopback, listening_sockets, processes, sys_proc
 
-from eqlv2.search.ray_local import init_local_ray, local_ray
+from eqlv2.search.ray_local import SINGLE_NODE_DEFAULTS, init_local_ray, local_ray
+
+(PREEMPTION_WATCHER_ENV,) = SINGLE_NODE_DEFAULTS
 
 pytestmark = pytest.mark.skipif(not (sys_proc / "net" / "tcp").exists(), reason="needs Linux /proc")
 
@@ -39,10 +41,11 @@ def test_every_ray_server_listens_on_loopback_only(short_temp_dir):
         import ray
 
         @ray.remote
-        def worker_pid() -> int:
-            return os.getpid()
+        def worker_pid_and_watcher() -> tuple[int, str | None]:
+            return os.getpid(), os.environ.get(PREEMPTION_WATCHER_ENV)
 
-        worker = ray.get(worker_pid.remote())
+        worker, watcher = ray.get(worker_pid_and_watcher.remote())
+        assert watcher == "0", "Ray's processes would start Ray Train's preemption watcher"
         sockets = listening_sockets(_session_pids(short_temp_dir))
         owners = " ".join(cmd for _, cmd, _, _ in sockets)
         assert worker in {pid for pid, *_ in sockets}, "the worker's gRPC server was not found"
@@ -52,6 +55,19 @@ def test_every_ray_server_listens_on_loopback_only(short_temp_dir):
         assert exposed == [], f"listening beyond loopback: {exposed}"
         assert ray.util.get_node_ip_address() == "127.0.0.1"
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None
+    assert os.environ.get(PREEMPTION_WATCHER_ENV) is None
+
+
+def test_a_preemption_watcher_the_user_asks_for_is_kept(monkeypatch):
+    """``SINGLE_NODE_DEFAULTS`` are defaults: a value in the user's environment wins, and it is the
+    variable Ray Train reads (fail loudly if Ray renames it)."""
+    from ray.train.v2._internal import constants  # private: only to guard the variable's name
+
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == PREEMPTION_WATCHER_ENV
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")
+    with local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False):
+        assert os.environ[PREEMPTION_WATCHER_ENV] == "1"
+    assert os.environ[PREEMPTION_WATCHER_ENV] == "1"
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ the node address *is* loopback, which it is when ``ray_constants.ENABLE_RAY_CLUS
 Ray reads it once, at import, from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (false on macOS and
 Windows, true on Linux), and no other flag chooses the bind address. So :func:`init_local_ray`
 sets that variable for every Ray process, and the module constant in this process if Ray was
-imported already (the only private attribute here). A cluster (``--ray-address``) is joined, not
-started, and unaffected.
+imported already (the only private attribute here). It also leaves out what only a cluster
+needs (:data:`SINGLE_NODE_DEFAULTS`). A cluster (``--ray-address``) is joined, not started, and
+unaffected.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: listens on ``::``). One listener stays on ``::``: the TCPStore server of rank 0 of each Ray
 #: Train run, for which torch 2.14 offers no bind address (tested in tests/test_search_smoke.py).
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+#: What a single-machine instance does without, unless the user's environment says otherwise:
+#: Ray Train's preemption watcher (one more actor per training run, about 3 s of CPU to start on
+#: 2 cores) watches for nodes a cloud is about to reclaim, and this instance has none to lose.
+SINGLE_NODE_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -44,6 +49,8 @@ def init_local_ray(**kwargs: Any):
             raise ValueError(f"init_local_ray binds loopback only: {key}={host!r} is not a loopback address")
     kwargs.pop("_node_ip_address", None)  # Ray would turn a loopback one into the network address
     os.environ.update(LOCAL_ONLY_ENV)  # for Ray's child processes
+    for key, value in SINGLE_NODE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     ray_constants.ENABLE_RAY_CLUSTER = False  # private: read once at Ray's import (for this process)
     context = ray.init(**kwargs)
     node_ip = ray.util.get_node_ip_address()
@@ -57,7 +64,8 @@ def init_local_ray(**kwargs: Any):
 @contextmanager
 def local_ray(**kwargs: Any) -> Iterator[Any]:
     """:func:`init_local_ray` for a block: shuts Ray down and restores the environment after."""
-    saved, constant = {key: os.environ.get(key) for key in LOCAL_ONLY_ENV}, ray_constants.ENABLE_RAY_CLUSTER
+    saved = {key: os.environ.get(key) for key in (*LOCAL_ONLY_ENV, *SINGLE_NODE_DEFAULTS)}
+    constant = ray_constants.ENABLE_RAY_CLUSTER
     try:
         yield init_local_ray(**kwargs)
     finally:
