@@ -13,7 +13,6 @@ carries no evaluation keys: set ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1`` or ``M
 
 from __future__ import annotations
 
-import logging
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,8 +28,6 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from eqlv2.evaluation import summary
 
 from .checkpoints import save_checkpoint
-
-logger = logging.getLogger(__name__)
 
 #: First key part of the results detectron2's evaluators return (one per task).
 EVALUATION_TASKS = ("bbox", "segm", "keypoints")

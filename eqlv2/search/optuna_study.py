@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from sqlalchemy.pool import NullPool
 
-from .space import same_assignment
+from .space import finite_number, same_assignment
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +130,6 @@ def read_finished_trial(url: str, study_name: str, number: int) -> dict[str, Any
     return _summary(storage.get_trial(trial_id))
 
 
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
 class TrialStateOptunaSearch(Searcher):
     """A Tune searcher over an Optuna study (see the module docstring).
 
@@ -189,7 +182,7 @@ class TrialStateOptunaSearch(Searcher):
             return
         value = result.get(self.metric)
         step = int(result[STEP_KEY])
-        if step <= 0 or step <= self._last_steps.get(trial_id, 0) or not _finite(value):
+        if step <= 0 or step <= self._last_steps.get(trial_id, 0) or finite_number(value) is None:
             return
         self._live[trial_id].report(float(value), step)
         self._last_steps[trial_id] = step
@@ -204,7 +197,7 @@ class TrialStateOptunaSearch(Searcher):
         state, reason = self._outcome(result, values, error)
         try:
             if result and self._record_keys:
-                recorded = {k: result[k] for k in self._record_keys if k in result and _finite(result[k])}
+                recorded = {k: result[k] for k in self._record_keys if k in result and finite_number(result[k]) is not None}
                 trial.set_user_attr(RESULT_ATTR, recorded)
             if reason:
                 trial.set_user_attr(REASON_ATTR, reason)
@@ -225,7 +218,7 @@ class TrialStateOptunaSearch(Searcher):
             return TrialState.FAIL, "the trial raised an error (see the Tune and MLflow logs)"
         if not result or not result.get(COMPLETION_KEY):
             return TrialState.PRUNED, None
-        if values is None or not all(_finite(v) for v in values):
+        if values is None or any(finite_number(v) is None for v in values):
             return TrialState.FAIL, f"non-finite objective {values}"
         return TrialState.COMPLETE, None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import SearchInputError
-from .space import SearchSpace
+from .space import SearchSpace, finite_number
 
 
 def repository_root() -> Path:
@@ -101,17 +101,10 @@ class Objective:
 
     def value(self, metrics: Mapping[str, Any]) -> float | None:
         """The objective from one dataset's flat metrics; None if a term is missing or not finite."""
-        total = 0.0
-        for weight, name in self.terms:
-            value = metrics.get(name)
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                return None
-            if not math.isfinite(number):
-                return None
-            total += weight * number
-        return total
+        numbers = [finite_number(metrics.get(name)) for _, name in self.terms]
+        if None in numbers:
+            return None
+        return sum((weight * number for (weight, _), number in zip(self.terms, numbers, strict=True)), 0.0)
 
 
 #: One token of a metric expression: a number, a metric name, ``*``, ``+``/``-``, or anything else.

@@ -162,6 +162,15 @@ class SearchSpace:
         }
 
 
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number, else None (a metric, a parameter value)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def same_assignment(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
     """Whether two parameter assignments are equal (numbers compared to a relative 1e-9)."""
     if b is None or set(a) != set(b):
