@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README.md):
 #   make run    set up .venv if needed, then run the main job on the embedded offline benchmark
-#   make test   set up .venv if needed, then run the whole test suite (two test processes)
+#   make test   set up .venv if needed, then run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -16,7 +16,7 @@ train-tiny: setup
 	$(PY) train/train_net.py --config-file configs/tiny/mask_rcnn_tiny_synthetic_lvis.yaml
 
 test: setup
-	$(PY) -m pytest -q --durations=40 -n 2 --dist loadfile
+	$(PY) -m pytest -q --durations=40
 
 lint: setup
 	$(VENV)/bin/ruff check eqlv2 train tune tests benchmarks scripts

@@ -119,19 +119,3 @@ def cleanup_names():
         if name in DatasetCatalog:
             DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-
-
-#: Test files that take minutes, longest first (``make test`` timings on 2 cores). ``make test``
-#: runs two test processes, each taking whole files (``--dist loadfile``); starting the long files
-#: first keeps one process from being left alone with a long file at the end.
-LONG_FILES = (
-    "test_search_smoke.py", "test_ray_train.py", "test_search_mlflow_outage.py", "test_postgres_search.py",
-    "test_ray_multinode.py", "test_search_trial_states.py", "test_search_resume.py", "test_ray_up_local.py",
-    "test_search_s3.py", "test_reproduce_smoke.py", "test_search_scale.py", "test_ray_local.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Runs the files of :data:`LONG_FILES` first, in that order; a file's tests stay together."""
-    rank = {name: index for index, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
