@@ -39,10 +39,12 @@ first evaluation, before it diverges, and the search would have no failed trial.
 
 from __future__ import annotations
 
+import cProfile
 import hashlib
 import math
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
@@ -77,6 +79,8 @@ SERVER_ENV = "EQLV2_STANDIN_SERVER"
 AUTHKEY_ENV = "EQLV2_STANDIN_AUTHKEY"
 #: ``1``: run the training loop in the trial process (no worker server).
 IN_PROCESS_ENV = "EQLV2_STANDIN_IN_PROCESS"
+#: A folder: each trial writes a cProfile of its ``run_trial`` there (``search_scale.py --profile-trials``).
+PROFILE_DIR_ENV = "EQLV2_STANDIN_PROFILE_DIR"
 
 
 class StandInTrainingError(RuntimeError):
@@ -216,4 +220,12 @@ def standin_training_run(
 
 def standin_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """The benchmark's Tune trainable: the search's trial with the stand-in training run."""
-    run_trial(config, settings, training_run=standin_training_run)
+    folder = os.environ.get(PROFILE_DIR_ENV)
+    if not folder:
+        run_trial(config, settings, training_run=standin_training_run)
+        return
+    profiler = cProfile.Profile(time.thread_time)  # CPU time of the trial's thread
+    try:
+        profiler.runcall(run_trial, config, settings, training_run=standin_training_run)
+    finally:
+        profiler.dump_stats(f"{folder}/trial-{os.getpid()}-{time.monotonic_ns()}.prof")

@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile", help="write a cProfile of the driver's tuner.fit() to this file"
     )
     parser.add_argument(
+        "--profile-trials", help="a folder: each trial writes a cProfile of its run_trial there "
+        "(CPU time of the trial's thread; read them together with pstats)",
+    )  # fmt: skip
+    parser.add_argument(
         "--in-process", action="store_true",
         help="run the stand-in's training loop in the trial process (it then imports torch and "
         "detectron2, as before the worker server), not in a forked worker",
@@ -234,13 +238,16 @@ def _prepare_environment(args: argparse.Namespace, ray_tmp: str) -> None:
         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
     ]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    from scale_standin import STEP_SECONDS_ENV
+    from scale_standin import PROFILE_DIR_ENV, STEP_SECONDS_ENV
 
     from eqlv2.search import driver
 
     driver._configure_libraries()
 
     os.environ[STEP_SECONDS_ENV] = str(args.step_seconds)
+    if args.profile_trials:
+        os.makedirs(args.profile_trials, exist_ok=True)
+        os.environ[PROFILE_DIR_ENV] = os.path.abspath(args.profile_trials)
 
 
 @contextlib.contextmanager

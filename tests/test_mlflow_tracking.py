@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -104,11 +105,12 @@ def test_resumed_trial_continues_its_own_run(tmp_path, store):
     client = MlflowClient(uri)
     SearchTracking.open(uri, "test-search", tmp_path / "artifacts", "s", first_driver.parent_run_id, tmp_path / "outbox")
     assert (client.get_run(run_id).info.status, client.get_run(run_id).data.tags[STATUS_TAG]) == ("KILLED", "interrupted")
-    assert _start_run(settings, "t1", 0, {"alpha": 4.0}) == run_id
+    resumed = replace(settings, resume=True)  # what the resumed search's driver gives its trials
+    assert _start_run(resumed, "t1", 0, {"alpha": 4.0}) == run_id
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags[STATUS_TAG], run.data.params["alpha"]) == ("RUNNING", "running", "4.0")
     assert client.get_run(first_driver.parent_run_id).info.status == "RUNNING"
-    assert _start_run(settings, "t2", 1, {"alpha": 2.0}) != run_id  # another trial: its own run
+    assert _start_run(resumed, "t2", 1, {"alpha": 2.0}) != run_id  # another trial: its own run
     children = client.search_runs([settings.experiment_id], f"tags.`{PARENT_TAG}` = '{first_driver.parent_run_id}'")
     assert sorted(r.data.tags[TRIAL_TAG] for r in children) == ["t1", "t2"]
 
@@ -162,3 +164,57 @@ def test_optuna_plots(tmp_path):
     study.optimize(lambda t: t.suggest_float("gamma", 4, 16) - t.suggest_float("alpha", 0, 8) / 4, n_trials=6)
     assert save_figure(optuna_history_figure(study), tmp_path / "h.png").is_file()
     assert save_figure(optuna_importance_figure(study), tmp_path / "i.png").is_file()
+
+
+def test_only_a_resumed_search_looks_for_an_earlier_attempt_of_a_trial(tmp_path):
+    """A trial of a new search cannot have an earlier attempt, so it opens neither the Optuna
+    study nor an MLflow search for one (0.7 CPU-s per trial on PostgreSQL); the same trial in a
+    resumed search finds the study's record."""
+    import optuna
+
+    from eqlv2.search.optuna_study import RESULT_ATTR
+    from eqlv2.search.trial import _already_finished
+
+    url = sqlite_url(tmp_path / "optuna.db")
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(RESULT_ATTR, {"objective": 3.0})
+    study.tell(trial, 3.0)
+    settings = TrialSettings(
+        space=parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}}), datasets=dataset_specs(["lvis"]),
+        objective=parse_objective("AP"), optuna_storage=url, study_name="s",
+    )  # fmt: skip
+    assert _already_finished(settings, 0) is None
+    assert _already_finished(replace(settings, resume=True), 0) == {"state": "COMPLETE", "metrics": {"objective": 3.0}, "values": [3.0]}
+
+
+@pytest.mark.parametrize("scale", [1.0, 12345.0])
+def test_category_figures_keep_every_label_on_the_canvas(scale):
+    """The per-category figures use fixed margins (no tight_layout pass): the title, axis labels,
+    tick labels and legend must still lie inside the figure, for LVIS's 1,203 categories, the
+    longest title a trial writes and values whose tick labels are wide."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 5000, 1203).astype(float)
+    groups = ["f" if c > 3000 else "c" if c > 500 else "r" for c in counts]
+    title = "openimages: pos/neg gradient ratio at iteration 1234567"
+    figures = [
+        gradient_ratio_figure(scale * rng.random(1203), counts, groups=groups, baseline_ratio=scale * rng.random(1203), title=title),
+        weight_norms_figure(scale * rng.random(1203), counts, groups=groups, title="openimages: classifier weight norms of the final model"),
+    ]  # fmt: skip
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for figure in figures:
+        agg = FigureCanvasAgg(figure)
+        agg.draw()  # as savefig draws it
+        renderer, canvas = agg.get_renderer(), figure.bbox
+        (ax,) = figure.axes
+        ticks = [
+            label for axis in (ax.xaxis, ax.yaxis) for at, label in zip(axis.get_ticklocs(), axis.get_ticklabels(), strict=True)
+            if min(axis.get_view_interval()) <= at <= max(axis.get_view_interval())  # drawn ticks only
+        ]  # fmt: skip
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label, *ticks, ax.get_legend()]
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            inside = box.x0 >= canvas.x0 and box.y0 >= canvas.y0 and box.x1 <= canvas.x1 and box.y1 <= canvas.y1
+            label = getattr(text, "get_text", lambda: "legend")()
+            assert inside or not label, f"{label!r} at {box.bounds} is outside the figure {canvas.bounds}"

@@ -77,7 +77,7 @@ TRIAL_RESOURCE = "eqlv2_trial"
 #: times out fails the next trial).
 TRIAL_PROCESS_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "30"}
 #: Options the trials read as they are (:class:`TrialSettings` fields of the same name).
-_TRIAL_OPTIONS = ("multi_objective", "use_gpu", "cpus_per_worker", "max_failures", "seed")
+_TRIAL_OPTIONS = ("multi_objective", "use_gpu", "cpus_per_worker", "max_failures", "seed", "resume")
 
 
 @dataclass

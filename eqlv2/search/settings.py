@@ -183,6 +183,9 @@ class TrialSettings:
     the Tune storage when it is a remote URI: the trials' Ray Train checkpoints then go under
     ``<it>/<search>/ray_train/`` where any node finds them. ``schedules`` maps a dataset to
     ``(SOLVER.MAX_ITER, TEST.EVAL_PERIOD)``; ``baseline_ratios`` to a baseline's gradient ratio.
+    ``resume``: the search continues an interrupted one, so a trial first looks for what an
+    earlier attempt of it left (its Optuna record, its MLflow run); a new search's trials cannot
+    have one and skip both lookups (about 0.7 CPU-s per trial on PostgreSQL).
     """
 
     space: SearchSpace
@@ -195,6 +198,7 @@ class TrialSettings:
     cpus_per_worker: int = 1
     max_failures: int = 0
     seed: int = 42
+    resume: bool = False
     tracking_uri: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None

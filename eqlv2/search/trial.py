@@ -122,8 +122,8 @@ class TrialRunHooks:
 
 
 def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, Any] | None:
-    """The study's record of this trial if it is already finished (a resumed search)."""
-    if number is None or not settings.optuna_storage or not settings.study_name:
+    """The study's record of this trial if it is already finished (a resumed search only)."""
+    if not settings.resume or number is None or not settings.optuna_storage or not settings.study_name:
         return None
     try:
         return read_finished_trial(settings.optuna_storage, settings.study_name, int(number))
@@ -152,6 +152,7 @@ def _start_run(
     tags["optuna_trial_number"] = number
     if settings.parent_run_id:
         tags[PARENT_TAG] = settings.parent_run_id
+    if settings.parent_run_id and settings.resume:
         previous = mlflow.find_runs(settings.experiment_id, {PARENT_TAG: settings.parent_run_id, TRIAL_TAG: trial_id})
         if previous:
             logger.info("Trial %s continues its MLflow run %s", trial_id, previous[0].ref)
