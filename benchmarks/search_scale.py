@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile-trials", help="a folder: each trial writes a cProfile of its run_trial there "
-        "(CPU time of the trial's thread; read them together with pstats)",
+        "(CPU time of the trial's thread), and each forked stand-in worker one of its training "
+        "loop (a worker killed by its stopped trial writes none); read them together with pstats",
     )  # fmt: skip
     parser.add_argument(
         "--in-process", action="store_true",
