@@ -60,6 +60,7 @@ from eqlv2.search.trial import ReportTranslator, run_trial
 __all__ = [
     "DIVERGING_ALPHA",
     "StandInJob",
+    "profiled",
     "standin_quality",
     "standin_results",
     "standin_training_run",
@@ -218,14 +219,21 @@ def standin_training_run(
     return _forked_run(job, translator)
 
 
-def standin_trial(config: dict[str, Any], settings: TrialSettings) -> None:
-    """The benchmark's Tune trainable: the search's trial with the stand-in training run."""
+def profiled(name: str, timer: Callable[[], float], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; under cProfile with ``timer`` when :data:`PROFILE_DIR_ENV` names a
+    folder, the profile written there as ``<name>-<pid>-<ns>.prof`` (a process killed first
+    writes none)."""
     folder = os.environ.get(PROFILE_DIR_ENV)
     if not folder:
-        run_trial(config, settings, training_run=standin_training_run)
-        return
-    profiler = cProfile.Profile(time.thread_time)  # CPU time of the trial's thread
+        return fn(*args, **kwargs)
+    profiler = cProfile.Profile(timer)
     try:
-        profiler.runcall(run_trial, config, settings, training_run=standin_training_run)
+        return profiler.runcall(fn, *args, **kwargs)
     finally:
-        profiler.dump_stats(f"{folder}/trial-{os.getpid()}-{time.monotonic_ns()}.prof")
+        profiler.dump_stats(f"{folder}/{name}-{os.getpid()}-{time.monotonic_ns()}.prof")
+
+
+def standin_trial(config: dict[str, Any], settings: TrialSettings) -> None:
+    """The benchmark's Tune trainable: the search's trial with the stand-in training run (its
+    profile: CPU time of the trial's thread)."""
+    profiled("trial", time.thread_time, run_trial, config, settings, training_run=standin_training_run)

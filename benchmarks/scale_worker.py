@@ -18,7 +18,6 @@ nobody but the trials on this machine (a Unix socket with a random key from ``$E
 from __future__ import annotations
 
 import contextlib
-import cProfile
 import gc
 import math
 import os
@@ -42,11 +41,11 @@ from scale_standin import (
     AUTHKEY_ENV,
     BEST_QUALITY,
     DIVERGING_ALPHA,
-    PROFILE_DIR_ENV,
     SERVER_ENV,
     StandInJob,
     curve_quality,
     noise,
+    profiled,
     standin_results,
 )
 
@@ -159,26 +158,13 @@ def run_job(job: StandInJob, forward: Callable[[dict[str, Any]], None]) -> dict[
 # --- the server -----------------------------------------------------------------------------------
 
 
-def _profiled(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, under cProfile (CPU time) when ``--profile-trials`` names a folder; a worker
-    killed by its stopped trial writes nothing."""
-    folder = os.environ.get(PROFILE_DIR_ENV)
-    if not folder:
-        return fn(*args)
-    profiler = cProfile.Profile(time.process_time)
-    try:
-        return profiler.runcall(fn, *args)
-    finally:
-        profiler.dump_stats(f"{folder}/worker-{os.getpid()}.prof")
-
-
 def _worker(conn: Connection) -> int:
     """A forked worker: runs the job it receives, streaming its reports; the exit status."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         job = conn.recv()
         conn.send(("pid", os.getpid()))
-        final = _profiled(run_job, job, lambda metrics: conn.send(("report", metrics)))
+        final = profiled("worker", time.process_time, run_job, job, lambda metrics: conn.send(("report", metrics)))
         conn.send(("final", final))
     except (EOFError, OSError):  # the trial went away (stopped or killed): nothing to tell
         return 1
