@@ -80,7 +80,8 @@ SERVER_ENV = "EQLV2_STANDIN_SERVER"
 AUTHKEY_ENV = "EQLV2_STANDIN_AUTHKEY"
 #: ``1``: run the training loop in the trial process (no worker server).
 IN_PROCESS_ENV = "EQLV2_STANDIN_IN_PROCESS"
-#: A folder: each trial writes a cProfile of its ``run_trial`` there (``search_scale.py --profile-trials``).
+#: A folder for :func:`profiled`: each trial's ``run_trial`` and each forked worker's loop write a
+#: cProfile there (``search_scale.py --profile-trials``).
 PROFILE_DIR_ENV = "EQLV2_STANDIN_PROFILE_DIR"
 
 
