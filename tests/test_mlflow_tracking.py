@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -24,7 +25,9 @@ from eqlv2.search.mlflow_client import (  # noqa: E402
 )
 from eqlv2.search.mlflow_driver import SearchTracking, close_stale_child_runs  # noqa: E402
 from eqlv2.search.mlflow_outbox import DurableMlflow  # noqa: E402
+from eqlv2.search.mlflow_trial_run import TrialRunCreator, start_trial_run  # noqa: E402
 from eqlv2.search.mlflow_worker import gradient_table, read_gradient_ratio  # noqa: E402
+from eqlv2.search.optuna_study import TRIAL_NUMBER_KEY, TrialStateOptunaSearch  # noqa: E402
 from eqlv2.search.plots import (  # noqa: E402
     frequency_order,
     gradient_ratio_figure,
@@ -33,10 +36,9 @@ from eqlv2.search.plots import (  # noqa: E402
     save_figure,
     weight_norms_figure,
 )
-from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
+from eqlv2.search.settings import RUN_ID_KEY, TrialSettings, dataset_specs, parse_objective  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
 from eqlv2.search.stores import sqlite_url  # noqa: E402
-from eqlv2.search.trial import _start_run  # noqa: E402
 
 
 @pytest.fixture()
@@ -101,18 +103,60 @@ def test_resumed_trial_continues_its_own_run(tmp_path, store):
         objective=parse_objective("AP"), tracking_uri=uri, experiment_id=first_driver.experiment_id,
         parent_run_id=first_driver.parent_run_id, mlflow_outbox=first_driver.outbox_root, search_name="s",
     )  # fmt: skip
-    run_id = _start_run(settings, "t1", 0, {"alpha": 4.0})
+    run_id = start_trial_run(settings, "t1", 0, {"alpha": 4.0})
     client = MlflowClient(uri)
     SearchTracking.open(uri, "test-search", tmp_path / "artifacts", "s", first_driver.parent_run_id, tmp_path / "outbox")
     assert (client.get_run(run_id).info.status, client.get_run(run_id).data.tags[STATUS_TAG]) == ("KILLED", "interrupted")
     resumed = replace(settings, resume=True)  # what the resumed search's driver gives its trials
-    assert _start_run(resumed, "t1", 0, {"alpha": 4.0}) == run_id
+    assert start_trial_run(resumed, "t1", 0, {"alpha": 4.0}) == run_id
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags[STATUS_TAG], run.data.params["alpha"]) == ("RUNNING", "running", "4.0")
     assert client.get_run(first_driver.parent_run_id).info.status == "RUNNING"
-    assert _start_run(resumed, "t2", 1, {"alpha": 2.0}) != run_id  # another trial: its own run
+    assert start_trial_run(resumed, "t2", 1, {"alpha": 2.0}) != run_id  # another trial: its own run
     children = client.search_runs([settings.experiment_id], f"tags.`{PARENT_TAG}` = '{first_driver.parent_run_id}'")
     assert sorted(r.data.tags[TRIAL_TAG] for r in children) == ["t1", "t2"]
+
+
+def test_driver_creates_a_suggested_trials_run_and_names_it_in_the_config(tmp_path, store):
+    """The searcher's ``on_suggest`` (the driver's :class:`TrialRunCreator`) creates the run of
+    each suggested trial, with the tags and params a trial would give it, and the trial's config
+    names it; the creator survives pickling (Tune saves the searcher), and a failing one costs
+    the trial only its run id (the trial then creates the run itself)."""
+    import optuna
+
+    uri, _ = store
+    driver = SearchTracking.open(uri, "test-search", tmp_path / "artifacts", "s", None, tmp_path / "outbox")
+    space = parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}, "fixed": {"gamma": 12.0}})
+    settings = TrialSettings(
+        space=space, datasets=dataset_specs(["lvis"]), objective=parse_objective("AP"), tracking_uri=uri,
+        experiment_id=driver.experiment_id, parent_run_id=driver.parent_run_id, mlflow_outbox=driver.outbox_root,
+        search_name="s", seed=7, num_workers=2,
+    )  # fmt: skip
+    creator = pickle.loads(pickle.dumps(TrialRunCreator(settings)))
+    storage = optuna.storages.RDBStorage(sqlite_url(tmp_path / "optuna.db"))
+    searcher = TrialStateOptunaSearch(
+        space.optuna_distributions(), "objective", "max", points_to_evaluate=[{"alpha": 4.0}],
+        study_name="s", storage=storage, experiment="s", on_suggest=creator,
+    )  # fmt: skip
+    config = searcher.suggest("t1")
+    run = MlflowClient(uri).get_run(config[RUN_ID_KEY])
+    assert (config["alpha"], config[TRIAL_NUMBER_KEY], run.info.run_name) == (4.0, 0, "t1 (alpha=4, gamma=12)")
+    assert run.info.status == "RUNNING"
+    assert {k: run.data.tags[k] for k in (PARENT_TAG, TRIAL_TAG, STATUS_TAG, "optuna_trial_number", "trial_role")} == {
+        PARENT_TAG: driver.parent_run_id, TRIAL_TAG: "t1", STATUS_TAG: "running", "optuna_trial_number": "0", "trial_role": "search",
+    }  # fmt: skip
+    assert {k: run.data.params[k] for k in ("alpha", "gamma", "seed", "num_workers", "datasets", "objective")} == {
+        "alpha": "4.0", "gamma": "12.0", "seed": "7", "num_workers": "2", "datasets": "lvis", "objective": "AP",
+    }  # fmt: skip
+
+    def broken(trial_id, config):
+        raise RuntimeError("server exploded")
+
+    searcher = TrialStateOptunaSearch(
+        space.optuna_distributions(), "objective", "max", study_name="s", storage=storage, experiment="s", on_suggest=broken
+    )
+    config = searcher.suggest("t2")
+    assert RUN_ID_KEY not in config and config[TRIAL_NUMBER_KEY] == 1
 
 
 def test_unreachable_server_only_warns(monkeypatch, caplog, tmp_path):

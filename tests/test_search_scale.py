@@ -62,12 +62,14 @@ def test_search_scale_loses_and_doubles_nothing(postgres, mlflow_server, tmp_pat
 def test_trial_process_imports_neither_torch_nor_detectron2():
     """What a trial process imports before its training run: the search's trial module and the
     benchmark's stand-in trial, without torch, detectron2 or Ray Train's torch support (they cost a
-    trial process 9 s of CPU and 0.8 GB; a search's trial loads them in ``ray_train_run`` only)."""
+    trial process 9 s of CPU and 0.8 GB; a search's trial loads them in ``ray_train_run`` only),
+    nor MLflow (1.2 s: the driver creates a search trial's run) or SQLAlchemy (0.25 s: a resumed
+    trial's study check only)."""
     code = (
         "import sys\n"
         "import eqlv2.search.trial, scale_standin\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detectron2', 'torchvision', 'matplotlib')"
-        " or m == 'ray.train.torch')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('torch', 'detectron2', 'torchvision', 'matplotlib', 'mlflow', 'sqlalchemy') or m == 'ray.train.torch')\n"
         "print(heavy)\n"
     )  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH")])))

@@ -3,7 +3,7 @@
 Real local Ray (Tune, Train V2), a real SQLite MLflow store read back with ``MlflowClient``.
 
 * The race of issue 13, made to happen on purpose: trial processes that report to Tune and write
-  their MLflow run (through the project's trial-side code: :func:`eqlv2.search.trial._start_run`
+  their MLflow run (through the project's trial-side code: :func:`eqlv2.search.mlflow_trial_run.start_trial_run`
   and the rank-0 :class:`~eqlv2.search.mlflow_worker.MlflowEventWriter`) as fast as they can are
   stopped by Tune in the middle of that, or fail, several times over. The driver's
   :class:`~eqlv2.search.mlflow_driver.SearchTracking` alone writes each run's final state: every
@@ -37,12 +37,12 @@ from search_fixtures import ray_local  # noqa: E402,F401
 from eqlv2.search.mlflow_client import PARENT_TAG, STATUS_TAG, TRIAL_TAG  # noqa: E402
 from eqlv2.search.mlflow_driver import SearchTracking  # noqa: E402
 from eqlv2.search.mlflow_outbox import DurableMlflow, node_outbox  # noqa: E402
+from eqlv2.search.mlflow_trial_run import start_trial_run  # noqa: E402
 from eqlv2.search.mlflow_worker import MlflowEventWriter  # noqa: E402
 from eqlv2.search.optuna_study import STEP_KEY, build_scheduler  # noqa: E402
 from eqlv2.search.settings import TrialSettings, dataset_specs, parse_objective  # noqa: E402
 from eqlv2.search.space import parse_search_space  # noqa: E402
 from eqlv2.search.train_runner import fit_relayed  # noqa: E402
-from eqlv2.search.trial import _start_run  # noqa: E402
 
 SPACE = parse_search_space({"params": {"alpha": {"low": 0.0, "high": 8.0}}})
 STOP_AT = 4  # Tune stops a trial once it has reported this many results
@@ -52,7 +52,7 @@ def reporting_trial(config, settings):
     """Writes its run and reports to Tune without pause until stopped; fails at its 4th report
     when ``config["fail"]``."""
     trial_id = tune.get_context().get_trial_id()
-    run_id = _start_run(settings, trial_id, None, {"alpha": config["alpha"]})
+    run_id = start_trial_run(settings, trial_id, None, {"alpha": config["alpha"]})
     writer = MlflowEventWriter(DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox)), run_id, "lvis", 10_000, ())
     with EventStorage() as storage:
         for iteration in range(10_000):

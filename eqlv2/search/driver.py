@@ -33,6 +33,7 @@ from . import ranking
 from .credentials import check_url_has_no_credentials
 from .mlflow_client import experiment_url, ui_command
 from .mlflow_driver import SearchTracking
+from .mlflow_trial_run import TrialRunCreator
 from .mlflow_worker import read_gradient_ratio
 from .options import SearchOptions
 from .optuna_study import (
@@ -415,6 +416,7 @@ def _searcher(plan: SearchPlan, settings: TrialSettings, storage, study: optuna.
         points_to_evaluate=pending_seed_points(study, settings.space.seed_points) or None,
         sampler=build_sampler(plan.options.sampler, plan.options.seed), study_name=settings.study_name,
         storage=storage, experiment=settings.search_name, record_keys=["objective", *settings.objective_keys(), STEP_KEY, *metrics],
+        on_suggest=TrialRunCreator(settings) if settings.tracked else None,
     )  # fmt: skip
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
-from sqlalchemy.pool import NullPool
 
 from .space import finite_number, same_assignment
 
@@ -52,7 +51,9 @@ def open_storage(url: str, reader: bool = False) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):  # several processes may read the file at once
         engine_kwargs["connect_args"] = {"timeout": 60}
-    if reader:
+    if reader:  # imported here: SQLAlchemy costs a trial process 0.25 s of CPU it rarely needs
+        from sqlalchemy.pool import NullPool
+
         engine_kwargs["poolclass"] = NullPool
     return optuna.storages.RDBStorage(
         url, engine_kwargs=engine_kwargs or None, skip_compatibility_check=reader, skip_table_creation=reader
@@ -135,7 +136,9 @@ class TrialStateOptunaSearch(Searcher):
 
     ``metric`` and ``mode`` are one key or one per objective; ``points_to_evaluate`` are enqueued
     (pass only those the study lacks); ``record_keys`` are saved with a finished trial
-    (:data:`RESULT_ATTR`), so a resumed search can report it without training it again.
+    (:data:`RESULT_ATTR`), so a resumed search can report it without training it again;
+    ``on_suggest(tune_trial_id, config)`` returns entries to add to a suggested trial's config
+    (the driver's MLflow run of the trial, :class:`~eqlv2.search.mlflow_trial_run.TrialRunCreator`).
     """
 
     def __init__(
@@ -150,12 +153,14 @@ class TrialStateOptunaSearch(Searcher):
         storage: optuna.storages.BaseStorage,
         experiment: str,
         record_keys: Sequence[str] = (),
+        on_suggest: Callable[[str, dict], Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         self._space = dict(space)
         self._storage = storage
         self._experiment_name = experiment
         self._record_keys = list(record_keys)
+        self._on_suggest = on_suggest
         modes = mode if isinstance(mode, list) else [mode]
         self.study = optuna.create_study(
             storage=storage, study_name=study_name, sampler=sampler, load_if_exists=True,
@@ -171,7 +176,13 @@ class TrialStateOptunaSearch(Searcher):
         trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         trial.set_user_attr(EXPERIMENT_ATTR, self._experiment_name)
         self._live[trial_id] = trial
-        return {**trial.params, TRIAL_NUMBER_KEY: trial.number}
+        config = {**trial.params, TRIAL_NUMBER_KEY: trial.number}
+        if self._on_suggest is not None:
+            try:
+                config.update(self._on_suggest(trial_id, config))
+            except Exception as exc:  # the trial then does it itself
+                logger.warning("on_suggest failed for trial %s: %s", trial_id, exc)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if not isinstance(self.metric, list):  # Optuna keeps no intermediate values of several objectives

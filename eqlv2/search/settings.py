@@ -15,6 +15,10 @@ from typing import Any
 from .options import SearchInputError
 from .space import SearchSpace, finite_number
 
+#: Config key the driver adds to a suggested trial: the id of the MLflow run it created for it
+#: (:mod:`eqlv2.search.mlflow_trial_run`).
+RUN_ID_KEY = "mlflow_run_id"
+
 
 def repository_root() -> Path:
     """The project's checkout (where ``configs/`` lives)."""
@@ -214,6 +218,11 @@ class TrialSettings:
     @property
     def dataset_names(self) -> list[str]:
         return [spec.name for spec in self.datasets]
+
+    @property
+    def tracked(self) -> bool:
+        """Whether the trials have MLflow runs."""
+        return bool(self.tracking_uri and self.experiment_id and self.mlflow_outbox)
 
     def evaluations(self, dataset: str) -> int:
         """Evaluations one training run on ``dataset`` does (periodic ones and the final one)."""

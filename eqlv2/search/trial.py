@@ -8,9 +8,12 @@ Every result carries ``dataset``, the metrics prefixed with it (``lvis/AP``),
 together: ASHA's time, Optuna's step), ``<dataset>/objective`` (NaN until evaluated) and their
 mean ``objective``; after the last run only, :data:`~eqlv2.search.optuna_study.COMPLETION_KEY`.
 
-The trial creates its MLflow run (or reopens the one of its first attempt) but never writes its
-final state: the driver does. Torch and detectron2 are imported only by the runner actor (9 s of
-CPU and 0.8 GB the trial process does not pay).
+A search trial's MLflow run is created by the driver and named in its config (:data:`RUN_ID_KEY`);
+a reference trial, or a trial of a resumed search, creates its run (or reopens the one of its
+first attempt) itself (:mod:`eqlv2.search.mlflow_trial_run`). No trial writes its run's final
+state: the driver does. Torch and detectron2 are imported only by the runner actor (9 s of CPU
+and 0.8 GB the trial process does not pay), and MLflow only where the trial starts its own run
+(1.2 s of CPU, most of it ``mlflow.genai``).
 """
 
 from __future__ import annotations
@@ -25,16 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from .mlflow_client import PARENT_TAG, ROLE_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
-from .mlflow_outbox import DurableMlflow
 from .optuna_study import COMPLETION_KEY, STEP_KEY, TRIAL_NUMBER_KEY, read_finished_trial
 from .references import TrialSetup, trial_setup
-from .settings import DatasetSpec, Objective, TrialSettings, evaluations_done
+from .settings import RUN_ID_KEY, DatasetSpec, Objective, TrialSettings, evaluations_done
 from .train_runner import fit_relayed
 
-if TYPE_CHECKING:  # detectron2 types, for the annotations only
+if TYPE_CHECKING:  # for the annotations only (detectron2 and MLflow run in the rank-0 worker)
     from detectron2.engine import PeriodicWriter
 
+    from .mlflow_outbox import DurableMlflow
     from .mlflow_worker import TrialArtifactsHook
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,10 @@ class TrialRunHooks:
     baseline_ratio: tuple[float, ...] | None = None
 
     def _mlflow(self) -> DurableMlflow:
+        from .mlflow_outbox import (
+            DurableMlflow,  # in the rank-0 worker, which imports MLflow anyway
+        )
+
         return DurableMlflow.on_node(self.tracking_uri, self.outbox_root, short_retries=True)
 
     def writer(self, cfg, trainer) -> PeriodicWriter:
@@ -130,40 +136,6 @@ def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, 
     except Exception as error:
         logger.warning("Could not check the Optuna study for trial %s: %s", number, error)
         return None
-
-
-def _trial_mlflow(settings: TrialSettings) -> DurableMlflow | None:
-    """The trial's MLflow client (HTTP retries kept short); None when not tracked."""
-    if not (settings.tracking_uri and settings.experiment_id and settings.mlflow_outbox):
-        return None
-    return DurableMlflow.on_node(settings.tracking_uri, settings.mlflow_outbox, short_retries=True)
-
-
-def _start_run(
-    settings: TrialSettings, trial_id: str, number: Any, values: Mapping[str, Any], setup: TrialSetup | None = None
-) -> str | None:
-    """Creates the trial's child run with its params, or reopens the one a first attempt of this
-    trial created (a resumed search); None when not tracked."""
-    mlflow = _trial_mlflow(settings)
-    if mlflow is None:
-        return None
-    setup = setup or TrialSetup(dict(values), [], settings.seed, "search", None)
-    tags = {TRIAL_TAG: trial_id, STATUS_TAG: "running", SEARCH_TAG: settings.search_name, ROLE_TAG: setup.role}
-    tags["optuna_trial_number"] = number
-    if settings.parent_run_id:
-        tags[PARENT_TAG] = settings.parent_run_id
-    if settings.parent_run_id and settings.resume:
-        previous = mlflow.find_runs(settings.experiment_id, {PARENT_TAG: settings.parent_run_id, TRIAL_TAG: trial_id})
-        if previous:
-            logger.info("Trial %s continues its MLflow run %s", trial_id, previous[0].ref)
-            mlflow.reopen(previous[0].ref, {**previous[0].tags, **tags})
-            mlflow.set_tags(previous[0].ref, {STATUS_TAG: "running"})
-            return previous[0].ref
-    label = setup.label or ", ".join(f"{k}={float(v):.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-    run_id = mlflow.create_run(settings.experiment_id, f"{trial_id} ({label})", tags)
-    params = {**values, **settings.run_params(setup.extra_opts), "seed": setup.seed, "objective": settings.objective.text}
-    mlflow.log_params(run_id, {**params, "num_workers": settings.num_workers})
-    return run_id
 
 
 def ray_train_run(
@@ -216,16 +188,23 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, training_run: Tra
     done = _already_finished(settings, number)
     if done is not None:
         return _report_recorded(done, trial_id, number)
-    run_id = _start_run(settings, trial_id, number, setup.values, setup)
+    run_id = config.get(RUN_ID_KEY) if not settings.resume else None
+    own_run = run_id is None and settings.tracked
+    if own_run:  # imported here: the trial process of a search trial never needs MLflow
+        from .mlflow_trial_run import start_trial_run
+
+        run_id = start_trial_run(settings, trial_id, number, setup.values, setup)
     stopped = False
     try:
         final, evals = _train_datasets(settings, setup, run_id, trial_dir, training_run)
     except SystemExit:  # Tune stopped the trial: end at once, Tune reuses this process
         stopped = True
         raise
-    finally:  # replays the node's outbox (what is left stays for the driver)
-        if not stopped and (mlflow := _trial_mlflow(settings)) is not None:
-            logger.info("Trial %s ended: %s", trial_id, mlflow.flush().summary())
+    finally:  # what this process wrote to the outbox is replayed (the rank-0 workers replay theirs)
+        if own_run and not stopped:
+            from .mlflow_trial_run import flush_trial_outbox
+
+            flush_trial_outbox(settings, trial_id)
     tune.report({**final, STEP_KEY: evals, COMPLETION_KEY: 1})
 
 
