@@ -93,6 +93,33 @@ def test_parent_and_child_runs_read_back(tmp_path, store):
     assert mlflow.pending() == 0
 
 
+def test_one_batch_holds_metrics_params_and_tags(tmp_path, store):
+    """``log_batch`` writes the finite metrics at their step, the params and the tags of one call
+    (the driver's close: the objective and the trial's final tags); nothing stays in the outbox."""
+    uri, experiment_id = store
+    mlflow = DurableMlflow(uri, tmp_path / "outbox")
+    run = mlflow.create_run(experiment_id, "trial")
+    long_tag = "x" * 6000
+    mlflow.log_batch(run, metrics={"objective": 21.5, "lvis/objective": float("nan")}, step=3, params={"alpha": 4.0}, tags={"error": long_tag})
+    mlflow.log_batch(run)  # nothing to log: no request, no entry
+    data = MlflowClient(uri).get_run(run).data
+    assert data.metrics == {"objective": 21.5}
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run, "objective")] == [3]
+    assert data.params == {"alpha": "4.0"}
+    assert data.tags["error"] == "x" * 5000
+    assert mlflow.pending() == 0
+
+
+def test_trial_folder_names_leave_out_the_mlflow_run_id():
+    from ray.tune.experiment import Trial
+
+    from eqlv2.search.driver import trial_dirname
+
+    config = {"alpha": 4.123456, "gamma": 12.0, RUN_ID_KEY: "0123456789abcdef" * 2, TRIAL_NUMBER_KEY: 3}
+    trial = Trial("run_trial", config=config, trial_id="a1b2c3d4", stub=True)
+    assert trial_dirname(trial) == "run_trial_a1b2c3d4_alpha=4.1235,gamma=12,optuna_trial_number=3"
+
+
 def test_resumed_trial_continues_its_own_run(tmp_path, store):
     """A search killed and resumed: its driver closes the trial's open run (KILLED), then the
     restarted trial (same Tune trial id) reopens that run instead of creating a second one."""

@@ -47,7 +47,7 @@ from .optuna_study import (
 )
 from .ray_local import init_local_ray
 from .references import REFERENCE_KEY, reference_configs, reference_label
-from .settings import TrialSettings, dataset_specs, parse_objective, repository_root
+from .settings import RUN_ID_KEY, TrialSettings, dataset_specs, parse_objective, repository_root
 from .space import load_search_space
 from .stores import TuneStorage, prepare_writable_dir, store_url
 from .trial import run_trial
@@ -381,6 +381,14 @@ def _tuner(
     return tune.Tuner(trainable, run_config=run_config, **new())
 
 
+def trial_dirname(trial) -> str:
+    """A trial's Tune folder: its trainable, id and parameters, as Tune names it, without the MLflow
+    run id of its config (32 characters that would push the parameters out of the name)."""
+    values = sorted((k, v) for k, v in trial.config.items() if k != RUN_ID_KEY and not isinstance(v, dict))
+    params = ",".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values)
+    return f"{trial.trainable_name}_{trial.trial_id}_{params}"[:130]
+
+
 def build_tuner(
     plan: SearchPlan, settings: TrialSettings, tracking: SearchTracking | None, trial_function: TrialFunction = run_trial
 ) -> tune.Tuner:
@@ -402,7 +410,10 @@ def build_tuner(
             raise SystemExit(str(error)) from error
         live = options.concurrency + _staged_trials(options.concurrency)
         searcher = ConcurrencyLimiter(_searcher(plan, settings, storage, study), max_concurrent=live)
-        return {"tune_config": tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials, reuse_actors=True)}
+        tune_config = tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=options.num_trials, reuse_actors=True, trial_dirname_creator=trial_dirname
+        )  # fmt: skip
+        return {"tune_config": tune_config}
 
     return _tuner(plan, settings, tracking, settings.search_name, new_search, trial_function)
 

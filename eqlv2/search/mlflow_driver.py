@@ -2,11 +2,13 @@
 
 One parent run per search (tags ``kind=search``, ``search_name``: the settings as params, at the
 end the ranked table, the best configuration and Optuna's figures) and one child run per trial,
-created by the trial process and filled by its rank-0 workers. :class:`SearchTracking` alone
-writes a trial run's final state, since only the driver knows why a trial ended: completed
-(``FINISHED``), stopped by the scheduler (``KILLED``, ``stopped_early``), failed (``FAILED``, the
-error as tag and ``error.txt``) or cut short by an interrupted driver (``KILLED``,
-``interrupted``). It finds a trial's run by its tags, on the server and in the outbox.
+created when the searcher suggests it (:mod:`eqlv2.search.mlflow_trial_run`; a reference trial's
+by its trial process) and filled by its rank-0 workers. :class:`SearchTracking` alone writes a
+trial run's final state, since only the driver knows why a trial ended: completed (``FINISHED``),
+stopped by the scheduler (``KILLED``, ``stopped_early``), failed (``FAILED``, the error as tag and
+``error.txt``) or cut short by an interrupted driver (``KILLED``, ``interrupted``). It closes the
+run its trial's config names; in a resumed search, or for a reference trial, it finds the run
+by its tags, on the server and in the outbox.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .mlflow_client import (
 )
 from .mlflow_outbox import DurableMlflow, ReplayReport, outbox_report
 from .plots import optuna_history_figure, optuna_importance_figure
+from .settings import RUN_ID_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +81,11 @@ class SearchTracking(Callback):
     """Tune callback on the driver, and the driver's only MLflow writer (see the module docstring);
     ``outbox_root`` is the search's outbox folder (``<results dir>/mlflow_outbox``)."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, outbox_root: str | os.PathLike) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment_id: str, parent_run_id: str, outbox_root: str | os.PathLike, resumed: bool = False
+    ) -> None:
         self.tracking_uri = tracking_uri
+        self.resumed = resumed
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.outbox_root = str(Path(outbox_root).expanduser().resolve())
@@ -102,12 +108,13 @@ class SearchTracking(Callback):
         mlflow = DurableMlflow.on_node(uri, outbox_root)
         # MLflow's UI opens an experiment without a kind on its GenAI pages: mark it as training.
         mlflow.call("tagging the experiment", lambda c: tag_experiment_for_training(c, experiment_id))
-        if parent_run_id:
+        resumed = bool(parent_run_id)
+        if resumed:
             mlflow.reopen(parent_run_id, {SEARCH_TAG: name, "kind": "search"})
             close_stale_child_runs(mlflow, experiment_id, parent_run_id, "interrupted")
         else:
             parent_run_id = mlflow.create_run(experiment_id, name, {SEARCH_TAG: name, "kind": "search"})
-        return cls(uri, experiment_id, parent_run_id, outbox_root) if parent_run_id else None
+        return cls(uri, experiment_id, parent_run_id, outbox_root, resumed=resumed) if parent_run_id else None
 
     def _close(self, run_id: str, status: str, metrics: Mapping[str, Any], error: str | None) -> None:
         tag, run_status = FINAL_STATES[status]
@@ -115,13 +122,17 @@ class SearchTracking(Callback):
         if error is not None:
             tags["error"] = error_summary(error)
             self.mlflow.log_text(run_id, error, "error.txt")
-        self.mlflow.set_tags(run_id, tags)
         step = metrics.get("eval_step", 0)
+        step = int(step) if isinstance(step, int | float) and math.isfinite(step) else 0
         objectives = {k: v for k, v in metrics.items() if k == "objective" or k.endswith("/objective")}
-        self.mlflow.log_metrics(run_id, objectives, int(step) if isinstance(step, int | float) and math.isfinite(step) else 0)
+        self.mlflow.log_batch(run_id, metrics=objectives, step=step, tags=tags)
         self.mlflow.terminate(run_id, run_status)
 
     def _close_trial(self, trial, status: str, error: str | None = None) -> None:
+        run_id = (trial.config or {}).get(RUN_ID_KEY)
+        if run_id and not self.resumed:  # created for this trial by this driver, open until now
+            self._close(run_id, status, dict(trial.last_result or {}), error)
+            return
         runs = self.mlflow.find_runs(self.experiment_id, {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id})
         for run in runs:
             if run.open:

@@ -590,22 +590,34 @@ class DurableMlflow:
         self._guard("register the run", lambda: self.outbox.set_closed(run_id, False, _texts(tags)))
         self._call(f"reopening run {run_id}", "update_run", run_id, {"status": "RUNNING"})
 
+    def log_batch(
+        self, run_id: str | None, *, metrics: Mapping[str, Any] | None = None, step: int = 0,
+        params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None, timestamp_ms: int | None = None,
+    ) -> None:  # fmt: skip
+        """One request: the finite numeric entries of ``metrics`` at ``step`` (time: now, in ms),
+        ``params`` (text, cut to MLflow's 6000 characters) and ``tags`` (text, cut to 5000)."""
+        stamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
+        payload: dict[str, Any] = {
+            "metrics": [[key, value, stamp, int(step)] for key, value in finite_metrics(metrics or {}).items()],
+            "params": list(_texts(params, 6000).items()),
+            "tags": list(_texts(tags, 5000).items()),
+        }
+        payload = {kind: entries for kind, entries in payload.items() if entries}
+        if payload:
+            what = [f"metrics ({len(e)} at step {step})" if k == "metrics" else f"{k} {[n for n, _ in e]}" for k, e in payload.items()]
+            self._call(", ".join(what), "log_batch", run_id, payload)
+
     def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> None:
         """Logs the finite numeric entries of ``metrics`` at ``step`` (time: now, in ms)."""
-        stamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
-        points = [[key, value, stamp, int(step)] for key, value in finite_metrics(metrics).items()]
-        if points:
-            self._call(f"metrics ({len(points)} at step {step})", "log_batch", run_id, {"metrics": points})
+        self.log_batch(run_id, metrics=metrics, step=step, timestamp_ms=timestamp_ms)
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         """Logs params (values as text, cut to MLflow's 6000 characters)."""
-        if params:
-            self._call(f"params {list(params)}", "log_batch", run_id, {"params": list(_texts(params, 6000).items())})
+        self.log_batch(run_id, params=params)
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         """Sets tags (values as text, cut to 5000 characters)."""
-        if tags:
-            self._call(f"tags {list(tags)}", "log_batch", run_id, {"tags": list(_texts(tags, 5000).items())})
+        self.log_batch(run_id, tags=tags)
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Uploads one file (journaled as a copy, so the source may go away)."""
