@@ -2,8 +2,8 @@
 replaced by a documented function of (gamma, mu, alpha), everything around it the project's own.
 
 **Real** (the project's code, unchanged): a trial of the benchmark is the search's
-:func:`eqlv2.search.trial.run_trial` (the Optuna check of a resumed trial, its MLflow run and
-params, the outbox flush, the final report with the completion marker) with
+:func:`eqlv2.search.trial.run_trial` (the Optuna check and the MLflow run of a resumed trial, the
+run the driver created for a new one, the final report with the completion marker) with
 :func:`standin_training_run` in place of :func:`eqlv2.search.trial.ray_train_run` (the
 ``training_run=`` seam). Every report of the training loop goes through the trial's
 ``ReportTranslator`` to ``tune.report`` from the trial's thread, as ``fit_relayed`` passes rank 0's reports.
@@ -19,7 +19,7 @@ to the trial instead of ``ray.train.report``. And the process: in a search the l
 Train worker beside the trial process; here it runs in a process forked from the stand-in worker
 server (``scale_worker.py``, one per benchmark, which imported detectron2 once), connected to
 the trial by a Unix socket. So the trial process imports what a search's trial process imports
-before its Ray Train run (Ray Tune, MLflow, Optuna; not torch or detectron2). When Tune stops a
+before its Ray Train run (Ray Tune, Optuna; not MLflow, torch or detectron2). When Tune stops a
 trial, the trial kills its forked worker, as Ray kills a stopped trial's Ray Train workers.
 ``EQLV2_STANDIN_IN_PROCESS=1`` runs the loop in the trial process instead (how the benchmark ran
 before: every trial process then imports torch and detectron2).
