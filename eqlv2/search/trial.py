@@ -107,9 +107,8 @@ class TrialRunHooks:
     baseline_ratio: tuple[float, ...] | None = None
 
     def _mlflow(self) -> DurableMlflow:
-        from .mlflow_outbox import (
-            DurableMlflow,  # in the rank-0 worker, which imports MLflow anyway
-        )
+        # Imported here: this runs in the rank-0 worker, which imports MLflow anyway.
+        from .mlflow_outbox import DurableMlflow
 
         return DurableMlflow.on_node(self.tracking_uri, self.outbox_root, short_retries=True)
 
