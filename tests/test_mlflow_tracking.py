@@ -110,6 +110,64 @@ def test_one_batch_holds_metrics_params_and_tags(tmp_path, store):
     assert mlflow.pending() == 0
 
 
+def test_deferred_points_go_out_with_the_runs_next_call_or_when_due(tmp_path, store):
+    uri, experiment_id = store
+    mlflow = DurableMlflow(uri, tmp_path / "outbox")
+    run = mlflow.create_run(experiment_id, "trial")
+    client = MlflowClient(uri)
+    mlflow.defer_metrics(run, {"loss": 1.0, "AP": float("nan")}, 1, within=3600)
+    mlflow.defer_metrics(run, {"loss": 0.5}, 2, within=3600)
+    assert client.get_metric_history(run, "loss") == []
+    mlflow.log_text(run, "table", "t.csv")  # the run's next call: the points go first
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "loss")] == [(1, 1.0), (2, 0.5)]
+    mlflow.defer_metrics(run, {"loss": 0.25}, 3, within=3600)
+    mlflow.defer_metrics(run, {"loss": 0.2}, 4, within=0.0)  # the oldest waited long enough
+    assert [m.step for m in client.get_metric_history(run, "loss")] == [1, 2, 3, 4]
+    mlflow.defer_metrics(run, {"loss": 0.1}, 5)
+    mlflow.log_metrics(run, {"AP": 3.0}, 5)  # one batch with the deferred point
+    mlflow.defer_metrics(run, {"loss": 0.05}, 6)
+    mlflow.flush()
+    assert [m.step for m in client.get_metric_history(run, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert "AP" in client.get_run(run).data.metrics and mlflow.pending() == 0
+
+
+def test_rank0_hooks_send_every_point_before_each_evaluation_report(tmp_path, store):
+    """The writer defers its points (logging period 2); the artifacts hook, built from the same
+    unpickled factories, sends them right after each evaluation (period 5), where the search's
+    report hook comes next; the rest go after training, each point once."""
+    import torch
+    from detectron2.config import CfgNode
+    from detectron2.engine import EvalHook, HookBase, TrainerBase
+
+    from eqlv2.search.trial import TrialRunHooks
+
+    uri, experiment_id = store
+    run = DurableMlflow(uri, tmp_path / "outbox").create_run(experiment_id, "trial")
+    client = MlflowClient(uri)
+    factories = pickle.loads(pickle.dumps(TrialRunHooks(uri, str(tmp_path / "results"), run, "lvis", period=2)))
+    cfg = CfgNode({"SOLVER": {"MAX_ITER": 10}, "TEST": {"EVAL_PERIOD": 5}, "DATASETS": {"TRAIN": (), "TEST": ("val",)}})
+    on_server: dict[int, list[int]] = {}
+
+    class Loop(TrainerBase):
+        model = torch.nn.Linear(2, 2)
+
+        def run_step(self):
+            self.storage.put_scalar("total_loss", 1.0 / (self.iter + 1))
+
+    class ServerView(HookBase):  # where the report hook sits
+        def after_step(self):
+            done = self.trainer.iter + 1
+            on_server[done] = [m.step for m in client.get_metric_history(run, "lvis/total_loss")]
+
+    trainer = Loop()
+    evaluation = EvalHook(5, lambda: {"bbox": {"AP": 10.0 + trainer.iter}})
+    trainer.register_hooks([evaluation, factories.writer(cfg, trainer), factories.artifacts(cfg, trainer), ServerView()])
+    trainer.train(0, 10)
+    assert on_server[4] == [] and on_server[5] == [2, 4] and on_server[9] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run, "lvis/total_loss")] == [2, 4, 6, 8, 10]
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "lvis/bbox/AP")] == [(5, 14.0), (10, 20.0)]
+
+
 def test_trial_folder_names_leave_out_the_mlflow_run_id():
     from ray.tune.experiment import Trial
 

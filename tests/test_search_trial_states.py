@@ -53,7 +53,8 @@ def reporting_trial(config, settings):
     when ``config["fail"]``."""
     trial_id = tune.get_context().get_trial_id()
     run_id = start_trial_run(settings, trial_id, None, {"alpha": config["alpha"]})
-    writer = MlflowEventWriter(DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox)), run_id, "lvis", 10_000, ())
+    mlflow = DurableMlflow(settings.tracking_uri, node_outbox(settings.mlflow_outbox))
+    writer = MlflowEventWriter(mlflow, run_id, "lvis", 10_000, (), defer_seconds=0.0)  # every point at once
     with EventStorage() as storage:
         for iteration in range(10_000):
             storage.iter = iteration

@@ -144,6 +144,8 @@ def _configure_libraries() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses ≤ 2 s of state
     os.environ.update(_trial_process_env())  # read by the trial processes of a local instance
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a search
+    # No "View run ... at" line per closed trial run, nor the GET of the run MLflow makes to print it.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # The driver's own MLflow calls; trials and their workers set theirs lower (TRIAL_HTTP_LIMITS).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

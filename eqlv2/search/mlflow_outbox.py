@@ -442,6 +442,8 @@ class DurableMlflow:
     Each call: if the server was unreachable less than ``retry_after`` seconds ago, it is
     journaled at once (no waiting on a dead server); otherwise the backlog is replayed first and,
     once nothing is pending, the call is sent, and journaled if the server is unreachable.
+    Metric points given to :meth:`defer_metrics` wait in memory and go out in one batch with the
+    run's next call, once the oldest has waited ``within`` seconds, or on :meth:`flush`.
     Picklable: the copy opens the outbox in its process. ``outbox_dir`` must be on a local disk
     of this node (:func:`node_outbox`).
     """
@@ -452,6 +454,8 @@ class DurableMlflow:
         self.retry_after = retry_after
         self._down_since: float | None = None
         self._lock = threading.RLock()
+        self._deferred: dict[str, list[list[Any]]] = {}  # run ref -> [key, value, ms, step] points
+        self._deferred_since: dict[str, float] = {}  # run ref -> monotonic time of its oldest point
 
     @classmethod
     def on_node(cls, tracking_uri: str, outbox_root: str | os.PathLike, short_retries: bool = False) -> DurableMlflow:
@@ -511,8 +515,10 @@ class DurableMlflow:
         return report
 
     def flush(self) -> ReplayReport:
-        """Replays the backlog now, waiting for another process's replay; never raises."""
+        """Sends the deferred points, then replays the backlog now, waiting for another process's
+        replay; never raises."""
         with self._lock:
+            self.send_deferred()
             failed = ReplayReport(error="the outbox could not be read", pending=-1)
             return self._guard("replay", lambda: self._replay(blocking=True), default=failed)
 
@@ -551,7 +557,36 @@ class DurableMlflow:
     def _call(self, what: str, op: str, run_ref: str | None, payload: dict[str, Any]) -> str | None:
         if op != "create_run" and not run_ref:
             return None
-        return self._guard(f"record {what}", lambda: self._submit(what, op, run_ref, payload))
+        with self._lock:  # the run's deferred points go first (in the same batch, for log_batch)
+            deferred = self._deferred.pop(run_ref, []) if run_ref else []
+            self._deferred_since.pop(run_ref, None)
+            if deferred and op == "log_batch":
+                payload = {**payload, "metrics": deferred + payload.get("metrics", [])}
+            elif deferred:
+                self._guard("record deferred metrics", lambda: self._submit("deferred metrics", "log_batch", run_ref, {"metrics": deferred}))
+            if op == "log_batch" and not payload:
+                return None
+            return self._guard(f"record {what}", lambda: self._submit(what, op, run_ref, payload))
+
+    def send_deferred(self, run_id: str | None = None) -> None:
+        """Sends the deferred points of ``run_id`` (None: of every run) now, one batch a run."""
+        with self._lock:
+            for run_ref in [run_id] if run_id else list(self._deferred):
+                self._call("deferred metrics", "log_batch", run_ref, {})
+
+    def defer_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int, within: float = 30.0) -> None:
+        """Keeps the finite numeric entries of ``metrics`` at ``step`` (time: now) for the run's next
+        call; sends them all once the oldest has waited ``within`` seconds. Points still waiting
+        when the process is killed are lost: call :meth:`flush` before it ends."""
+        if not run_id:
+            return
+        stamp = _now_ms()
+        with self._lock:
+            points = self._deferred.setdefault(run_id, [])
+            points += [[key, value, stamp, int(step)] for key, value in finite_metrics(metrics).items()]
+            since = self._deferred_since.setdefault(run_id, time.monotonic())
+            if time.monotonic() - since >= within:
+                self.send_deferred(run_id)
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A read (``fn(client, ...)``), not journaled; None when it fails or the server is down."""

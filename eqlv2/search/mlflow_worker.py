@@ -2,9 +2,14 @@
 
 * :class:`MlflowEventWriter`, a detectron2 ``EventWriter`` run by a ``PeriodicWriter``: every new
   scalar of the ``EventStorage`` (losses, ``lr``, ``eqlv2/...``, and the results ``EvalHook`` put
-  there with the paper's columns) as ``<dataset>/<name>`` at the step "iterations done";
-* :class:`TrialArtifactsHook`: after every evaluation the gradient statistics (CSV, ratio figure,
-  per-group summaries), after training the classifier weight norms.
+  there with the paper's columns) as ``<dataset>/<name>`` at the step "iterations done". The
+  points are deferred (:meth:`DurableMlflow.defer_metrics`): they go out with the run's next
+  call of the same client (the gradient summaries after an evaluation), after 30 s at the most,
+  and after training; so a run stopped right after an evaluation's report has every point up to it.
+* :class:`TrialArtifactsHook`: after every evaluation the gradient statistics (CSV table and
+  per-group summaries); after training the ratio figure of the final statistics and the
+  classifier weight norms (table and figure). Any table can be drawn later with
+  :func:`eqlv2.search.plots.gradient_ratio_figure` and :func:`read_gradient_ratio`.
 
 Neither writes the run's status (the driver does); both replay the outbox after training.
 """
@@ -76,8 +81,11 @@ def category_table(dataset_name: str | None, num_classes: int) -> dict[str, list
 class MlflowEventWriter(EventWriter):
     """Writes the ``EventStorage``'s new scalars to a trial's run (see the module docstring)."""
 
-    def __init__(self, mlflow: DurableMlflow, run_id: str, dataset: str, max_iter: int, test_datasets: Sequence[str]) -> None:
+    def __init__(
+        self, mlflow: DurableMlflow, run_id: str, dataset: str, max_iter: int, test_datasets: Sequence[str], defer_seconds: float = 30.0
+    ) -> None:  # fmt: skip
         self._mlflow = mlflow
+        self._defer_seconds = defer_seconds
         self._run_id = run_id
         self._prefix = f"{dataset}/"
         self._max_iter = int(max_iter)
@@ -91,7 +99,7 @@ class MlflowEventWriter(EventWriter):
             scalars = {k: v for k, (v, at) in new.items() if at == iteration and not is_evaluation_key(k, self._tests)}
             scalars.update(evaluation_metrics(evaluation_at(storage, iteration, self._tests)))
             step = min(iteration + 1, self._max_iter)  # iterations done
-            self._mlflow.log_metrics(self._run_id, {self._prefix + k: v for k, v in scalars.items()}, step)
+            self._mlflow.defer_metrics(self._run_id, {self._prefix + k: v for k, v in scalars.items()}, step, self._defer_seconds)
             self._last_write = iteration
 
     def close(self) -> None:  # after training
@@ -100,7 +108,8 @@ class MlflowEventWriter(EventWriter):
 
 
 class TrialArtifactsHook(HookBase):
-    """Logs the gradient statistics after every evaluation and the weight norms after training."""
+    """Logs the gradient statistics after every evaluation, their figure and the weight norms after
+    training (see the module docstring)."""
 
     def __init__(self, mlflow: DurableMlflow, run_id: str, dataset: str, cfg, baseline_ratio: Sequence[float] | None) -> None:
         self._mlflow = mlflow
@@ -116,7 +125,7 @@ class TrialArtifactsHook(HookBase):
             self._categories = category_table(self._train_dataset, num_classes)
         return self._categories
 
-    def _log_gradient_statistics(self, step: int) -> None:
+    def _log_gradient_statistics(self, step: int, with_figure: bool) -> None:
         tracker = getattr(self.trainer, "gradient_statistics", None)
         snapshots = tracker.snapshots() if tracker is not None else []
         folder = f"gradient_statistics/{self._dataset}"
@@ -125,6 +134,8 @@ class TrialArtifactsHook(HookBase):
             categories = self._categories_for(len(stats.ratio))
             self._mlflow.log_metrics(self._run_id, summarize(stats, categories["groups"], prefix=f"{self._dataset}/grad/"), step)
             self._mlflow.log_text(self._run_id, gradient_table(stats, categories), f"{folder}/iter_{step:07d}{suffix}.csv")
+            if not with_figure:
+                continue
             figure = gradient_ratio_figure(
                 stats.ratio, categories["counts"], groups=categories["groups"], baseline_ratio=self._baseline,
                 title=f"{self._dataset}: pos/neg gradient ratio at iteration {step}",
@@ -145,10 +156,11 @@ class TrialArtifactsHook(HookBase):
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if self._eval_period > 0 and done % self._eval_period == 0 and done < self.trainer.max_iter:
-            self._log_gradient_statistics(done)
+            self._log_gradient_statistics(done, with_figure=False)
+            self._mlflow.send_deferred(self._run_id)  # before the report that may stop the run
 
     def after_train(self) -> None:
         if self.trainer.iter >= self.trainer.max_iter:  # training completed
-            self._log_gradient_statistics(self.trainer.max_iter)
+            self._log_gradient_statistics(self.trainer.max_iter, with_figure=True)
             self._log_weight_norms()
         self._mlflow.flush()

@@ -97,7 +97,8 @@ class ReportTranslator:
 class TrialRunHooks:
     """Picklable factories of the rank-0 hooks that write one training run into a trial's run (its
     id or outbox placeholder); ``baseline_ratio`` is a baseline's ``(C,)`` gradient ratio for the
-    plots. The hooks (:mod:`eqlv2.search.mlflow_worker`) are imported where they run."""
+    plots. The hooks (:mod:`eqlv2.search.mlflow_worker`) are imported where they run, and share
+    one client when both factories come from one unpickled object (as a training run's config)."""
 
     tracking_uri: str
     outbox_root: str
@@ -106,7 +107,9 @@ class TrialRunHooks:
     period: int = 20
     baseline_ratio: tuple[float, ...] | None = None
 
+    @functools.cached_property
     def _mlflow(self) -> DurableMlflow:
+        """One client for both hooks: the writer's deferred points go out with the other's calls."""
         # Imported here: this runs in the rank-0 worker, which imports MLflow anyway.
         from .mlflow_outbox import DurableMlflow
 
@@ -117,13 +120,13 @@ class TrialRunHooks:
 
         from .mlflow_worker import MlflowEventWriter
 
-        writer = MlflowEventWriter(self._mlflow(), self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
+        writer = MlflowEventWriter(self._mlflow, self.run_id, self.dataset, cfg.SOLVER.MAX_ITER, cfg.DATASETS.TEST)
         return PeriodicWriter([writer], period=max(1, int(self.period)))
 
     def artifacts(self, cfg, trainer) -> TrialArtifactsHook:
         from .mlflow_worker import TrialArtifactsHook
 
-        return TrialArtifactsHook(self._mlflow(), self.run_id, self.dataset, cfg, self.baseline_ratio)
+        return TrialArtifactsHook(self._mlflow, self.run_id, self.dataset, cfg, self.baseline_ratio)
 
 
 def _already_finished(settings: TrialSettings, number: int | None) -> dict[str, Any] | None:
