@@ -9,8 +9,8 @@ run the driver created for a new one, the final report with the completion marke
 ``ReportTranslator`` to ``tune.report`` from the trial's thread, as ``fit_relayed`` passes rank 0's reports.
 The training loop is a detectron2 ``TrainerBase`` with detectron2's ``EvalHook``, the trial's
 MLflow hooks (:class:`eqlv2.search.trial.TrialRunHooks`: the metric history through
-``MlflowEventWriter``, and after every evaluation the gradient-statistics table, ratio figure and
-summaries through ``TrialArtifactsHook``) and the project's ``RayReportHook`` metrics
+``MlflowEventWriter``, its points deferred to the next evaluation; after every evaluation the
+gradient-statistics table and summaries, after training the ratio figure, through ``TrialArtifactsHook``) and the project's ``RayReportHook`` metrics
 (``benchmarks/scale_worker.py``).
 
 **Stand-in**: the step only sleeps and puts scalars into the ``EventStorage``; the evaluation is
