@@ -432,6 +432,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _metric_points(metrics: Mapping[str, Any] | None, step: int, stamp_ms: int) -> list[list[Any]]:
+    """The journal's ``[key, value, time in ms, step]`` of each finite numeric entry of ``metrics``."""
+    return [[key, value, stamp_ms, int(step)] for key, value in finite_metrics(metrics or {}).items()]
+
+
 def _texts(values: Mapping[str, Any] | None, limit: int | None = None) -> dict[str, str]:
     return {str(k): str(v)[:limit] for k, v in (values or {}).items()}
 
@@ -455,7 +460,6 @@ class DurableMlflow:
         self._down_since: float | None = None
         self._lock = threading.RLock()
         self._deferred: dict[str, list[list[Any]]] = {}  # run ref -> [key, value, ms, step] points
-        self._deferred_since: dict[str, float] = {}  # run ref -> monotonic time of its oldest point
 
     @classmethod
     def on_node(cls, tracking_uri: str, outbox_root: str | os.PathLike, short_retries: bool = False) -> DurableMlflow:
@@ -559,7 +563,6 @@ class DurableMlflow:
             return None
         with self._lock:  # the run's deferred points go first (in the same batch, for log_batch)
             deferred = self._deferred.pop(run_ref, []) if run_ref else []
-            self._deferred_since.pop(run_ref, None)
             if deferred and op == "log_batch":
                 payload = {**payload, "metrics": deferred + payload.get("metrics", [])}
             elif deferred:
@@ -580,12 +583,10 @@ class DurableMlflow:
         when the process is killed are lost: call :meth:`flush` before it ends."""
         if not run_id:
             return
-        stamp = _now_ms()
         with self._lock:
             points = self._deferred.setdefault(run_id, [])
-            points += [[key, value, stamp, int(step)] for key, value in finite_metrics(metrics).items()]
-            since = self._deferred_since.setdefault(run_id, time.monotonic())
-            if time.monotonic() - since >= within:
+            points += _metric_points(metrics, step, _now_ms())
+            if points and _now_ms() - points[0][2] >= within * 1000:  # the oldest point's time
                 self.send_deferred(run_id)
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -633,7 +634,7 @@ class DurableMlflow:
         ``params`` (text, cut to MLflow's 6000 characters) and ``tags`` (text, cut to 5000)."""
         stamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
         payload: dict[str, Any] = {
-            "metrics": [[key, value, stamp, int(step)] for key, value in finite_metrics(metrics or {}).items()],
+            "metrics": _metric_points(metrics, step, stamp),
             "params": list(_texts(params, 6000).items()),
             "tags": list(_texts(tags, 5000).items()),
         }
