@@ -95,7 +95,7 @@ def _add_dataset_keys(cfg: CN) -> None:
 
 
 def _add_test_keys(cfg: CN) -> None:
-    """``TEST.EQLV2``: the evaluation engine and tasks."""
+    """``TEST.EQLV2``: the evaluation engine, tasks and images."""
     cfg.TEST.EQLV2 = CN()
     # LVIS evaluation engine: "fast" (faster-coco-eval, sharded) or "lvis" (the official API).
     cfg.TEST.EQLV2.LVIS_ENGINE = "fast"
@@ -103,3 +103,7 @@ def _add_test_keys(cfg: CN) -> None:
     # its mask head skipped at inference. On a CPU, predicting and pasting 300 masks per image
     # costs about 10x the box inference; the offline default search trial uses it (box AP).
     cfg.TEST.EQLV2.EVALUATE_MASKS = True
+    # 0: every image of each test set. N > 0: its first N images only (in the loader's order), the
+    # ground truth restricted to them, for quick checks such as ``tune/search.py --smoke``. Such
+    # numbers are not comparable with those of the whole set.
+    cfg.TEST.EQLV2.MAX_IMAGES = 0

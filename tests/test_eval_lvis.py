@@ -11,7 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 
@@ -394,6 +394,45 @@ def test_evaluator_reports_detectron2_shape_and_official_numbers(
         "APf": out["segm"]["APf"],
         "APb": out["bbox"]["AP"],
     }
+
+
+@pytest.mark.parametrize("engine", ["fast", "lvis"])
+def test_max_images_scores_the_ground_truth_of_the_first_images_only(case, registered, tmp_path, engine):
+    """TEST.EQLV2.MAX_IMAGES 10: the first 10 images' detections against a JSON file holding only
+    those images (written here), not against all 30 images of the ground truth."""
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+    path, gt, results = case
+    name = "eqlv2_test_eval_lvis_first_images"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"image_id": image["id"]} for image in gt["images"]])
+        MetadataCatalog.get(name).set(**{k: v for k, v in MetadataCatalog.get(registered).as_dict().items() if k != "name"})
+    first = [image["id"] for image in gt["images"][:10]]
+    subset = {**gt, "images": gt["images"][:10], "annotations": [a for a in gt["annotations"] if a["image_id"] in first]}
+    (tmp_path / "first.json").write_text(json.dumps(subset))
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.TEST.EQLV2.LVIS_ENGINE, cfg.TEST.EQLV2.MAX_IMAGES = engine, 10
+    evaluator = build_evaluator(cfg, name)
+    contiguous = {c: i for i, c in enumerate(CATEGORY_IDS)}
+    reference = []
+    for image_id in first:
+        inst = _instances([r for r in results if r["image_id"] == image_id], contiguous)
+        evaluator.process([{"image_id": image_id, "height": HEIGHT, "width": WIDTH}], [{"instances": inst}])
+        reference += [{**r, "category_id": CATEGORY_IDS[r["category_id"]]} for r in instances_to_coco_json(inst, image_id)]
+    out = evaluator.evaluate()
+    for task in ("bbox", "segm"):
+        expected = OfficialLVISEngine(tmp_path / "first.json").evaluate(reference, task).metrics
+        _assert_same_metrics(out[task], expected, tol=1e-6)
+        assert out[task]["AP"] > OfficialLVISEngine(path).evaluate(reference, task).metrics["AP"] + 5
+
+
+def test_max_images_must_not_be_negative(registered):
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.TEST.EQLV2.MAX_IMAGES = -1
+    with pytest.raises(ValueError, match="TEST.EQLV2.MAX_IMAGES must be 0"):
+        build_evaluator(cfg, registered)
 
 
 def test_summary_without_masks_uses_box_numbers():

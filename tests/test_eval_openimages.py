@@ -535,3 +535,29 @@ def test_command_line_evaluates_a_submission(tmp_path, official):
     assert metrics == {"AP": pytest.approx(100 * 2.5 / 6)}
     assert f"{metrics['AP']:.3f}" in done.stdout
     assert "RuntimeWarning" not in done.stderr
+
+
+def test_max_images_scores_the_ground_truth_of_the_first_images_only(official):
+    """TEST.EQLV2.MAX_IMAGES 1: the evaluator gets img1 only and scores img1's ground truth only."""
+    from detectron2.data import DatasetCatalog
+
+    from eqlv2.config import add_eqlv2_config
+
+    name = "eqlv2_test_eval_openimages_first_images"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"image_id": "img1", "height": 200, "width": 400},
+                                               {"image_id": "img2", "height": 100, "width": 100}])  # fmt: skip
+        MetadataCatalog.get(name).set(evaluator_type="openimages", thing_mids=MIDS, **official.metadata())
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.TEST.EQLV2.MAX_IMAGES = 1
+    evaluator = build_evaluator(cfg, name)
+    detections = [(CAT, 0.9, 0.1, 0.2, 0.3, 0.4), (CAR, 0.8, 0.6, 0.6, 0.8, 0.8)]
+    evaluator.process([{"image_id": "img1", "height": 200, "width": 400}], [{"instances": _instances(200, 400, detections)}])
+    # img1's positives: its cat box (animal, cat) and its group-of car box (car, vehicle, toy);
+    # the cat and the car are found. img2's dog box is not counted (it would add dog: 0).
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100 * (0 + 1 + 1 + 0 + 0) / 5, abs=1e-6)
+    cfg.TEST.EQLV2.MAX_IMAGES = 2  # the whole set: img2's dog box counts, missed
+    evaluator = build_evaluator(cfg, name)
+    evaluator.process([{"image_id": "img1", "height": 200, "width": 400}], [{"instances": _instances(200, 400, detections)}])
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100 * (0 + 1 + 0 + 1 + 0 + 0) / 6, abs=1e-6)

@@ -32,6 +32,17 @@ def handful_opts(handful_lvis, output_dir, max_iter):
     ]  # fmt: skip
 
 
+def test_max_images_loads_the_first_images_of_the_test_set(handful_lvis, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    every = [record["image_id"] for record in DatasetCatalog.get(handful_lvis["val"])]
+    for limit, expected in (("4", every[:4]), ("0", every), ("99", every)):
+        cfg = setup_cfg(TINY, [*handful_opts(handful_lvis, tmp_path, max_iter=1), "TEST.EQLV2.MAX_IMAGES", limit])
+        loaded = [record["image_id"] for batch in EQLv2Trainer.build_test_loader(cfg, handful_lvis["val"]) for record in batch]
+        assert loaded == expected, limit
+    assert len(every) == 6
+
+
 @pytest.mark.slow
 def test_train_resume_and_evaluate(handful_lvis, tmp_path):
     torch.manual_seed(0)

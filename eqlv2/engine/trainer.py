@@ -7,7 +7,12 @@ import os
 import weakref
 
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -61,6 +66,17 @@ class EQLv2Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """detectron2's loader, over the first ``TEST.EQLV2.MAX_IMAGES`` images when that is set
+        (:func:`eqlv2.evaluation.evaluated_images`; the evaluator scores the same images)."""
+        from eqlv2.evaluation import evaluated_images
+
+        subset = evaluated_images(cfg, dataset_name)
+        if subset is None:
+            return super().build_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(subset, mapper=DatasetMapper(cfg, False), num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def test(cls, cfg: CfgNode, model, evaluators=None):

@@ -1,6 +1,7 @@
 """Evaluation of the project's models: LVIS (two engines), OpenImages Challenge 2019, COCO.
 
-* :func:`build_evaluator` picks the evaluator of a registered dataset by its ``evaluator_type``.
+* :func:`build_evaluator` picks the evaluator of a registered dataset by its ``evaluator_type``;
+  :func:`evaluated_images`, the images ``TEST.EQLV2.MAX_IMAGES`` keeps.
 * :class:`LVISEvaluator` (box / mask AP, APr / APc / APf) and :func:`summary` (the paper's
   columns); the engines are in :mod:`eqlv2.evaluation.lvis_engines`.
 * :class:`OpenImagesEvaluator` (the Challenge 2019 detection metric, with AP1..AP5 by class
@@ -8,7 +9,7 @@
   (``python -m eqlv2.evaluation.openimages``), in :mod:`eqlv2.evaluation.openimages`.
 """
 
-from .build import build_evaluator, evaluates_masks
+from .build import build_evaluator, evaluated_images, evaluates_masks
 from .lvis import LVISEvaluator, summary
 from .lvis_detections import LVISDetections
 from .lvis_engines import METRIC_NAMES, FastLVISEngine, LVISEvalResult, OfficialLVISEngine
@@ -32,6 +33,7 @@ __all__ = [
     "OpenImagesEvaluator",
     "OpenImagesSubmissionWriter",
     "build_evaluator",
+    "evaluated_images",
     "evaluates_masks",
     "evaluate_openimages",
     "evaluate_submission",

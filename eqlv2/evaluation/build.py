@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
 from .lvis import ENGINES, LVISEvaluator
 from .openimages import OpenImagesEvaluator
 
-__all__ = ["build_evaluator", "evaluates_masks"]
+__all__ = ["build_evaluator", "evaluated_images", "evaluates_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,20 @@ def evaluates_masks(cfg: CfgNode) -> bool:
     return bool(cfg.MODEL.MASK_ON and wanted)
 
 
+def evaluated_images(cfg: CfgNode, dataset_name: str) -> list[dict] | None:
+    """The dataset dicts of ``dataset_name`` evaluated under ``TEST.EQLV2.MAX_IMAGES`` (its first
+    N), or None when every image is (0, a config without the key, or N at least the set's size)."""
+    eqlv2_test = cfg.TEST.get("EQLV2")
+    limit = int(eqlv2_test.get("MAX_IMAGES", 0)) if eqlv2_test is not None else 0
+    if limit < 0:
+        raise ValueError(f"TEST.EQLV2.MAX_IMAGES must be 0 (every image) or positive, got {limit}")
+    dicts = DatasetCatalog.get(dataset_name) if limit else []
+    if len(dicts) <= limit:
+        return None
+    logger.info("Evaluating %s on its first %d of %d images (TEST.EQLV2.MAX_IMAGES)", dataset_name, limit, len(dicts))
+    return dicts[:limit]
+
+
 def build_evaluator(
     cfg: CfgNode, dataset_name: str, output_dir: str | None = None
 ) -> DatasetEvaluator:
@@ -43,17 +57,23 @@ def build_evaluator(
     * "openimages": :class:`~eqlv2.evaluation.openimages.OpenImagesEvaluator`;
     * "coco": detectron2's ``COCOEvaluator``.
 
+    The first two score the images of :func:`evaluated_images` (``TEST.EQLV2.MAX_IMAGES``) against
+    their ground truth alone; ``COCOEvaluator`` scores the images it was given anyway.
+
     Raises:
         NotImplementedError: for any other (or a missing) ``evaluator_type``.
     """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    subset = evaluated_images(cfg, dataset_name) if evaluator_type in ("lvis", "openimages") else None
+    image_ids = None if subset is None else [record["image_id"] for record in subset]
     if evaluator_type == "lvis":
         # A mask model reports "segm" even before it detects anything (NaN numbers then);
         # otherwise detectron2 infers the tasks from the predictions.
         tasks = ("bbox", "segm") if evaluates_masks(cfg) else ("bbox",) if cfg.MODEL.MASK_ON else None
-        return LVISEvaluator(dataset_name, tasks, output_dir=output_dir, engine=_lvis_engine(cfg))
+        engine = _lvis_engine(cfg)
+        return LVISEvaluator(dataset_name, tasks, output_dir=output_dir, engine=engine, image_ids=image_ids)
     if evaluator_type == "openimages":
-        return OpenImagesEvaluator(dataset_name, output_dir=output_dir)
+        return OpenImagesEvaluator(dataset_name, output_dir=output_dir, image_ids=image_ids)
     if evaluator_type == "coco":
         return COCOEvaluator(dataset_name, output_dir=output_dir)
     raise NotImplementedError(

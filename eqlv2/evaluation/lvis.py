@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from detectron2.evaluation import LVISEvaluator as Detectron2LVISEvaluator
@@ -31,7 +31,13 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from .lvis_detections import LVISDetections
-from .lvis_engines import MAX_DETS_PER_IMAGE, METRIC_NAMES, FastLVISEngine, OfficialLVISEngine
+from .lvis_engines import (
+    MAX_DETS_PER_IMAGE,
+    METRIC_NAMES,
+    FastLVISEngine,
+    OfficialLVISEngine,
+    ground_truth_of_images,
+)
 
 __all__ = ["ENGINES", "LVISEvaluator", "summary"]
 
@@ -39,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("fast", "lvis")
 
-#: The fast engine of the last ground-truth file evaluated: (file, mtime, size, max_dets,
+#: The fast engine of the last ground truth evaluated: (file, mtime, size, image ids, max_dets,
 #: workers) -> engine.
 _FAST_ENGINE: dict[tuple, FastLVISEngine] = {}
 
@@ -52,6 +58,8 @@ class LVISEvaluator(Detectron2LVISEvaluator):
         engine: "fast" or "lvis" (the official API).
         workers: processes of the fast engine.
         save_results: write detectron2's result files to ``output_dir``.
+        image_ids: score against the ground truth of these images only (None: all), the images
+            of ``TEST.EQLV2.MAX_IMAGES``.
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class LVISEvaluator(Detectron2LVISEvaluator):
         max_dets_per_image: int = MAX_DETS_PER_IMAGE,
         workers: int = 2,
         save_results: bool = False,
+        image_ids: Collection[int] | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"unknown LVIS engine {engine!r}: use one of {ENGINES}")
@@ -82,10 +91,15 @@ class LVISEvaluator(Detectron2LVISEvaluator):
         # detectron2 has loaded the ground truth into ``_lvis_api`` and offers no public accessor;
         # the engines reuse it rather than parse the JSON a second time.
         json_file = PathManager.get_local_path(self._metadata.json_file)
+        ground_truth = self._lvis_api.dataset
+        if image_ids is not None:
+            ground_truth = ground_truth_of_images(ground_truth, image_ids)
         if engine == "lvis":
-            self.engine = OfficialLVISEngine(self._lvis_api, max_dets=max_dets_per_image)
+            lvis_api = self._lvis_api if image_ids is None else ground_truth
+            self.engine = OfficialLVISEngine(lvis_api, max_dets=max_dets_per_image)
         else:
-            self.engine = _fast_engine(self._lvis_api.dataset, json_file, max_dets_per_image, workers)
+            images = None if image_ids is None else tuple(sorted(image_ids))
+            self.engine = _fast_engine(ground_truth, json_file, images, max_dets_per_image, workers)
         self.reset()  # usable without a reset() first, as the project's evaluators are
 
     # detectron2's scoring step: private, but the only place to swap the scoring (no public
@@ -131,11 +145,11 @@ class LVISEvaluator(Detectron2LVISEvaluator):
             json.dump(detections.to_results(), f)
 
 
-def _fast_engine(dataset: dict, json_file: str, max_dets: int, workers: int) -> FastLVISEngine:
-    """The fast engine of ``json_file``, built from its parsed ``dataset`` when the file (or the
-    settings) changed since the last call."""
+def _fast_engine(dataset: dict, json_file: str, image_ids: tuple | None, max_dets: int, workers: int) -> FastLVISEngine:
+    """The fast engine of ``json_file``'s ground truth on ``image_ids`` (None: every image), built
+    from ``dataset`` when the file, the images or the settings changed since the last call."""
     stat = os.stat(json_file)
-    key = (os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size, max_dets, workers)
+    key = (os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size, image_ids, max_dets, workers)
     if key not in _FAST_ENGINE:
         _FAST_ENGINE.clear()
         _FAST_ENGINE[key] = FastLVISEngine(dataset, max_dets=max_dets, workers=workers)

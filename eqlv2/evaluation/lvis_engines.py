@@ -47,8 +47,9 @@ import json
 import logging
 import multiprocessing
 import os
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -143,6 +144,26 @@ def _load_json(json_file_or_dict: str | os.PathLike | dict) -> dict:
         return json.load(f)
 
 
+def ground_truth_of_images(dataset: dict, image_ids: Iterable[int]) -> dict:
+    """The LVIS ground truth ``dataset`` (a parsed JSON) restricted to ``image_ids``: their images
+    and annotations, every category (with its frequency group) kept."""
+    kept = set(image_ids)
+    return {
+        **dataset,
+        "images": [image for image in dataset["images"] if image["id"] in kept],
+        "annotations": [ann for ann in dataset["annotations"] if ann["image_id"] in kept],
+    }
+
+
+def _lvis_api(dataset: dict) -> LVIS:
+    """An ``lvis.LVIS`` of a parsed ground truth (the API reads only files)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "ground_truth.json")
+        with open(path, "w") as f:
+            json.dump(dataset, f)
+        return LVIS(path)
+
+
 def _check_iou_type(iou_type: str) -> None:
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -157,15 +178,17 @@ class OfficialLVISEngine:
     """``lvis==0.5.3``'s ``LVISResults`` + ``LVISEval``, as detectron2's LVIS evaluator runs them.
 
     Args:
-        ground_truth: the LVIS ground-truth JSON (the ``LVIS`` object is built once), or an
-            ``lvis.LVIS`` object already built.
+        ground_truth: the LVIS ground-truth JSON (the ``LVIS`` object is built once), its
+            parsed dict, or an ``lvis.LVIS`` object already built.
         max_dets: detections per image that take part (300 in the LVIS protocol).
     """
 
     name = "lvis"
 
-    def __init__(self, ground_truth: str | os.PathLike | LVIS, max_dets: int = MAX_DETS_PER_IMAGE):
-        if not isinstance(ground_truth, LVIS):
+    def __init__(self, ground_truth: str | os.PathLike | dict | LVIS, max_dets: int = MAX_DETS_PER_IMAGE):
+        if isinstance(ground_truth, dict):
+            ground_truth = _lvis_api(ground_truth)
+        elif not isinstance(ground_truth, LVIS):
             ground_truth = LVIS(os.fspath(ground_truth))
         self.lvis_gt = ground_truth
         self.max_dets = max_dets

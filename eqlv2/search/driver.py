@@ -55,11 +55,13 @@ from .trial import run_trial
 logger = logging.getLogger(__name__)
 
 #: Overrides of ``--smoke``: the smallest real search (a few iterations, small images, two
-#: evaluations per run so that ASHA has an intermediate result to act on).
+#: evaluations per run so that ASHA has an intermediate result to act on, each on the first 40
+#: validation images: every frequency group still has ground truth there).
 SMOKE_OVERRIDES: tuple[str, ...] = (
     "SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(10,)", "SOLVER.WARMUP_ITERS", "2",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "100000",
     "TEST.EVAL_PERIOD", "6", "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "TEST.EQLV2.MAX_IMAGES", "40",
     "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160",
     "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160", "MODEL.EQLV2.LOG_PERIOD", "6",
     "MODEL.EQLV2.BASE_CHECKPOINT_CONFIG", "",  # a smoke run tests the plumbing: no base to train

@@ -3,11 +3,13 @@ writer."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -82,6 +84,8 @@ class OpenImagesEvaluator(DatasetEvaluator):
     ``category_instance_counts`` (training instances per contiguous id; gives AP1..AP5). Inputs
     carry ``image_id`` (the ImageID string), ``height`` and ``width``.
 
+    With ``image_ids`` (those of ``TEST.EQLV2.MAX_IMAGES``) only their ground truth is scored.
+
     Returns ``OrderedDict({"bbox": {"AP": ..., "AP1": ..., ..., "AP5": ...}})`` in percent.
     """
 
@@ -92,8 +96,10 @@ class OpenImagesEvaluator(DatasetEvaluator):
         output_dir: str | None = None,
         *,
         expand_detections: bool = False,
+        image_ids: Collection[str] | None = None,
     ):
         self._distributed = distributed
+        self._image_ids = None if image_ids is None else frozenset(str(i) for i in image_ids)
         self._output_dir = output_dir
         self._expand_detections = expand_detections
         self._metadata = MetadataCatalog.get(dataset_name)
@@ -105,14 +111,18 @@ class OpenImagesEvaluator(DatasetEvaluator):
         self._predictions: list[tuple[str, OpenImagesDetections]] = []
 
     def ground_truth(self) -> OpenImagesGroundTruth:
-        """The expanded ground truth (loaded once per set of files)."""
+        """The expanded ground truth (loaded once per set of files), of ``image_ids`` only if given."""
         m = self._metadata
-        return _cached_ground_truth(
+        ground_truth = _cached_ground_truth(
             tuple(m.thing_mids),
             _file_key(m.hierarchy_json),
             _file_key(m.bbox_csv),
             _file_key(m.image_labels_csv),
         )
+        if self._image_ids is None:
+            return ground_truth
+        images = {k: v for k, v in ground_truth.images.items() if k in self._image_ids}
+        return dataclasses.replace(ground_truth, images=images)
 
     def reset(self) -> None:
         self._predictions = []
