@@ -427,6 +427,36 @@ def test_max_images_scores_the_ground_truth_of_the_first_images_only(case, regis
         assert out[task]["AP"] > OfficialLVISEngine(path).evaluate(reference, task).metrics["AP"] + 5
 
 
+def test_max_images_with_a_coco_dataset_scores_those_images_only(case, registered, tmp_path):
+    """detectron2's COCOEvaluator scores every image unless told otherwise: under MAX_IMAGES 10 it
+    gives what it gives on a JSON file holding only those 10 images."""
+    _, lvis_gt, results = case
+    gt = {**lvis_gt, "annotations": [{**a, "iscrowd": 0} for a in lvis_gt["annotations"]]}  # COCO's field
+    first = [image["id"] for image in gt["images"][:10]]
+    subset = {**gt, "images": gt["images"][:10], "annotations": [a for a in gt["annotations"] if a["image_id"] in first]}
+    path = tmp_path / "all.json"
+    path.write_text(json.dumps(gt))
+    (tmp_path / "first.json").write_text(json.dumps(subset))
+    metadata = {"evaluator_type": "coco", "thing_dataset_id_to_contiguous_id": {c: i for i, c in enumerate(CATEGORY_IDS)}}
+    for name, json_file in (("eqlv2_test_eval_coco_first_images", path), ("eqlv2_test_eval_coco_subset_file", tmp_path / "first.json")):
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(name, lambda: [{"image_id": image["id"]} for image in gt["images"]])
+        MetadataCatalog.get(name).set(json_file=str(json_file), **metadata)
+    cfg = get_cfg()
+    add_eqlv2_config(cfg)
+    cfg.TEST.EQLV2.MAX_IMAGES = 10
+    limited = build_evaluator(cfg, "eqlv2_test_eval_coco_first_images", str(tmp_path / "limited"))
+    reference = COCOEvaluator("eqlv2_test_eval_coco_subset_file", output_dir=str(tmp_path / "reference"))
+    contiguous = {c: i for i, c in enumerate(CATEGORY_IDS)}
+    for evaluator in (limited, reference):
+        evaluator.reset()
+        for image_id in first:
+            inst = _instances([r for r in results if r["image_id"] == image_id], contiguous)
+            evaluator.process([{"image_id": image_id, "height": HEIGHT, "width": WIDTH}], [{"instances": inst}])
+    out, expected = limited.evaluate(), reference.evaluate()
+    assert out["bbox"]["AP"] == pytest.approx(expected["bbox"]["AP"], abs=1e-9) and out["bbox"]["AP"] > 0
+
+
 def test_max_images_must_not_be_negative(registered):
     cfg = get_cfg()
     add_eqlv2_config(cfg)

@@ -33,6 +33,18 @@ def evaluates_masks(cfg: CfgNode) -> bool:
     return bool(cfg.MODEL.MASK_ON and wanted)
 
 
+class FirstImagesCOCOEvaluator(COCOEvaluator):
+    """detectron2's ``COCOEvaluator`` scoring ``image_ids`` only (by default it scores every image
+    of the dataset, those without predictions included)."""
+
+    def __init__(self, dataset_name: str, output_dir: str | None, image_ids: list) -> None:
+        super().__init__(dataset_name, output_dir=output_dir)
+        self._image_ids = list(image_ids)
+
+    def evaluate(self, img_ids=None):
+        return super().evaluate(self._image_ids if img_ids is None else img_ids)
+
+
 def evaluated_images(cfg: CfgNode, dataset_name: str) -> list[dict] | None:
     """The dataset dicts of ``dataset_name`` evaluated under ``TEST.EQLV2.MAX_IMAGES`` (its first
     N), or None when every image is (0, a config without the key, or N at least the set's size)."""
@@ -57,14 +69,14 @@ def build_evaluator(
     * "openimages": :class:`~eqlv2.evaluation.openimages.OpenImagesEvaluator`;
     * "coco": detectron2's ``COCOEvaluator``.
 
-    The first two score the images of :func:`evaluated_images` (``TEST.EQLV2.MAX_IMAGES``) against
-    their ground truth alone; ``COCOEvaluator`` scores the images it was given anyway.
+    Each scores the images of :func:`evaluated_images` (``TEST.EQLV2.MAX_IMAGES``) against their
+    ground truth alone (COCO: :class:`FirstImagesCOCOEvaluator`).
 
     Raises:
         NotImplementedError: for any other (or a missing) ``evaluator_type``.
     """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
-    subset = evaluated_images(cfg, dataset_name) if evaluator_type in ("lvis", "openimages") else None
+    subset = evaluated_images(cfg, dataset_name) if evaluator_type in ("lvis", "openimages", "coco") else None
     image_ids = None if subset is None else [record["image_id"] for record in subset]
     if evaluator_type == "lvis":
         # A mask model reports "segm" even before it detects anything (NaN numbers then);
@@ -74,6 +86,8 @@ def build_evaluator(
         return LVISEvaluator(dataset_name, tasks, output_dir=output_dir, engine=engine, image_ids=image_ids)
     if evaluator_type == "openimages":
         return OpenImagesEvaluator(dataset_name, output_dir=output_dir, image_ids=image_ids)
+    if evaluator_type == "coco" and image_ids is not None:
+        return FirstImagesCOCOEvaluator(dataset_name, output_dir, image_ids)
     if evaluator_type == "coco":
         return COCOEvaluator(dataset_name, output_dir=output_dir)
     raise NotImplementedError(
