@@ -55,7 +55,6 @@ def evaluated_images(cfg: CfgNode, dataset_name: str) -> list[dict] | None:
     dicts = DatasetCatalog.get(dataset_name) if limit else []
     if len(dicts) <= limit:
         return None
-    logger.info("Evaluating %s on its first %d of %d images (TEST.EQLV2.MAX_IMAGES)", dataset_name, limit, len(dicts))
     return dicts[:limit]
 
 
@@ -78,6 +77,8 @@ def build_evaluator(
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
     subset = evaluated_images(cfg, dataset_name) if evaluator_type in ("lvis", "openimages", "coco") else None
     image_ids = None if subset is None else [record["image_id"] for record in subset]
+    if image_ids is not None:  # logged here only: the test loader picks the same images
+        logger.info("Evaluating %s on its first %d images (TEST.EQLV2.MAX_IMAGES)", dataset_name, len(image_ids))
     if evaluator_type == "lvis":
         # A mask model reports "segm" even before it detects anything (NaN numbers then);
         # otherwise detectron2 infers the tasks from the predictions.
