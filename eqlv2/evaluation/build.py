@@ -7,13 +7,12 @@ import logging
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils.logger import log_first_n
 
 from .lvis import ENGINES, LVISEvaluator
 from .openimages import OpenImagesEvaluator
 
 __all__ = ["build_evaluator", "evaluated_images", "evaluates_masks"]
-
-logger = logging.getLogger(__name__)
 
 
 def _lvis_engine(cfg: CfgNode) -> str:
@@ -55,6 +54,9 @@ def evaluated_images(cfg: CfgNode, dataset_name: str) -> list[dict] | None:
     dicts = DatasetCatalog.get(dataset_name) if limit else []
     if len(dicts) <= limit:
         return None
+    # Once per process: the test loader and the evaluator of every evaluation pick the same images.
+    message = f"Evaluating {dataset_name} on its first {limit} of {len(dicts)} images (TEST.EQLV2.MAX_IMAGES)"
+    log_first_n(logging.INFO, message, key="message", name=__name__)
     return dicts[:limit]
 
 
@@ -77,8 +79,6 @@ def build_evaluator(
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
     subset = evaluated_images(cfg, dataset_name) if evaluator_type in ("lvis", "openimages", "coco") else None
     image_ids = None if subset is None else [record["image_id"] for record in subset]
-    if image_ids is not None:  # logged here only: the test loader picks the same images
-        logger.info("Evaluating %s on its first %d images (TEST.EQLV2.MAX_IMAGES)", dataset_name, len(image_ids))
     if evaluator_type == "lvis":
         # A mask model reports "segm" even before it detects anything (NaN numbers then);
         # otherwise detectron2 infers the tasks from the predictions.
