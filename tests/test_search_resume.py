@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,24 @@ pytest.importorskip("mlflow")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
+
+
+def _study_written(database: Path) -> bool:
+    """Whether the driver has finished creating its Optuna storage and study in ``database``.
+
+    Read with ``sqlite3`` in read-only mode: an Optuna storage opened while the driver is still
+    creating the tables would create them too (Optuna stamps Alembic's version on opening), and
+    one of the two writers then fails with "table alembic_version already exists".
+    """
+    if not database.exists():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as connection:
+            stamped = connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0]
+            studies = connection.execute("SELECT count(*) FROM studies").fetchone()[0]
+    except sqlite3.OperationalError:  # a table is not there yet
+        return False
+    return stamped > 0 and studies > 0
 
 
 def _states(url: str) -> list:
@@ -68,7 +88,7 @@ def test_killed_driver_then_resume_finishes_the_search(tmp_path):
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            trials = _states(url) if (runs / "optuna.db").exists() else []
+            trials = _states(url) if _study_written(runs / "optuna.db") else []
             states = [t.state.name for t in trials]
             if states == ["COMPLETE", "RUNNING"] and _running_runs(runs) == 1:
                 # The second trial is training (its MLflow run is open) and Tune has recorded it
